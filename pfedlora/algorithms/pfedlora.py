@@ -1,0 +1,124 @@
+"""pFedLoRA: model-heterogeneous personalized FL with a shared low-rank adapter.
+
+Yi, Yu, Wang, Liu, Li. "pFedLoRA: Model-Heterogeneous Personalized Federated Learning with LoRA Tuning",
+arXiv 2310.13283. Every client keeps a private model ω_k of its own architecture; only a homogeneous
+low-rank adapter θ_k travels. Each round a sampled client replaces its adapter with the global one, then
+trains in two phases (SPEC §2): "local" (θ frozen, train ω on CE) and "adapter" (ω frozen, train θ on CE),
+and uploads θ_k with its sample count; the server takes the sample-weighted mean. Prediction uses
+F(x; ω_k, θ_k).
+
+Shared: the adapter tensors (state-dict keys with a ``lora_`` component). Private: everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.config import ExperimentConfig
+from pfedlora.models import (
+    PersonalizedModel,
+    attach_adapter,
+    build_model,
+    homogeneous_targets,
+    is_adapter_key,
+    load_adapter_state_dict,
+    validate_targets,
+)
+from pfedlora.seeding import torch_generator
+
+
+class PFedLoRA(Algorithm):
+    """Alternating local/adapter training with FedAvg of the adapters."""
+
+    name = "pfedlora"
+
+    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__(config, input_shape, num_classes)
+        self.targets = self._resolve_targets()
+
+    def _resolve_targets(self) -> tuple[str, ...]:
+        """Explicit targets, validated, or every layer with one name and shape across the federation."""
+        if self.config.adapter.placement != "layers":
+            return ()
+        probe = torch_generator(self.config.seed, "target-probe")
+        models = {
+            arch: build_model(arch, self.input_shape, self.num_classes, probe)
+            for arch in dict.fromkeys(self.config.federation.architectures)
+        }
+        if self.config.adapter.targets:
+            return validate_targets(models, self.config.adapter.targets)
+        return homogeneous_targets(models)
+
+    def create_client(self, arch: str, generator: torch.Generator) -> PersonalizedModel:
+        adapter = self.config.adapter
+        return attach_adapter(
+            build_model(arch, self.input_shape, self.num_classes, generator),
+            placement=adapter.placement,
+            rank=adapter.rank,
+            alpha=adapter.effective_alpha,
+            targets=self.targets,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            generator=generator,
+        )
+
+    def is_shared(self, key: str) -> bool:
+        return is_adapter_key(key)
+
+    def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
+        load_adapter_state_dict(client, message)
+        phases = (
+            ("local", "adapter") if self.config.adapter.phase_order == "local-first" else ("adapter", "local")
+        )
+        for phase in phases:
+            if phase == "local":
+                self.train_local_phase(client, ctx)
+            else:
+                self.train_adapter_phase(client, ctx)
+        return Upload(self.shared_state(client), ctx.data.num_train)
+
+    def train_local_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
+        """θ frozen; ω trained on CE(F(x; ω, θ), y): global knowledge flows into the local model."""
+        train = self.config.train
+        parameters = client.local_parameters()
+        with trainable(client, parameters):
+            run_sgd(
+                parameters,
+                train.local_epochs,
+                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
+                lambda x, y: F.cross_entropy(client(x), y),
+                train,
+                train.lr,
+                ctx.meter,
+                kind=(ctx.arch, "local"),
+            )
+
+    def train_adapter_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
+        """ω frozen; θ trained on the same loss: local knowledge flows into the adapter.
+
+        The part of the network in front of the first adapted layer does not depend on θ, so it runs once
+        per batch without autograd (for a head-only adapter that is all but the last layer).
+        """
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                prefix = client.frozen_prefix(x)
+            logits = client(x) if prefix is None else client.forward_from_prefix(prefix, x)
+            return F.cross_entropy(logits, y)
+
+        train = self.config.train
+        parameters = client.adapter_parameters()
+        with trainable(client, parameters):
+            run_sgd(
+                parameters,
+                self.config.adapter.epochs,
+                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
+                loss,
+                train,
+                self.config.adapter_lr,
+                ctx.meter,
+                kind=(ctx.arch, "adapter"),
+            )

@@ -1,0 +1,43 @@
+"""Standalone: every client trains its own model alone with cross-entropy; nothing travels.
+
+The reference every personalized FL method must beat (used as such in pFedLoRA, arXiv 2310.13283, and the
+baselines it compares against). Shared: nothing. Private: the whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.models import build_model
+
+
+class Standalone(Algorithm):
+    """Each client trains alone for ``train.local_epochs`` epochs a round."""
+
+    name = "standalone"
+
+    def create_client(self, arch: str, generator: torch.Generator) -> nn.Module:
+        return build_model(arch, self.input_shape, self.num_classes, generator)
+
+    def is_shared(self, key: str) -> bool:
+        return False
+
+    def train(self, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
+        train = self.config.train
+        parameters = list(client.parameters())
+        with trainable(client, parameters):
+            run_sgd(
+                parameters,
+                train.local_epochs,
+                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
+                lambda x, y: F.cross_entropy(client(x), y),
+                train,
+                train.lr,
+                ctx.meter,
+                kind=(ctx.arch, "local"),
+            )
+        return Upload({}, ctx.data.num_train)

@@ -1,0 +1,58 @@
+"""The local optimisation loop shared by every algorithm: SGD over minibatches of a client's data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from pfedlora.config import TrainConfig
+from pfedlora.metrics import FlopMeter
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@contextmanager
+def trainable(module: nn.Module, parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Within the block only ``parameters`` require grad, so frozen ones get no weight gradient."""
+    chosen = {id(p) for p in parameters}
+    previous = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in previous:
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+
+
+def run_sgd(
+    parameters: Sequence[nn.Parameter],
+    epochs: int,
+    batches: Callable[[], Iterable[Batch]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    train: TrainConfig,
+    lr: float,
+    meter: FlopMeter,
+    kind: Hashable,
+) -> None:
+    """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``.
+
+    A fresh optimizer serves each call, so momentum never carries stale directions across rounds or
+    phases. ``batches`` is called once per epoch; every step is charged to ``meter`` under ``kind``.
+    """
+    if epochs == 0 or not parameters:
+        return
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
+        optimizer.step()
+
+    for _ in range(epochs):
+        for x, y in batches():
+            meter.run(kind, len(y), lambda x=x, y=y: step(x, y))

@@ -1,0 +1,207 @@
+"""The ``pfedlora`` command line: run an experiment, report on finished runs, list what is available."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from pfedlora.errors import PfedloraError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Model-heterogeneous personalized federated learning with low-rank adapters (pFedLoRA).",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _summary_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> Table:
+    table = Table(title=title)
+    for column in (
+        "run",
+        "best acc (round)",
+        "last acc",
+        "last-10% acc",
+        "std",
+        "MB total",
+        "train TFLOPs",
+        "round to target",
+        "wall s",
+        "samples/s",
+    ):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for label, s in rows:
+        target = s.get("target_round")
+        table.add_row(
+            label,
+            f"{100 * s['mean_accuracy_best']:.2f}% ({s['best_round']})",
+            f"{100 * s['mean_accuracy_last']:.2f}%",
+            f"{100 * s['mean_accuracy_last10pct']:.2f}%",
+            f"{100 * s['std_accuracy_last']:.2f}",
+            f"{s['bytes_total'] / 1e6:.2f}",
+            f"{s['train_flops_total'] / 1e12:.2f}",
+            f"{target} (≥{100 * s['target_accuracy']:.0f}%)"
+            if target
+            else f"– (<{100 * s['target_accuracy']:.0f}%)",
+            f"{s['wall_seconds']:.1f}",
+            f"{s['train_samples_per_second']:.0f}",
+        )
+    return table
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file; unset keys keep their defaults.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one key, e.g. --set train.lr=0.05 (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Results directory (default runs/<time>-<algo>-<data>)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory."""
+    from pfedlora.config import load_config
+    from pfedlora.simulation import run_experiment
+    from pfedlora.simulation.results import default_run_dir
+
+    try:
+        cfg = load_config(config, overrides or ())
+    except PfedloraError as error:
+        raise _fail(error) from None
+    out_dir = out if out is not None else default_run_dir(cfg)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("mean acc {task.fields[accuracy]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task(
+            f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=cfg.federation.rounds, accuracy="–"
+        )
+
+        def on_round(record: dict[str, Any]) -> None:
+            fields = {}
+            if "mean_accuracy" in record:
+                fields["accuracy"] = f"{100 * record['mean_accuracy']:.2f}%"
+            progress.update(
+                task, advance=1, description=f"{cfg.algorithm} on {cfg.data.dataset}: round", **fields
+            )
+
+        try:
+            summary = run_experiment(cfg, out_dir, on_round=on_round)
+        except PfedloraError as error:
+            progress.stop()
+            raise _fail(error) from None
+    console.print(_summary_table([(str(out_dir), summary)], title=f"{cfg.algorithm} on {cfg.data.dataset}"))
+    console.print(f"results written to [bold]{out_dir}[/]")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more finished run directories.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Where to write the plots (default: the run directory, or ./report)."
+        ),
+    ] = None,
+) -> None:
+    """Print the summary table of finished runs and write accuracy plots (PNG)."""
+    from pfedlora.plots import plot_runs
+    from pfedlora.simulation import read_run
+
+    try:
+        loaded = [(str(path), *read_run(path)) for path in run_dirs]
+    except PfedloraError as error:
+        raise _fail(error) from None
+    console.print(_summary_table([(label, summary) for label, _, summary in loaded], title="runs"))
+    plot_dir = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
+    for path in plot_runs([(label, records) for label, records, _ in loaded], plot_dir):
+        console.print(f"plot written to [bold]{path}[/]")
+
+
+@app.command("list")
+def list_available() -> None:
+    """Show the algorithms, models, datasets, partitions and adapter placements."""
+    from pfedlora.algorithms import REGISTRY
+    from pfedlora.config import DATASETS, PARTITIONS, PLACEMENTS
+    from pfedlora.data import search_paths
+    from pfedlora.models import ARCHITECTURES, build_model
+    from pfedlora.seeding import torch_generator
+
+    table = Table(title="algorithms", show_header=False)
+    for name, cls in REGISTRY.items():
+        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+
+    table = Table(title="models (client i gets architectures[i mod n])")
+    for column in (
+        "name",
+        "conv2 out",
+        "fc1 out",
+        "params 1×28×28, 10 classes",
+        "params 3×32×32, 10 classes",
+    ):
+        table.add_column(column)
+    for arch, (conv2, fc1) in ARCHITECTURES.items():
+        counts = [
+            sum(p.numel() for p in build_model(arch, shape, 10, torch_generator(0, arch)).parameters())
+            for shape in ((1, 28, 28), (3, 32, 32))
+        ]
+        table.add_row(arch, str(conv2), str(fc1), *(f"{c / 1e6:.2f}M" for c in counts))
+    console.print(table)
+
+    console.print(f"[bold]datasets:[/] {', '.join(DATASETS)}")
+    console.print(f"  looked up in: {', '.join(str(p) for p in search_paths())}")
+    console.print(f"[bold]partitions:[/] {', '.join(PARTITIONS)}")
+    console.print(f"[bold]adapter placements:[/] {', '.join(PLACEMENTS)}")
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

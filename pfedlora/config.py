@@ -1,0 +1,333 @@
+"""Experiment configuration: frozen dataclasses, loaded from TOML and ``key=value`` overrides.
+
+A configuration is a tree of sections (``[data]``, ``[federation]``, ``[train]``, ``[adapter]``) under a few
+top-level keys. Every value is validated once, here, and an error names the bad key, the bad value and what
+is allowed; nothing downstream re-checks or copies these values onto objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import tomli_w
+
+from pfedlora.errors import ConfigError
+
+ALGORITHMS: tuple[str, ...] = ("pfedlora", "standalone")
+DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
+PARTITIONS: tuple[str, ...] = ("pathological", "dirichlet", "iid")
+ARCHITECTURES: tuple[str, ...] = ("cnn1", "cnn2", "cnn3", "cnn4", "cnn5")
+PLACEMENTS: tuple[str, ...] = ("layers", "branch")
+PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and how it is split among clients."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    """Extra directory searched first; empty means the default lookup (see README)."""
+    download: bool = True
+    partition: str = "pathological"
+    classes_per_client: int = 5
+    dirichlet_alpha: float = 0.5
+    min_train_samples: int = 10
+    validation_fraction: float = 0.0
+    """Share of each client's training data held out; when > 0 clients are evaluated on it, not on test."""
+    augment: str = "auto"
+    """"auto" (random crop + flip for CIFAR, none for Fashion-MNIST), "on" or "off"."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Clients, their architectures, the sampling and the schedule."""
+
+    num_clients: int = 100
+    sample_fraction: float = 0.1
+    rounds: int = 60
+    eval_every: int = 5
+    architectures: tuple[str, ...] = ARCHITECTURES
+    """Client i gets architectures[i mod len(architectures)] (the paper: cnn{(i mod 5)+1})."""
+    target_accuracy: float = 0.8
+    """Mean accuracy whose first crossing is reported with the rounds, bytes and FLOPs it took."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation (SGD), shared by every algorithm."""
+
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    grad_clip: float = 50.0
+    local_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """pFedLoRA's homogeneous low-rank adapter (SPEC §2.1)."""
+
+    placement: str = "layers"
+    rank: int = 8
+    alpha: float = 0.0
+    """LoRA alpha; 0 means the default 2·rank."""
+    lr: float = 0.0
+    """Adapter-phase learning rate; 0 means train.lr."""
+    targets: tuple[str, ...] = ()
+    """Layers to adapt (placement "layers"); empty means every layer homogeneous across the federation."""
+    epochs: int = 1
+    phase_order: str = "local-first"
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha > 0 else 2.0 * self.rank
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: the algorithm, its seed and every section."""
+
+    algorithm: str = "pfedlora"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def architecture_of(self, client_id: int) -> str:
+        """The architecture name of client ``client_id``."""
+        archs = self.federation.architectures
+        return archs[client_id % len(archs)]
+
+    @property
+    def adapter_lr(self) -> float:
+        return self.adapter.lr if self.adapter.lr > 0 else self.train.lr
+
+
+# Allowed values and ranges, checked after parsing. Ranges are (low, high, low_inclusive).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ALGORITHMS,
+    "device": DEVICES,
+    "data.dataset": DATASETS,
+    "data.partition": PARTITIONS,
+    "data.augment": ("auto", "on", "off"),
+    "adapter.placement": PLACEMENTS,
+    "adapter.phase_order": PHASE_ORDERS,
+}
+_MEMBER_CHOICES: dict[str, tuple[str, ...]] = {
+    "federation.architectures": ARCHITECTURES,
+}
+_INF = float("inf")
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "seed": (0, 2**63 - 1, True),
+    "data.classes_per_client": (1, _INF, True),
+    "data.dirichlet_alpha": (0, _INF, False),
+    "data.min_train_samples": (1, _INF, True),
+    "data.validation_fraction": (0, 0.5, True),
+    "federation.num_clients": (1, _INF, True),
+    "federation.sample_fraction": (0, 1, False),
+    "federation.rounds": (1, _INF, True),
+    "federation.eval_every": (1, _INF, True),
+    "federation.target_accuracy": (0, 1, True),
+    "train.batch_size": (1, _INF, True),
+    "train.lr": (0, _INF, False),
+    "train.momentum": (0, 1, True),
+    "train.weight_decay": (0, _INF, True),
+    "train.grad_clip": (0, _INF, False),
+    "train.local_epochs": (0, _INF, True),
+    "adapter.rank": (1, _INF, True),
+    "adapter.alpha": (0, _INF, True),
+    "adapter.lr": (0, _INF, True),
+    "adapter.epochs": (0, _INF, True),
+}
+
+
+def _describe_type(tp: Any) -> str:
+    if get_origin(tp) is tuple:
+        return f"a list of {_describe_type(get_args(tp)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted where floats are expected."""
+    if get_origin(tp) is tuple:
+        (item_type,) = {a for a in get_args(tp) if a is not Ellipsis}
+        if isinstance(value, str):  # "cnn1,cnn2" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_describe_type(tp)}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {_describe_type(tp)}, got {value!r}")
+
+
+def _section_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = _section_fields(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            allowed = ", ".join(f"{prefix}{f}" for f in fields)
+            raise ConfigError(f"unknown key {key!r}; allowed keys here: {allowed}")
+        tp = hints[name]
+        if _is_section(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a section (table) of keys, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """Check choices, ranges and combinations; return ``config`` unchanged or raise ConfigError."""
+    flat = _flatten(config)
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: unknown value {flat[key]!r}; allowed: {', '.join(allowed)}")
+    for key, allowed in _MEMBER_CHOICES.items():
+        if not flat[key]:
+            raise ConfigError(f"{key}: must not be empty; allowed members: {', '.join(allowed)}")
+        for item in flat[key]:
+            if item not in allowed:
+                raise ConfigError(f"{key}: unknown value {item!r}; allowed: {', '.join(allowed)}")
+    for key, (low, high, low_inclusive) in _RANGES.items():
+        value = flat[key]
+        too_low = value < low if low_inclusive else value <= low
+        if too_low or value > high:
+            lower = "[" if low_inclusive else "("
+            upper = "inf)" if high == _INF else f"{high:g}]"
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
+    if config.train.local_epochs + config.adapter.epochs == 0:
+        raise ConfigError("train.local_epochs and adapter.epochs are both 0: nothing would be trained")
+    return config
+
+
+def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate a configuration from nested mappings (as TOML gives)."""
+    return validate(_build(ExperimentConfig, values, ""))
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Split ``"train.lr=0.05"`` into its key path and a TOML-typed value (bare words are strings)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.lr=0.05)")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a TOML file (optional), apply ``key=value`` overrides, validate, and return the config."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+    for assignment in overrides:
+        key_path, value = parse_override(assignment)
+        _set_path(tree, key_path, value)
+    return config_from_dict(tree)
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Nested plain-data form of ``config`` (tuples as lists), the inverse of :func:`config_from_dict`."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else plain(value)
+    return out
+
+
+def config_to_toml(config: ExperimentConfig) -> str:
+    """The resolved configuration as TOML text, loadable by :func:`load_config`."""
+    return tomli_w.dumps(config_to_dict(config))
+
+
+def replace(config: ExperimentConfig, **sections: Any) -> ExperimentConfig:
+    """Return a validated copy with top-level fields or whole sections replaced."""
+    return validate(dataclasses.replace(config, **sections))
+
+
+__all__ = [
+    "ALGORITHMS",
+    "ARCHITECTURES",
+    "DATASETS",
+    "PARTITIONS",
+    "PHASE_ORDERS",
+    "PLACEMENTS",
+    "AdapterConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_toml",
+    "load_config",
+    "validate",
+]

@@ -1,0 +1,488 @@
+"""Dataset loaders for Fashion-MNIST, CIFAR-10 and CIFAR-100 from their official file formats.
+
+Fashion-MNIST is read from the four IDX files (gz or uncompressed) and verified by the SHA-256 of the
+decompressed bytes, so upstream's gz files and Debian's recompressed copies (package
+``dataset-fashion-mnist``) are both accepted. CIFAR is read from the official python pickle batches and
+verified by the MD5s published with the archives (the constants that torchvision's ``cifar.py`` also uses).
+
+Lookup order (SPEC §5): explicit ``data_dir``, ``$PFEDLORA_DATA``, the user cache directory, the system
+dataset directory. If the data is in none of them, the official files are downloaded with checksum
+verification unless downloading is disabled. Whole datasets are returned in memory as uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import logging
+import os
+import pickle
+import sys
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pooch
+import torch
+
+from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
+
+# Lookup roots after the explicit directory and $PFEDLORA_DATA; read at call time, so tests can patch them.
+CACHE_DIR: Path = Path(pooch.os_cache("pfedlora"))
+SYSTEM_DATA_DIR: Path = Path("/usr/share/datasets")
+ENV_VAR = "PFEDLORA_DATA"
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A whole image-classification dataset in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # mean/std tensors per device, so normalising a batch does not copy them host-to-device every time
+    _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise DataError(
+                    f"{self.name}: {split}_x must be uint8 (N, C, H, W), got {x.dtype} {list(x.shape)}"
+                )
+            if y.dtype != torch.int64 or y.shape != x.shape[:1]:
+                raise DataError(f"{self.name}: {split}_y must be int64 (N,), got {y.dtype} {list(y.shape)}")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(f"{self.name}: train and test images differ in shape")
+        if not len(self.mean) == len(self.std) == self.train_x.shape[1]:
+            raise DataError(f"{self.name}: mean/std need one value per channel ({self.train_x.shape[1]})")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train_x.shape[1:]
+        return (int(c), int(h), int(w))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device: str | torch.device) -> Dataset:
+        """A copy with every tensor on ``device``."""
+        return Dataset(
+            name=self.name,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
+            classes=self.classes,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel values (B, C, H, W) in 0..255 -> float32 ``(x / 255 - mean) / std`` per channel."""
+        stats = self._stats.get(x.device)
+        if stats is None:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+            stats = self._stats[x.device] = (mean, std)
+        mean, std = stats
+        return (x.to(torch.float32) / 255.0 - mean) / std
+
+
+# --- Fashion-MNIST -----------------------------------------------------------------------------------------
+
+FASHION_MNIST_DIR = "fashion-mnist"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# SHA-256 of the decompressed IDX files (computed from Debian's dataset-fashion-mnist, which holds the
+# original content recompressed), keyed by the uncompressed file name.
+FASHION_MNIST_SHA256: Mapping[str, str] = MappingProxyType(
+    {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    }
+)
+# MD5 of upstream's gz files (zalandoresearch/fashion-mnist README; torchvision FashionMNIST.resources),
+# used only to verify downloads.
+FASHION_MNIST_GZ_MD5: Mapping[str, str] = MappingProxyType(
+    {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    }
+)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+_IDX_UBYTE = 0x08
+
+
+def _fashion_mnist_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_fashion_mnist(directory: Path) -> bool:
+    return all(_fashion_mnist_file(directory, stem) is not None for stem in FASHION_MNIST_SHA256)
+
+
+def _parse_idx(raw: bytes, path: Path, ndim: int) -> np.ndarray:
+    """An IDX file's uint8 array; the header is magic (0, 0, type, ndim) then ndim big-endian uint32 dims."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
+        raise DataError(f"{path}: not an unsigned-byte IDX file with {ndim} dimension(s) (bad magic number)")
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(shape)):
+        raise DataError(f"{path}: IDX header says {shape} but holds {len(raw) - header} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_fashion_mnist(directory: str | Path, checksums: Mapping[str, str] | None = None) -> Dataset:
+    """Read Fashion-MNIST from the four IDX files (``*.gz`` or uncompressed) in ``directory``.
+
+    ``checksums`` maps each uncompressed file name to the SHA-256 of its decompressed bytes; it defaults to
+    ``FASHION_MNIST_SHA256``.
+    """
+    directory = Path(directory)
+    checksums = FASHION_MNIST_SHA256 if checksums is None else checksums
+    arrays: dict[str, np.ndarray] = {}
+    for stem in FASHION_MNIST_SHA256:
+        path = _fashion_mnist_file(directory, stem)
+        if path is None:
+            raise DatasetNotFoundError(f"{directory}: missing {stem}.gz (or uncompressed {stem})")
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        _verify(path, hashlib.sha256(raw).hexdigest(), checksums[stem], "SHA-256 of the decompressed bytes")
+        arrays[stem] = _parse_idx(raw, path, ndim=3 if "images" in stem else 1)
+
+    def split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"{directory}: {prefix} has {images.shape[0]} images but {labels.shape[0]} labels"
+            )
+        x = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
+        return x, _labels(labels, len(FASHION_MNIST_CLASSES), directory)
+
+    train_x, train_y = split("train")
+    test_x, test_y = split("t10k")
+    classes, mean, std = FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return Dataset("fashion-mnist", train_x, train_y, test_x, test_y, classes, mean, std)
+
+
+# --- CIFAR -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where a CIFAR variant's official archive and pickles are and which keys they use."""
+
+    variant: str
+    folder: str
+    archive: str
+    url: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    labels_key: bytes
+    names_key: bytes
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train_files, *self.test_files, self.meta_file)
+
+
+CIFAR_LAYOUTS: Mapping[str, CifarLayout] = MappingProxyType(
+    {
+        "cifar10": CifarLayout(
+            variant="cifar10",
+            folder="cifar-10-batches-py",
+            archive="cifar-10-python.tar.gz",
+            url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+            test_files=("test_batch",),
+            meta_file="batches.meta",
+            labels_key=b"labels",
+            names_key=b"label_names",
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+        ),
+        "cifar100": CifarLayout(
+            variant="cifar100",
+            folder="cifar-100-python",
+            archive="cifar-100-python.tar.gz",
+            url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            train_files=("train",),
+            test_files=("test",),
+            meta_file="meta",
+            labels_key=b"fine_labels",
+            names_key=b"fine_label_names",
+            mean=(0.5071, 0.4865, 0.4409),
+            std=(0.2673, 0.2564, 0.2762),
+        ),
+    }
+)
+# Official MD5s of the archives and their member files (as published in torchvision/datasets/cifar.py).
+CIFAR10_MD5: Mapping[str, str] = MappingProxyType(
+    {
+        "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    }
+)
+CIFAR100_MD5: Mapping[str, str] = MappingProxyType(
+    {
+        "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "meta": "7973b15100ade9c7d40fb424638fde48",
+    }
+)
+
+
+def _cifar_checksums(variant: str) -> Mapping[str, str]:
+    # Looked up at call time so that tests can substitute the module-level tables.
+    return CIFAR10_MD5 if variant == "cifar10" else CIFAR100_MD5
+
+
+def _cifar_layout(variant: str) -> CifarLayout:
+    if variant not in CIFAR_LAYOUTS:
+        raise ConfigError(f"CIFAR variant {variant!r} is unknown; allowed: {', '.join(CIFAR_LAYOUTS)}")
+    return CIFAR_LAYOUTS[variant]
+
+
+def _has_cifar_folder(directory: Path, layout: CifarLayout) -> bool:
+    return all((directory / name).is_file() for name in layout.files)
+
+
+def read_cifar(path: str | Path, variant: str, checksums: Mapping[str, str] | None = None) -> Dataset:
+    """Read CIFAR-10 or CIFAR-100 (``variant`` "cifar10" / "cifar100") from the official archive or folder.
+
+    ``path`` is either the ``.tar.gz`` archive, which is verified and extracted next to itself (or into the
+    cache directory if that is not writable), or the extracted folder (``cifar-10-batches-py`` /
+    ``cifar-100-python``). ``checksums`` maps the archive and member file names to MD5s; it defaults to the
+    official table of the variant.
+    """
+    layout = _cifar_layout(variant)
+    checksums = _cifar_checksums(variant) if checksums is None else checksums
+    path = Path(path)
+    if path.is_file():
+        _verify(path, _md5(path), checksums[layout.archive], "MD5")
+        path = _extract(path, layout)
+    for name in layout.files:
+        member = path / name
+        if not member.is_file():
+            raise DatasetNotFoundError(f"{path}: missing {name} of {layout.variant}")
+        _verify(member, _md5(member), checksums[name], "MD5")
+
+    classes = tuple(n.decode("utf-8") for n in _unpickle(path / layout.meta_file)[layout.names_key])
+
+    def split(files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for name in files:
+            batch = _unpickle(path / name)
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8))
+            labels.append(np.asarray(batch[layout.labels_key], dtype=np.int64))
+        data = np.concatenate(images)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{path}: {layout.variant} data must be (N, 3072), got {data.shape}")
+        # Each row is channel-major: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32.
+        x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # (N, 3, 32, 32)
+        return x, _labels(np.concatenate(labels), len(classes), path)
+
+    train_x, train_y = split(layout.train_files)
+    test_x, test_y = split(layout.test_files)
+    return Dataset(layout.variant, train_x, train_y, test_x, test_y, classes, layout.mean, layout.std)
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
+    # The files are checksum-verified before this is called; the official pickles come from Python 2.
+    with path.open("rb") as handle:
+        return pickle.load(handle, encoding="bytes")
+
+
+def _extract(archive: Path, layout: CifarLayout) -> Path:
+    """Extract ``archive`` safely next to itself (or into the cache dir); returns the extracted folder."""
+    target = archive.parent
+    if not os.access(target, os.W_OK):
+        target = CACHE_DIR
+        target.mkdir(parents=True, exist_ok=True)
+    folder = target / layout.folder
+    if _has_cifar_folder(folder, layout):
+        return folder  # verified by the caller, file by file
+    logger.info("extracting %s into %s", archive, target)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".extract-") as scratch:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(scratch, filter="data")
+        extracted = Path(scratch) / layout.folder
+        if not extracted.is_dir():
+            raise DataError(f"{archive}: the archive has no folder {layout.folder}/")
+        folder.mkdir(exist_ok=True)
+        for name in layout.files:
+            if (extracted / name).is_file():
+                os.replace(extracted / name, folder / name)
+    return folder
+
+
+# --- shared helpers ----------------------------------------------------------------------------------------
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, actual: str, expected: str, kind: str) -> None:
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"{path}: {kind} is {actual}, expected {expected}; the file is corrupt or not the official one"
+        )
+
+
+def _labels(labels: np.ndarray, num_classes: int, source: Path) -> torch.Tensor:
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{source}: labels outside 0..{num_classes - 1}")
+    return torch.from_numpy(labels)
+
+
+# --- lookup and download -----------------------------------------------------------------------------------
+
+
+def search_paths(data_dir: str | Path | None = None) -> list[Path]:
+    """The roots searched for datasets, in order: ``data_dir``, ``$PFEDLORA_DATA``, cache dir, system dir."""
+    roots: list[Path] = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    env = os.environ.get(ENV_VAR)
+    if env:
+        roots.append(Path(env).expanduser())
+    roots += [CACHE_DIR, SYSTEM_DATA_DIR]
+    return list(dict.fromkeys(roots))  # drop repeats, keep order
+
+
+def _find(name: str, root: Path) -> Path | None:
+    """What to read for ``name`` under ``root``: a folder, a CIFAR archive, or None."""
+    if name == "fashion-mnist":
+        folder = root / FASHION_MNIST_DIR
+        return folder if _has_fashion_mnist(folder) else None
+    layout = CIFAR_LAYOUTS[name]
+    if _has_cifar_folder(root / layout.folder, layout):
+        return root / layout.folder
+    archive = root / layout.archive
+    return archive if archive.is_file() else None
+
+
+def _read(name: str, path: Path) -> Dataset:
+    if name == "fashion-mnist":
+        return read_fashion_mnist(path, FASHION_MNIST_SHA256)
+    return read_cifar(path, name, _cifar_checksums(name))
+
+
+def _download(name: str, target: Path) -> Path:
+    progressbar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
+    if name == "fashion-mnist":
+        folder = target / FASHION_MNIST_DIR
+        for fname, md5 in FASHION_MNIST_GZ_MD5.items():
+            url = FASHION_MNIST_URL + fname
+            pooch.retrieve(url, known_hash=f"md5:{md5}", fname=fname, path=folder, progressbar=progressbar)
+        return folder
+    layout = CIFAR_LAYOUTS[name]
+    md5 = _cifar_checksums(name)[layout.archive]
+    fetched = pooch.retrieve(
+        layout.url, known_hash=f"md5:{md5}", fname=layout.archive, path=target, progressbar=progressbar
+    )
+    return Path(fetched)
+
+
+def _how_to_get(name: str) -> str:
+    if name == "fashion-mnist":
+        files = ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_SHA256)
+        return (
+            "To get it: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or allow downloading, "
+            f"or put the four files ({files}) in <dir>/{FASHION_MNIST_DIR}/ and pass --data-dir <dir> or set "
+            f"{ENV_VAR}=<dir>."
+        )
+    layout = CIFAR_LAYOUTS[name]
+    return (
+        f"To get it: allow downloading, or place the official archive {layout.archive} ({layout.url}) in one "
+        f"of these directories (or pass --data-dir <dir> / set {ENV_VAR}=<dir>)."
+    )
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+    """Load dataset ``name`` from the first lookup root holding it, downloading it if allowed and needed.
+
+    Downloads go to ``data_dir`` if given, else to the user cache directory.
+    """
+    if name not in DATASET_NAMES:
+        raise ConfigError(f"dataset {name!r} is unknown; allowed: {', '.join(DATASET_NAMES)}")
+    roots = search_paths(data_dir)
+    for root in roots:
+        found = _find(name, root)
+        if found is not None:
+            logger.info("reading %s from %s", name, found)
+            return _read(name, found)
+
+    if name == "fashion-mnist":
+        looked_for = f"{FASHION_MNIST_DIR}/ with the four IDX files"
+    else:
+        layout = CIFAR_LAYOUTS[name]
+        looked_for = f"{layout.folder}/ or {layout.archive}"
+    searched = ", ".join(str(root) for root in roots)
+    message = f"dataset {name!r} not found: looked for {looked_for} in {searched}."
+    if not download:
+        raise DatasetNotFoundError(f"{message} Downloading is disabled. {_how_to_get(name)}")
+
+    target = Path(data_dir).expanduser() if data_dir is not None else CACHE_DIR
+    logger.info("downloading %s into %s", name, target)
+    try:
+        fetched = _download(name, target)
+    except Exception as error:  # pooch raises requests/OSError/ValueError alike; report them as one message
+        raise DatasetNotFoundError(f"{message} Downloading failed: {error}. {_how_to_get(name)}") from error
+    return _read(name, fetched)

@@ -1,0 +1,50 @@
+"""Accuracy over a federation: per-client values and the summaries the paper reports."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    """One evaluation of every client's personalized predictor on its own split."""
+
+    correct: tuple[int, ...]
+    totals: tuple[int, ...]
+
+    @property
+    def per_client(self) -> tuple[float, ...]:
+        return tuple(c / t if t else 0.0 for c, t in zip(self.correct, self.totals, strict=True))
+
+    @property
+    def mean(self) -> float:
+        """Unweighted mean over clients (the paper's "mean test accuracy")."""
+        values = self.per_client
+        return sum(values) / len(values)
+
+    @property
+    def weighted(self) -> float:
+        """Sample-weighted mean: all correct predictions over all samples."""
+        return sum(self.correct) / max(sum(self.totals), 1)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation of the per-client accuracies."""
+        values, mean = self.per_client, self.mean
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def summarize_curve(rounds: Sequence[int], means: Sequence[float]) -> dict[str, float | int]:
+    """Best, last, and mean of the last 10% of evaluated rounds (at least one) of a mean-accuracy curve."""
+    if not means:
+        raise ValueError("no evaluated rounds to summarize")
+    best = max(range(len(means)), key=lambda i: (means[i], -i))
+    tail = max(1, math.ceil(0.1 * len(means)))
+    return {
+        "mean_accuracy_best": means[best],
+        "best_round": rounds[best],
+        "mean_accuracy_last": means[-1],
+        "mean_accuracy_last10pct": sum(means[-tail:]) / tail,
+    }

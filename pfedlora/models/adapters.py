@@ -1,0 +1,286 @@
+"""The homogeneous adapter of pFedLoRA (SPEC §2.1) and where it attaches to a heterogeneous local model.
+
+Two placements:
+
+- ``"layers"``: LoRA wrappers on target layers of the local model whose name and weight shape are the same
+  on every architecture (for the CNN family: ``conv1`` and ``fc3``);
+- ``"branch"``: a small network of low-rank factorised layers beside the local model whose logits are added,
+  ``F(x) = f_local(x) + (alpha/r) · g(x)``, with g's last layer starting at zero.
+
+Either way every adapter parameter name satisfies ``is_adapter_key`` and has the same shape on every client,
+so the server can average adapters across architectures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pfedlora.errors import AdapterMismatchError, ConfigError
+from pfedlora.models.cnn import HeteroCNN, check_input_shape, conv_pool_side, init_parameters_
+from pfedlora.models.lora import LoRAConv2d, LoRALayer, LoRALinear, _check_rank_alpha, is_adapter_key
+
+PLACEMENTS = ("layers", "branch")
+
+_BRANCH_CHANNELS = 16
+_BRANCH_KERNEL = 5
+
+
+def _format_shape(shape: Sequence[int]) -> str:
+    return str(tuple(shape))
+
+
+def adaptable_layers(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> weight shape of every nn.Linear / nn.Conv2d in ``model``, in module order.
+
+    A layer already wrapped by LoRA is listed under the wrapper's name with its base weight's shape.
+    """
+    wrapped = {name for name, module in model.named_modules() if isinstance(module, LoRALayer)}
+    layers: dict[str, tuple[int, ...]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            layers[name] = tuple(module.base_layer.weight.shape)
+        elif isinstance(module, nn.Linear | nn.Conv2d) and name.removesuffix(".base_layer") not in wrapped:
+            layers[name] = tuple(module.weight.shape)
+    return layers
+
+
+def _common_layers(layers: Mapping[str, Mapping[str, tuple[int, ...]]]) -> list[str]:
+    first, *others = layers.values()
+    return [name for name in first if all(name in other for other in others)]
+
+
+def homogeneous_targets(models: Mapping[str, nn.Module]) -> tuple[str, ...]:
+    """The adaptable layers present in every model with the same weight shape, in the first model's order."""
+    if not models:
+        raise ConfigError("homogeneous_targets needs at least one model")
+    first, *others = (adaptable_layers(model) for model in models.values())
+    return tuple(name for name, shape in first.items() if all(other.get(name) == shape for other in others))
+
+
+def validate_targets(models: Mapping[str, nn.Module], targets: Sequence[str]) -> tuple[str, ...]:
+    """``targets`` as a tuple, once each is known to be an adaptable layer of one shape in every model.
+
+    ``models`` is keyed by architecture name. An empty, duplicated or unknown target raises ConfigError; a
+    target whose weight shape differs between architectures raises AdapterMismatchError naming each shape.
+    """
+    if not models:
+        raise ConfigError("validate_targets needs at least one model")
+    if isinstance(targets, str):
+        raise ConfigError(f"adapter targets must be a sequence of layer names, got the string {targets!r}")
+    targets = tuple(targets)
+    layers = {arch: adaptable_layers(model) for arch, model in models.items()}
+    adaptable = ", ".join(_common_layers(layers))
+    if not targets:
+        raise ConfigError(f"adapter targets must name at least one layer; adaptable layers: {adaptable}")
+    duplicates = sorted({t for t in targets if targets.count(t) > 1})
+    if duplicates:
+        raise ConfigError(f"adapter targets repeat {', '.join(map(repr, duplicates))}")
+    for target in targets:
+        absent = [arch for arch, names in layers.items() if target not in names]
+        if absent:
+            raise ConfigError(
+                f"adapter target {target!r} is not an adaptable layer of {', '.join(absent)}; "
+                f"adaptable layers: {adaptable}"
+            )
+        shapes = {arch: names[target] for arch, names in layers.items()}
+        if len(set(shapes.values())) > 1:
+            per_arch = ", ".join(f"{arch} {_format_shape(shape)}" for arch, shape in shapes.items())
+            raise AdapterMismatchError(
+                f"adapter target {target!r} has a different weight shape per architecture: {per_arch}; "
+                f"homogeneous layers: {', '.join(homogeneous_targets(models))}"
+            )
+    return targets
+
+
+class LoRABranch(nn.Module):
+    """g(x; θ) of the branch placement: a small CNN whose layers are each a rank-r factorisation.
+
+    conv_A (C_in→r, 5x5, no bias) → conv_B (r→16, 1x1) → ReLU → maxpool2 → flatten → fc_A (→r, no bias)
+    → fc_B (r→classes). Its shapes depend only on (input_shape, num_classes, rank), so they are the same on
+    every client. fc_B's weight and bias start at zero, so g starts at zero; the rest is initialised like
+    PyTorch's default from ``generator``.
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, rank: int, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        channels, height, width = check_input_shape(input_shape)
+        _check_rank_alpha(rank, 1.0)
+        out_h, out_w = conv_pool_side(height), conv_pool_side(width)
+        if out_h < 1 or out_w < 1:
+            raise ConfigError(f"input_shape {(channels, height, width)} is too small for the LoRA branch")
+        meta = torch.device("meta")
+        self.conv_A = nn.Conv2d(channels, rank, _BRANCH_KERNEL, bias=False, device=meta)
+        self.conv_B = nn.Conv2d(rank, _BRANCH_CHANNELS, 1, device=meta)
+        self.fc_A = nn.Linear(_BRANCH_CHANNELS * out_h * out_w, rank, bias=False, device=meta)
+        self.fc_B = nn.Linear(rank, num_classes, device=meta)
+        self.to_empty(device="cpu")
+        init_parameters_(self, generator)
+        with torch.no_grad():
+            self.fc_B.weight.zero_()
+            self.fc_B.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Branch logits g(x)."""
+        x = self.conv_B(self.conv_A(x))  # (B, r, H-4, W-4) -> (B, 16, H-4, W-4)
+        x = F.max_pool2d(F.relu(x), 2)  # (B, 16, h, w)
+        x = self.fc_A(torch.flatten(x, 1))  # (B, r)
+        return self.fc_B(x)  # (B, num_classes)
+
+
+class PersonalizedModel(nn.Module):
+    """Private local model + homogeneous adapter: F(x; ω, θ). Attribute ``local`` is the (possibly
+    LoRA-wrapped) HeteroCNN; ``lora_branch`` is the branch network for placement "branch", else None.
+
+    Build it with :func:`attach_adapter`.
+    """
+
+    placement: str
+
+    def __init__(
+        self,
+        local: HeteroCNN,
+        *,
+        placement: str,
+        rank: int,
+        alpha: float,
+        targets: Sequence[str] = (),
+        lora_branch: LoRABranch | None = None,
+    ) -> None:
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"unknown adapter placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+        if (placement == "branch") != (lora_branch is not None):
+            raise ConfigError("placement 'branch' needs a lora_branch and placement 'layers' takes none")
+        self.local = local
+        self.lora_branch = lora_branch
+        self.placement = placement
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.targets = tuple(targets)
+        head = HeteroCNN.HEAD_NAME
+        self._head_only = placement == "layers" and all(
+            t == head or t.startswith(head + ".") for t in self.targets
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits F(x; ω, θ)."""
+        logits = self.local(x)  # (B, num_classes)
+        if self.lora_branch is None:
+            return logits
+        return logits + self.scaling * self.lora_branch(x)  # (B, num_classes)
+
+    def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What does not depend on adapter parameters, computed without gradients; None if nothing does.
+
+        Branch: the local logits. LoRA only on the head: the 500-d features. LoRA elsewhere (e.g. conv1):
+        None, since the adapter's gradient needs the whole network.
+        """
+        if self.placement == "branch":
+            with torch.no_grad():
+                return self.local(x)  # (B, num_classes)
+        if self._head_only:
+            with torch.no_grad():
+                return self.local.features(x)  # (B, 500)
+        return None
+
+    def forward_from_prefix(self, prefix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Logits given ``frozen_prefix(x)``; equal to ``forward(x)`` (with prefix None it is forward(x))."""
+        if prefix is None:
+            return self.forward(x)
+        if self.lora_branch is not None:
+            return prefix + self.scaling * self.lora_branch(x)  # (B, num_classes)
+        if self._head_only:
+            return self.local.head(prefix)  # (B, num_classes)
+        raise ValueError("this model has no frozen prefix (frozen_prefix returns None); pass prefix=None")
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose names satisfy ``is_adapter_key`` (θ)."""
+        return [p for name, p in self.named_parameters() if is_adapter_key(name)]
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        """All other parameters (ω)."""
+        return [p for name, p in self.named_parameters() if not is_adapter_key(name)]
+
+
+def attach_adapter(
+    model: HeteroCNN,
+    *,
+    placement: str,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    input_shape: Sequence[int],
+    num_classes: int,
+    generator: torch.Generator,
+) -> PersonalizedModel:
+    """Give ``model`` an adapter and return the personalized model around it.
+
+    "layers" wraps each of ``targets`` in LoRALinear / LoRAConv2d *in place* (in module order, drawing the A
+    factors from ``generator``); check the targets across the federation's architectures with
+    :func:`validate_targets` first. "branch" leaves ``model`` unwrapped, builds a :class:`LoRABranch` for
+    (``input_shape``, ``num_classes``, ``rank``) and ignores ``targets``.
+    """
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"unknown adapter placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+    _check_rank_alpha(rank, alpha)
+    input_shape = check_input_shape(input_shape)
+    if model.input_shape != input_shape or model.num_classes != num_classes:
+        raise ConfigError(
+            f"model was built for input_shape {model.input_shape} and {model.num_classes} classes, "
+            f"not {input_shape} and {num_classes}"
+        )
+    if any(isinstance(module, LoRALayer) for module in model.modules()):
+        raise ConfigError("model already carries LoRA layers")
+    if placement == "branch":
+        branch = LoRABranch(input_shape, num_classes, rank, generator)
+        return PersonalizedModel(model, placement=placement, rank=rank, alpha=alpha, lora_branch=branch)
+
+    targets = validate_targets({"the local model": model}, targets)
+    order = list(adaptable_layers(model))
+    wrappers: dict[str, LoRALayer] = {}
+    for name in sorted(targets, key=order.index):  # module order, whatever order targets came in
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Conv2d):
+            wrappers[name] = LoRAConv2d(layer, rank, alpha, generator)
+        else:
+            wrappers[name] = LoRALinear(layer, rank, alpha, generator)
+    for name, wrapper in wrappers.items():  # swap only once every wrapper was built
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrapper)
+    return PersonalizedModel(model, placement=placement, rank=rank, alpha=alpha, targets=targets)
+
+
+def _shape_or_none(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...] | None:
+    return tuple(state[name].shape) if name in state else None
+
+
+def check_homogeneous(states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Raise AdapterMismatchError unless every state has the same tensor names with the same shapes.
+
+    ``states`` is keyed by architecture or client name. The one message names the first offending tensor
+    and its shape (or absence) in each state, e.g. ``adapter tensor 'local.fc2.lora_A' differs between
+    clients: cnn1 (8, 2000), cnn3 (8, 1000)``, and counts any further offending tensors.
+    """
+    names: dict[str, None] = {}
+    for state in states.values():
+        names.update(dict.fromkeys(state))
+    offending = []
+    for name in names:
+        shapes = {owner: _shape_or_none(state, name) for owner, state in states.items()}
+        if len(set(shapes.values())) > 1:
+            offending.append((name, shapes))
+    if not offending:
+        return
+    name, shapes = offending[0]
+    per_owner = ", ".join(
+        f"{owner} {'missing' if shape is None else _format_shape(shape)}" for owner, shape in shapes.items()
+    )
+    more = f" (and {len(offending) - 1} more adapter tensors differ)" if len(offending) > 1 else ""
+    raise AdapterMismatchError(f"adapter tensor {name!r} differs between clients: {per_owner}{more}")

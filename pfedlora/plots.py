@@ -1,0 +1,52 @@
+"""PNG plots of finished runs: mean accuracy per round, and against cumulative megabytes sent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+Run = tuple[str, list[dict[str, Any]]]
+"""A label and the run's per-round records."""
+
+
+def _curve(records: list[dict[str, Any]], x_key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
+    evaluated = [r for r in records if "mean_accuracy" in r]
+    return [r[x_key] / scale for r in evaluated], [100 * r["mean_accuracy"] for r in evaluated]
+
+
+def _plot(runs: Sequence[Run], x_key: str, scale: float, xlabel: str, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for label, records in runs:
+        xs, ys = _curve(records, x_key, scale)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean test accuracy over clients (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Write ``accuracy_per_round.png`` and ``accuracy_vs_megabytes.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        _plot(runs, "round", 1.0, "round", "Mean accuracy per round", out / "accuracy_per_round.png"),
+        _plot(
+            runs,
+            "cumulative_bytes",
+            1e6,
+            "cumulative megabytes sent (down + up, all clients)",
+            "Mean accuracy against communication",
+            out / "accuracy_vs_megabytes.png",
+        ),
+    ]

@@ -1,0 +1,28 @@
+"""The simulator: one round loop for every algorithm, client sampling and the run directory."""
+
+from pfedlora.simulation.loop import (
+    TIMING_KEYS,
+    Federation,
+    build_federation,
+    evaluate,
+    run_experiment,
+    run_federation,
+    run_round,
+    summarize,
+)
+from pfedlora.simulation.results import read_run
+from pfedlora.simulation.sampling import clients_per_round, sample_clients
+
+__all__ = [
+    "TIMING_KEYS",
+    "Federation",
+    "build_federation",
+    "clients_per_round",
+    "evaluate",
+    "read_run",
+    "run_experiment",
+    "run_federation",
+    "run_round",
+    "sample_clients",
+    "summarize",
+]

@@ -1,0 +1,71 @@
+"""The run directory: resolved config, per-round metrics (JSON lines) and the summary.
+
+Per-round lines are flushed as they are written, so a crash loses at most the round in flight; the
+summary is written atomically (temporary file, then rename) once the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pfedlora.config import ExperimentConfig, config_to_toml
+from pfedlora.errors import ConfigError
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def default_run_dir(config: ExperimentConfig, root: str | Path = "runs") -> Path:
+    """``runs/<timestamp>-<algorithm>-<dataset>``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{stamp}-{config.algorithm}-{config.data.dataset}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old or the whole new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Creates a run directory and appends to it as the run goes."""
+
+    def __init__(self, path: str | Path, config: ExperimentConfig) -> None:
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(f"output directory {str(self.path)!r} already exists and is not empty")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path / CONFIG_FILE, config_to_toml(config))
+        self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The per-round records and the summary of a finished run directory."""
+    path = Path(path)
+    summary_path, metrics_path = path / SUMMARY_FILE, path / METRICS_FILE
+    if not summary_path.is_file() or not metrics_path.is_file():
+        raise ConfigError(
+            f"{str(path)!r} is not a finished run directory (no {SUMMARY_FILE} or {METRICS_FILE})"
+        )
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line]
+    return records, json.loads(summary_path.read_text(encoding="utf-8"))

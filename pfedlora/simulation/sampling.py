@@ -1,0 +1,19 @@
+"""Seeded client sampling: each round draws from its own stream, so any round can be replayed alone."""
+
+from __future__ import annotations
+
+from pfedlora.seeding import numpy_generator
+
+
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """max(1, round(C · N)) clients take part in a round."""
+    return max(1, min(num_clients, round(fraction * num_clients)))
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, server_round: int) -> list[int]:
+    """Sorted ids of the clients sampled without replacement in ``server_round`` (1-based)."""
+    count = clients_per_round(num_clients, fraction)
+    if count == num_clients:
+        return list(range(num_clients))
+    rng = numpy_generator(seed, "sampling", server_round)
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))

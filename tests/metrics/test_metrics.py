@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from pfedlora.metrics import AccuracyReport, Channel, FlopMeter, payload_bytes, summarize_curve
+
+
+def test_payload_bytes_counts_numel_times_element_size():
+    payload = {
+        "f32": torch.zeros(3, 4),
+        "f16": torch.zeros(5, dtype=torch.float16),
+        "i64": torch.zeros(2, dtype=torch.int64),
+    }
+    assert payload_bytes(payload) == 3 * 4 * 4 + 5 * 2 + 2 * 8
+
+
+def test_channel_counts_per_client_and_direction_and_copies():
+    channel = Channel()
+    sent = {"w": torch.ones(10)}
+    received = channel.download(3, sent)
+    channel.download(3, sent)
+    channel.upload(7, {"w": torch.ones(2, 2, dtype=torch.float64)})
+    assert channel.bytes_down == {3: 80}
+    assert channel.bytes_up == {7: 32}
+    assert (channel.total_down, channel.total_up) == (80, 32)
+    received["w"].add_(1)  # the receiver's copy is its own
+    assert sent["w"].sum().item() == 10
+
+
+def test_accuracy_report_mean_weighted_std():
+    report = AccuracyReport(correct=(9, 1, 30), totals=(10, 10, 40))
+    assert report.per_client == (0.9, 0.1, 0.75)
+    assert report.mean == pytest.approx((0.9 + 0.1 + 0.75) / 3)
+    assert report.weighted == pytest.approx(40 / 60)
+    mean = (0.9 + 0.1 + 0.75) / 3
+    assert report.std == pytest.approx(
+        math.sqrt(((0.9 - mean) ** 2 + (0.1 - mean) ** 2 + (0.75 - mean) ** 2) / 3)
+    )
+
+
+def test_summarize_curve():
+    summary = summarize_curve(
+        [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22], [0.1, 0.5, 0.4] + [0.3] * 6 + [0.2, 0.6]
+    )
+    assert summary["mean_accuracy_best"] == 0.6
+    assert summary["best_round"] == 22
+    assert summary["mean_accuracy_last"] == 0.6
+    # 11 evaluations: the last 10% rounds up to 2 of them.
+    assert summary["mean_accuracy_last10pct"] == pytest.approx(0.4)
+
+
+def test_flop_meter_counts_first_step_and_scales_by_samples():
+    layer = torch.nn.Linear(10, 20, bias=False)
+    meter = FlopMeter()
+    meter.run("fwd", 4, lambda: layer(torch.zeros(4, 10)))
+    assert meter.total == 2 * 4 * 10 * 20  # one (4x10)@(10x20) matmul
+    meter.run("fwd", 6, lambda: layer(torch.zeros(6, 10)))
+    assert meter.total == 2 * 10 * 10 * 20
+    assert meter.samples == 10
+    assert meter.reset() == 4000
+    assert meter.total == 0
+
+
+def test_frozen_weights_cost_less_in_backward():
+    layer = torch.nn.Linear(10, 20, bias=False)
+    x = torch.zeros(4, 10, requires_grad=True)
+    meter = FlopMeter()
+    meter.run("both", 4, lambda: layer(x).sum().backward())
+    layer.weight.requires_grad_(False)
+    meter.run("input-only", 4, lambda: layer(x).sum().backward())
+    assert meter.per_sample["both"] == 3 * 2 * 10 * 20  # forward + grad input + grad weight
+    assert meter.per_sample["input-only"] == 2 * 2 * 10 * 20

@@ -1,0 +1,84 @@
+import tomllib
+
+import pytest
+
+from pfedlora.config import ExperimentConfig, config_from_dict, config_to_toml, load_config
+from pfedlora.errors import ConfigError
+
+
+def test_defaults_are_valid_and_match_an_empty_load():
+    assert load_config() == ExperimentConfig()
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('seed = 3\n[train]\nlr = 0.1\nbatch_size = 32\n[adapter]\ntargets = ["fc3"]\n')
+    config = load_config(
+        path, ["train.lr=0.05", "federation.architectures=cnn1,cnn5", "adapter.placement=branch"]
+    )
+    assert config.seed == 3
+    assert config.train.lr == 0.05  # the override wins over the file
+    assert config.train.batch_size == 32
+    assert config.federation.architectures == ("cnn1", "cnn5")
+    assert config.adapter.targets == ("fc3",)
+    assert config.adapter.placement == "branch"
+
+
+def test_toml_round_trip():
+    config = load_config(
+        None, ["adapter.rank=4", "federation.architectures=cnn2,cnn3", "data.download=false"]
+    )
+    assert config_from_dict(tomllib.loads(config_to_toml(config))) == config
+
+
+def test_derived_defaults():
+    config = load_config(None, ["adapter.rank=4", "train.lr=0.2"])
+    assert config.adapter.effective_alpha == 8.0
+    assert config.adapter_lr == 0.2
+    config = load_config(None, ["adapter.alpha=3", "adapter.lr=0.5"])
+    assert config.adapter.effective_alpha == 3.0
+    assert config.adapter_lr == 0.5
+    assert [config.architecture_of(i) for i in (0, 4, 5, 7)] == ["cnn1", "cnn5", "cnn1", "cnn3"]
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("nope=1", "unknown key 'nope'"),
+        ("train.lrr=1", "unknown key 'train.lrr'; allowed keys here: train.batch_size"),
+        ("train.lr=-1", "train.lr: -1.0 is out of range; allowed: (0, inf)"),
+        (
+            "federation.sample_fraction=1.5",
+            "federation.sample_fraction: 1.5 is out of range; allowed: (0, 1]",
+        ),
+        ("train.batch_size=1.5", "train.batch_size: expected an integer, got 1.5"),
+        ("seed=true", "seed: expected an integer, got True"),
+        ("algorithm=fedx", "algorithm: unknown value 'fedx'; allowed: pfedlora, standalone"),
+        (
+            "data.dataset=mnist",
+            "data.dataset: unknown value 'mnist'; allowed: fashion-mnist, cifar10, cifar100",
+        ),
+        ("federation.architectures=cnn1,cnn9", "federation.architectures: unknown value 'cnn9'"),
+        ("adapter.phase_order=random", "allowed: local-first, adapter-first"),
+        ("train=3", "train: expected a section"),
+        ("train.lr", "is not of the form key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_nothing_to_train_is_refused():
+    with pytest.raises(ConfigError, match="both 0"):
+        load_config(None, ["train.local_epochs=0", "adapter.epochs=0"])
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
