@@ -37,37 +37,34 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _summary_cells(s: dict[str, Any]) -> dict[str, str]:
+    """The headline figures of one run summary, formatted for people."""
+    target = s.get("target_round")
+    reach = f"round {target}" if target else "not reached"
+    return {
+        "algorithm": s["algorithm"],
+        "clients × fraction, rounds": f"{s['num_clients']} × {s['sample_fraction']:g}, {s['rounds']}",
+        "best mean acc (round)": f"{100 * s['mean_accuracy_best']:.2f}% ({s['best_round']})",
+        "last mean acc": f"{100 * s['mean_accuracy_last']:.2f}%",
+        "last-10% mean acc": f"{100 * s['mean_accuracy_last10pct']:.2f}%",
+        "std over clients": f"{100 * s['std_accuracy_last']:.2f} pp",
+        f"target {100 * s['target_accuracy']:.0f}%": reach,
+        "MB sent": f"{s['bytes_total'] / 1e6:.2f}",
+        "train TFLOPs": f"{s['train_flops_total'] / 1e12:.2f}",
+        "wall s": f"{s['wall_seconds']:.1f}",
+        "samples/s": f"{s['train_samples_per_second']:.0f}",
+    }
+
+
 def _summary_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> Table:
+    """One column per run when several are compared; one run reads best as a list of figures."""
+    cells = [(label, _summary_cells(summary)) for label, summary in rows]
     table = Table(title=title)
-    for column in (
-        "run",
-        "best acc (round)",
-        "last acc",
-        "last-10% acc",
-        "std",
-        "MB total",
-        "train TFLOPs",
-        "round to target",
-        "wall s",
-        "samples/s",
-    ):
-        table.add_column(column, justify="left" if column == "run" else "right")
-    for label, s in rows:
-        target = s.get("target_round")
-        table.add_row(
-            label,
-            f"{100 * s['mean_accuracy_best']:.2f}% ({s['best_round']})",
-            f"{100 * s['mean_accuracy_last']:.2f}%",
-            f"{100 * s['mean_accuracy_last10pct']:.2f}%",
-            f"{100 * s['std_accuracy_last']:.2f}",
-            f"{s['bytes_total'] / 1e6:.2f}",
-            f"{s['train_flops_total'] / 1e12:.2f}",
-            f"{target} (≥{100 * s['target_accuracy']:.0f}%)"
-            if target
-            else f"– (<{100 * s['target_accuracy']:.0f}%)",
-            f"{s['wall_seconds']:.1f}",
-            f"{s['train_samples_per_second']:.0f}",
-        )
+    table.add_column("")
+    for label, _ in cells:
+        table.add_column(label, justify="right", overflow="fold")
+    for key in cells[0][1]:
+        table.add_row(key, *(values.get(key, "") for _, values in cells))
     return table
 
 
@@ -84,6 +81,9 @@ def run(
         Path | None,
         typer.Option("--out", "-o", help="Results directory (default runs/<time>-<algo>-<data>)."),
     ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Directory searched first for datasets (data.data_dir).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory."""
@@ -92,7 +92,8 @@ def run(
     from pfedlora.simulation.results import default_run_dir
 
     try:
-        cfg = load_config(config, overrides or ())
+        extra = [f"data.data_dir={str(data_dir)!r}"] if data_dir is not None else []
+        cfg = load_config(config, [*(overrides or ()), *extra])
     except PfedloraError as error:
         raise _fail(error) from None
     out_dir = out if out is not None else default_run_dir(cfg)
@@ -130,6 +131,11 @@ def run(
     console.print(f"results written to [bold]{out_dir}[/]")
 
 
+def _run_label(path: Path, all_paths: list[Path]) -> str:
+    """The directory name, or the whole path where two runs share a name."""
+    return path.name if sum(p.name == path.name for p in all_paths) == 1 else str(path)
+
+
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more finished run directories.")],
@@ -145,7 +151,7 @@ def report(
     from pfedlora.simulation import read_run
 
     try:
-        loaded = [(str(path), *read_run(path)) for path in run_dirs]
+        loaded = [(_run_label(path, run_dirs), *read_run(path)) for path in run_dirs]
     except PfedloraError as error:
         raise _fail(error) from None
     console.print(_summary_table([(label, summary) for label, _, summary in loaded], title="runs"))

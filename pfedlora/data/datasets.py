@@ -444,13 +444,14 @@ def _how_to_get(name: str) -> str:
     if name == "fashion-mnist":
         files = ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_SHA256)
         return (
-            "To get it: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or allow downloading, "
-            f"or put the four files ({files}) in <dir>/{FASHION_MNIST_DIR}/ and pass --data-dir <dir> or set "
-            f"{ENV_VAR}=<dir>."
+            "To get it: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or allow downloading "
+            f"(data.download = true), or put the four files ({files}) in <dir>/{FASHION_MNIST_DIR}/ and pass "
+            f"--data-dir <dir> or set {ENV_VAR}=<dir>."
         )
     layout = CIFAR_LAYOUTS[name]
     return (
-        f"To get it: allow downloading, or place the official archive {layout.archive} ({layout.url}) in one "
+        f"To get it: allow downloading (data.download = true), or place the official archive "
+        f"{layout.archive} ({layout.url}) in one "
         f"of these directories (or pass --data-dir <dir> / set {ENV_VAR}=<dir>)."
     )
 

@@ -82,9 +82,10 @@ def pathological(
 ) -> Partition:
     """pFedLoRA's pathological non-IID split: each client holds ``classes_per_client`` classes.
 
-    Classes are dealt round-robin from a random permutation, so every class is held by as equal a number of
-    clients as possible. A class's samples are shared by its holders in proportions drawn from U(0.4, 0.6)
-    and normalised; the same proportions split the class's test samples.
+    Each client takes the classes held by the fewest clients so far, ties broken at random, so every class
+    is held by as equal a number of clients as possible and class sets vary between clients. A class's
+    samples are shared by its holders in proportions drawn from U(0.4, 0.6) and normalised; the same
+    proportions split the class's test samples.
     """
     _check_common(train_labels, test_labels, num_clients)
     classes = np.unique(train_labels)
@@ -93,13 +94,15 @@ def pathological(
             f"classes_per_client={classes_per_client} is invalid; it must be in 1..{len(classes)} "
             "(the number of classes)"
         )
-    order = rng.permutation(len(classes))
-    slot_of_client = rng.permutation(num_clients)
     holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    held = np.zeros(len(classes))
     for client in range(num_clients):
-        slot = int(slot_of_client[client])
-        for j in range(classes_per_client):
-            holders[int(classes[order[(slot * classes_per_client + j) % len(classes)]])].append(client)
+        # The least-held classes, ties broken at random: holder counts stay within one of each other,
+        # while the class sets themselves are random (a round-robin deal would repeat a few sets).
+        chosen = np.lexsort((rng.random(len(classes)), held))[:classes_per_client]
+        held[chosen] += 1
+        for index in chosen:
+            holders[int(classes[index])].append(client)
 
     train: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     test: list[list[np.ndarray]] = [[] for _ in range(num_clients)]

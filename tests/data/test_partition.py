@@ -92,6 +92,15 @@ def test_pathological_properties(seed: int, num_classes: int, num_clients: int, 
         assert sum(len(t) for t in part.test) == len(test_labels)
 
 
+def test_pathological_class_sets_are_balanced_and_varied() -> None:
+    labels = np.repeat(np.arange(10), 100)
+    part = pathological(labels, np.repeat(np.arange(10), 20), 100, np.random.default_rng(0), 5)
+    class_sets = [tuple(np.unique(labels[idx])) for idx in part.train]
+    holders = np.bincount(np.concatenate(class_sets), minlength=10)
+    assert holders.max() - holders.min() <= 1  # every class held by 50 clients
+    assert len(set(class_sets)) > 50  # not a handful of repeated sets (a round-robin deal gives 2)
+
+
 def test_pathological_shares_follow_u04_06_and_match_between_train_and_test() -> None:
     num_classes, per_class_train, per_class_test = 10, 1000, 500
     train_labels = np.repeat(np.arange(num_classes), per_class_train)

@@ -1,0 +1,99 @@
+import pytest
+from typer.testing import CliRunner
+
+from pfedlora.cli import app
+from pfedlora.data import datasets
+from pfedlora.simulation import loop
+
+runner = CliRunner()
+
+TINY = [
+    "--set", "federation.num_clients=4",
+    "--set", "federation.rounds=2",
+    "--set", "federation.eval_every=1",
+    "--set", "data.classes_per_client=2",
+    "--set", "train.batch_size=32",
+]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_data(monkeypatch, tiny_dataset):
+    monkeypatch.setattr(loop, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+
+
+def test_run_writes_results_and_prints_the_table(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", *TINY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "best mean acc" in result.output and "results written to" in result.output
+    assert {p.name for p in out.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json"}
+
+
+def test_report_prints_and_plots(tmp_path, tiny_data):
+    runs = [tmp_path / "run-alpha", tmp_path / "run-beta"]
+    for i, out in enumerate(runs):
+        assert (
+            runner.invoke(app, ["run", "-q", *TINY, "--set", f"seed={i}", "--out", str(out)]).exit_code == 0
+        )
+    result = runner.invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    assert "run-alpha" in result.output and "run-beta" in result.output
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert pngs == ["accuracy_per_round.png", "accuracy_vs_megabytes.png"]
+    assert all((tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "federation.num_clientz=3"], "unknown key 'federation.num_clientz'"),
+        (["--set", "train.lr=fast"], "train.lr: expected a number, got 'fast'"),
+        (["--set", "federation.sample_fraction=2"], "federation.sample_fraction: 2.0 is out of range"),
+        (["--set", "algorithm=fedfoo"], "algorithm: unknown value 'fedfoo'; allowed: pfedlora"),
+        (["--set", "data.dataset=mnist"], "data.dataset: unknown value 'mnist'; allowed: fashion-mnist"),
+        (["--config", "/nonexistent/exp.toml"], "cannot read config file '/nonexistent/exp.toml'"),
+        (["--set", 'adapter.targets=["fc2"]'], "adapter target 'fc2' has a different weight shape"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_results_directory(tmp_path, tiny_data, args, fragment):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", *TINY, *args, "--out", str(out)])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert fragment in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--set", "data.download=false", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "apt-get install dataset-fashion-mnist" in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a finished run" in result.stderr
+
+
+def test_list_shows_what_is_available():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0, result.output
+    for name in (
+        "pfedlora",
+        "standalone",
+        "cnn1",
+        "cnn5",
+        "fashion-mnist",
+        "cifar100",
+        "dirichlet",
+        "branch",
+    ):
+        assert name in result.output
+    assert "2.62M" in result.output  # cnn1 on 3×32×32, SPEC §3
