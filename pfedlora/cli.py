@@ -163,15 +163,15 @@ def report(
 @app.command("list")
 def list_available() -> None:
     """Show the algorithms, models, datasets, partitions and adapter placements."""
-    from pfedlora.algorithms import REGISTRY
+    from pfedlora.algorithms import IMPLEMENTATIONS, algorithm_class
     from pfedlora.config import DATASETS, PARTITIONS, PLACEMENTS
     from pfedlora.data import search_paths
     from pfedlora.models import ARCHITECTURES, build_model
     from pfedlora.seeding import torch_generator
 
     table = Table(title="algorithms", show_header=False)
-    for name, cls in REGISTRY.items():
-        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+    for name in IMPLEMENTATIONS:
+        table.add_row(name, (algorithm_class(name).__doc__ or "").strip().splitlines()[0])
     console.print(table)
 
     table = Table(title="models (client i gets architectures[i mod n])")

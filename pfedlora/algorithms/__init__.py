@@ -1,36 +1,43 @@
 """Federated algorithms on one shared protocol (:class:`Algorithm`), looked up by name."""
 
+from __future__ import annotations
+
+import importlib
+
 from pfedlora.algorithms.aggregate import weighted_average
 from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
-from pfedlora.algorithms.pfedlora import PFedLoRA
-from pfedlora.algorithms.standalone import Standalone
 from pfedlora.config import ExperimentConfig
 from pfedlora.errors import ConfigError
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (PFedLoRA, Standalone)}
+IMPLEMENTATIONS: dict[str, str] = {
+    "pfedlora": "pfedlora.algorithms.pfedlora:PFedLoRA",
+    "standalone": "pfedlora.algorithms.standalone:Standalone",
+}
+"""Algorithm name -> "module:class", imported on first use."""
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    """The class implementing algorithm ``name``."""
+    if name not in IMPLEMENTATIONS:
+        raise ConfigError(f"algorithm: unknown value {name!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+    module, _, cls = IMPLEMENTATIONS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def create_algorithm(
     config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int
 ) -> Algorithm:
     """The algorithm named by ``config.algorithm``, set up for this data."""
-    try:
-        cls = REGISTRY[config.algorithm]
-    except KeyError:
-        raise ConfigError(
-            f"algorithm: unknown value {config.algorithm!r}; allowed: {', '.join(REGISTRY)}"
-        ) from None
-    return cls(config, input_shape, num_classes)
+    return algorithm_class(config.algorithm)(config, input_shape, num_classes)
 
 
 __all__ = [
-    "REGISTRY",
+    "IMPLEMENTATIONS",
     "Algorithm",
     "ClientContext",
-    "PFedLoRA",
-    "Standalone",
     "State",
     "Upload",
+    "algorithm_class",
     "create_algorithm",
     "weighted_average",
 ]

@@ -76,11 +76,11 @@ class Algorithm(ABC):
         """The global state before round 1, taken from a freshly initialised template client."""
         return {k: v.clone() for k, v in self.shared_state(template).items()}
 
-    def broadcast(self, server_state: State, client_id: int) -> State:
-        """What the server sends to ``client_id`` this round (by default the whole global state)."""
+    def broadcast(self, server_state: State, client_id: int, server_round: int) -> State:
+        """What the server sends to ``client_id`` in ``server_round`` (by default the whole global state)."""
         return server_state
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload]) -> State:
+    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """The new global state: by default the sample-weighted mean of the uploads (FedAvg)."""
         if not uploads:
             return server_state

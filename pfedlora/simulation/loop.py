@@ -138,7 +138,8 @@ def run_round(
         channel.reset()
         meter.reset()
         state = federation.client_states[client_id]
-        message = channel.download(client_id, algorithm.broadcast(federation.server_state, client_id))
+        outgoing = algorithm.broadcast(federation.server_state, client_id, server_round)
+        message = channel.download(client_id, outgoing)
         ctx = ClientContext(
             client_id=client_id,
             arch=config.architecture_of(client_id),
@@ -159,7 +160,7 @@ def run_round(
                 "train_flops": meter.total,
             }
         )
-    federation.server_state = algorithm.aggregate(federation.server_state, uploads)
+    federation.server_state = algorithm.aggregate(federation.server_state, uploads, server_round)
     return {
         "round": server_round,
         "sampled": sampled,

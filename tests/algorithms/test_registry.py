@@ -1,0 +1,23 @@
+import pytest
+
+from pfedlora.algorithms import IMPLEMENTATIONS, Algorithm, algorithm_class
+from pfedlora.config import ALGORITHMS
+from pfedlora.errors import ConfigError
+
+
+def test_config_and_registry_name_the_same_algorithms():
+    assert set(IMPLEMENTATIONS) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+def test_every_registered_algorithm_imports_and_knows_its_name(name):
+    cls = algorithm_class(name)
+    assert issubclass(cls, Algorithm)
+    assert cls.name == name
+    assert cls.__doc__ and cls.__module__.startswith("pfedlora.algorithms.")
+    assert "arXiv" in (__import__(cls.__module__, fromlist=["_"]).__doc__ or "") or name == "standalone"
+
+
+def test_unknown_algorithm_names_the_allowed_ones():
+    with pytest.raises(ConfigError, match="allowed: pfedlora"):
+        algorithm_class("fedfoo")
