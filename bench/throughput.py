@@ -66,6 +66,7 @@ def plain_training(arch: str, data: ClientData, batch_size: int, steps: int, dev
     batches = []
     while len(batches) < steps + 3:
         batches.extend(b for b in data.train_batches(batch_size, generator) if len(b[1]) == batch_size)
+    batches = batches[: steps + 3]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -124,22 +125,31 @@ def federated_vs_plain(args: argparse.Namespace, device: torch.device) -> dict:
                         torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
                         optimizer.step()
 
-    # Round 1 warms both paths up (and lets the FLOP meter count its first step of each kind).
+    # Round 1 warms both paths up (and lets the FLOP meter count its first step of each kind). Then the two
+    # paths alternate round by round, each going first every other round, so drift favours neither.
     federated(range(1, 2))
     plain(range(1, 2))
-    timed_rounds = range(2, args.rounds + 2)
-    samples: list[int] = []
-    federated_seconds = timed(lambda: samples.append(federated(timed_rounds)), device)
-    plain_seconds = timed(lambda: plain(timed_rounds), device)
+    samples, federated_seconds, plain_seconds = 0, 0.0, 0.0
+    for server_round in range(2, args.rounds + 2):
+        rounds = range(server_round, server_round + 1)
+        for path in ("federated", "plain") if server_round % 2 else ("plain", "federated"):
+            if path == "federated":
+                counted: list[int] = []
+                federated_seconds += timed(
+                    lambda rounds=rounds, counted=counted: counted.append(federated(rounds)), device
+                )
+                samples += counted[0]
+            else:
+                plain_seconds += timed(lambda rounds=rounds: plain(rounds), device)
     return {
         "clients": args.clients,
         "sample_fraction": args.fraction,
         "rounds": args.rounds,
-        "train_samples": samples[0],
+        "train_samples": samples,
         "federated_seconds": federated_seconds,
         "plain_seconds": plain_seconds,
-        "federated_samples_per_second": samples[0] / federated_seconds,
-        "plain_samples_per_second": samples[0] / plain_seconds,
+        "federated_samples_per_second": samples / federated_seconds,
+        "plain_samples_per_second": samples / plain_seconds,
         "overhead_percent": 100 * (federated_seconds / plain_seconds - 1),
     }
 
@@ -153,7 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per cnn")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--fraction", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -19,7 +19,17 @@ import tomli_w
 
 from pfedlora.errors import ConfigError
 
-ALGORITHMS: tuple[str, ...] = ("pfedlora", "standalone")
+ALGORITHMS: tuple[str, ...] = (
+    "pfedlora",
+    "standalone",
+    "lg-fedavg",
+    "fml",
+    "fedkd",
+    "fedgh",
+    "fedapen",
+    "fedproto",
+    "fedavg",
+)
 DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
 PARTITIONS: tuple[str, ...] = ("pathological", "dirichlet", "iid")
 ARCHITECTURES: tuple[str, ...] = ("cnn1", "cnn2", "cnn3", "cnn4", "cnn5")
@@ -52,8 +62,8 @@ class FederationConfig:
 
     num_clients: int = 100
     sample_fraction: float = 0.1
-    rounds: int = 60
-    eval_every: int = 5
+    rounds: int = 80
+    eval_every: int = 10
     architectures: tuple[str, ...] = ARCHITECTURES
     """Client i gets architectures[i mod len(architectures)] (the paper: cnn{(i mod 5)+1})."""
     target_accuracy: float = 0.8
@@ -76,7 +86,7 @@ class TrainConfig:
 class AdapterConfig:
     """pFedLoRA's homogeneous low-rank adapter (SPEC §2.1)."""
 
-    placement: str = "layers"
+    placement: str = "branch"
     rank: int = 8
     alpha: float = 0.0
     """LoRA alpha; 0 means the default 2·rank."""
@@ -93,6 +103,26 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """Hyperparameters of the baselines (SPEC §4); pFedLoRA ignores them."""
+
+    shared_arch: str = "cnn5"
+    """The small homogeneous model shared by FML, FedKD and FedAPEN."""
+    kl_reduction: str = "batchmean"
+    """Reduction of every KL term: "batchmean" (per-sample mean, SPEC §4) or "mean" (per element)."""
+    fml_alpha: float = 0.5
+    fml_beta: float = 0.5
+    fedkd_energy_start: float = 0.95
+    fedkd_energy_end: float = 0.98
+    fedgh_server_lr: float = 0.01
+    fedgh_server_epochs: int = 1
+    fedproto_lambda: float = 10.0
+    fedapen_holdout_fraction: float = 0.05
+    fedapen_lambda_epochs: int = 5
+    fedapen_lambda_lr: float = 0.01
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: the algorithm, its seed and every section."""
 
@@ -103,6 +133,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     def architecture_of(self, client_id: int) -> str:
         """The architecture name of client ``client_id``."""
@@ -123,6 +154,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("auto", "on", "off"),
     "adapter.placement": PLACEMENTS,
     "adapter.phase_order": PHASE_ORDERS,
+    "baselines.shared_arch": ARCHITECTURES,
+    "baselines.kl_reduction": ("batchmean", "mean"),
 }
 _MEMBER_CHOICES: dict[str, tuple[str, ...]] = {
     "federation.architectures": ARCHITECTURES,
@@ -149,6 +182,16 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "adapter.alpha": (0, _INF, True),
     "adapter.lr": (0, _INF, True),
     "adapter.epochs": (0, _INF, True),
+    "baselines.fml_alpha": (0, 1, True),
+    "baselines.fml_beta": (0, 1, True),
+    "baselines.fedkd_energy_start": (0, 1, False),
+    "baselines.fedkd_energy_end": (0, 1, False),
+    "baselines.fedgh_server_lr": (0, _INF, False),
+    "baselines.fedgh_server_epochs": (1, _INF, True),
+    "baselines.fedproto_lambda": (0, _INF, True),
+    "baselines.fedapen_holdout_fraction": (0, 0.5, False),
+    "baselines.fedapen_lambda_epochs": (1, _INF, True),
+    "baselines.fedapen_lambda_lr": (0, _INF, False),
 }
 
 
@@ -238,6 +281,16 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             lower = "[" if low_inclusive else "("
             upper = "inf)" if high == _INF else f"{high:g}]"
             raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
+    if config.adapter.placement == "branch" and config.adapter.targets:
+        raise ConfigError(
+            "adapter.targets applies only to adapter.placement = 'layers' (the branch adapts no layer); "
+            f"got targets {list(config.adapter.targets)} with placement 'branch'"
+        )
+    if config.baselines.fedkd_energy_start > config.baselines.fedkd_energy_end:
+        raise ConfigError(
+            f"baselines.fedkd_energy_start ({config.baselines.fedkd_energy_start}) must not exceed "
+            f"baselines.fedkd_energy_end ({config.baselines.fedkd_energy_end})"
+        )
     if config.train.local_epochs + config.adapter.epochs == 0:
         raise ConfigError("train.local_epochs and adapter.epochs are both 0: nothing would be trained")
     return config
@@ -321,6 +374,7 @@ __all__ = [
     "PHASE_ORDERS",
     "PLACEMENTS",
     "AdapterConfig",
+    "BaselineConfig",
     "DataConfig",
     "ExperimentConfig",
     "FederationConfig",

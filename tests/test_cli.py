@@ -52,7 +52,10 @@ def test_report_prints_and_plots(tmp_path, tiny_data):
         (["--set", "algorithm=fedfoo"], "algorithm: unknown value 'fedfoo'; allowed: pfedlora"),
         (["--set", "data.dataset=mnist"], "data.dataset: unknown value 'mnist'; allowed: fashion-mnist"),
         (["--config", "/nonexistent/exp.toml"], "cannot read config file '/nonexistent/exp.toml'"),
-        (["--set", 'adapter.targets=["fc2"]'], "adapter target 'fc2' has a different weight shape"),
+        (
+            ["--set", "adapter.placement=layers", "--set", 'adapter.targets=["fc2"]'],
+            "adapter target 'fc2' has a different weight shape",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_results_directory(tmp_path, tiny_data, args, fragment):

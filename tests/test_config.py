@@ -14,14 +14,14 @@ def test_file_then_overrides(tmp_path):
     path = tmp_path / "exp.toml"
     path.write_text('seed = 3\n[train]\nlr = 0.1\nbatch_size = 32\n[adapter]\ntargets = ["fc3"]\n')
     config = load_config(
-        path, ["train.lr=0.05", "federation.architectures=cnn1,cnn5", "adapter.placement=branch"]
+        path, ["train.lr=0.05", "federation.architectures=cnn1,cnn5", "adapter.placement=layers"]
     )
     assert config.seed == 3
     assert config.train.lr == 0.05  # the override wins over the file
     assert config.train.batch_size == 32
     assert config.federation.architectures == ("cnn1", "cnn5")
     assert config.adapter.targets == ("fc3",)
-    assert config.adapter.placement == "branch"
+    assert config.adapter.placement == "layers"
 
 
 def test_toml_round_trip():
@@ -53,7 +53,7 @@ def test_derived_defaults():
         ),
         ("train.batch_size=1.5", "train.batch_size: expected an integer, got 1.5"),
         ("seed=true", "seed: expected an integer, got True"),
-        ("algorithm=fedx", "algorithm: unknown value 'fedx'; allowed: pfedlora, standalone"),
+        ("algorithm=fedx", "algorithm: unknown value 'fedx'; allowed: pfedlora, standalone, lg-fedavg"),
         (
             "data.dataset=mnist",
             "data.dataset: unknown value 'mnist'; allowed: fashion-mnist, cifar10, cifar100",
@@ -68,6 +68,14 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_targets_with_the_branch_placement_are_refused():
+    with pytest.raises(ConfigError, match=r"applies only to adapter\.placement"):
+        load_config(None, ["adapter.placement=branch", 'adapter.targets=["fc3"]'])
+    assert load_config(None, ["adapter.placement=layers", 'adapter.targets=["fc3"]']).adapter.targets == (
+        "fc3",
+    )
 
 
 def test_nothing_to_train_is_refused():

@@ -59,16 +59,18 @@ class ClientData:
             yield self.dataset.normalize(x), self.dataset.train_y[index]
 
     def eval_batches(
-        self, split: Literal["test", "validation"], batch_size: int
+        self, split: Literal["test", "validation", "train"], batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised float32 x, int64 y) batches of ``split`` in index order, never augmented."""
         _check_batch_size(batch_size)
-        if split == "test":
+        if split == "train":
+            indices, images, labels = self.train_indices, self.dataset.train_x, self.dataset.train_y
+        elif split == "test":
             indices, images, labels = self.test_indices, self.dataset.test_x, self.dataset.test_y
         elif split == "validation":
             indices, images, labels = self.validation_indices, self.dataset.train_x, self.dataset.train_y
         else:
-            raise ConfigError(f"split {split!r} is unknown; allowed: test, validation")
+            raise ConfigError(f"split {split!r} is unknown; allowed: train, test, validation")
         for start in range(0, indices.numel(), batch_size):
             index = indices[start : start + batch_size]
             yield self.dataset.normalize(images[index]), labels[index]

@@ -94,8 +94,9 @@ def test_phase_order_matters(tiny_dataset, tiny_config):
 
 def test_head_only_adapter_phase_is_a_fraction_of_a_local_pass(tiny_dataset, tiny_config):
     costs = {}
-    for label, overrides in {"conv1+fc3": (), "fc3": ('adapter.targets=["fc3"]',)}.items():
-        federation = build_federation(tiny_config(*overrides), tiny_dataset)
+    for label, targets in {"conv1+fc3": "[]", "fc3": '["fc3"]'}.items():
+        config = tiny_config("adapter.placement=layers", f"adapter.targets={targets}")
+        federation = build_federation(config, tiny_dataset)
         meter = FlopMeter()
         client, ctx = federation.client_states[0], _context(federation, meter=meter)
         federation.algorithm.train_local_phase(client, ctx)
@@ -113,6 +114,6 @@ def test_head_only_adapter_phase_is_a_fraction_of_a_local_pass(tiny_dataset, tin
 
 def test_targets_that_differ_between_architectures_are_refused_before_training(tiny_dataset, tiny_config):
     with pytest.raises(AdapterMismatchError) as info:
-        build_federation(tiny_config('adapter.targets=["fc2"]'), tiny_dataset)
+        build_federation(tiny_config("adapter.placement=layers", 'adapter.targets=["fc2"]'), tiny_dataset)
     message = str(info.value)
     assert "fc2" in message and "cnn1" in message and "cnn2" in message

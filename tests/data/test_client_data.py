@@ -105,10 +105,17 @@ def test_build_client_data_matches_the_partition() -> None:
     assert all(c.train_indices.dtype == torch.int64 for c in clients)
 
 
+def test_train_split_in_order_is_never_augmented() -> None:
+    client = _clients()[0]
+    client.augment = True
+    x = torch.cat([x for x, _ in client.eval_batches("train", 4)])
+    torch.testing.assert_close(x, client.dataset.normalize(client.dataset.train_x[client.train_indices]))
+
+
 def test_invalid_requests_are_config_errors() -> None:
     client = _clients()[0]
     with pytest.raises(ConfigError, match="split"):
-        list(client.eval_batches("train", 4))  # type: ignore[arg-type]
+        list(client.eval_batches("holdout", 4))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="batch_size"):
         list(client.train_batches(0, _generator(0)))
     ds = _dataset(num_train=5)
