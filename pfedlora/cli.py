@@ -160,6 +160,74 @@ def report(
         console.print(f"plot written to [bold]{path}[/]")
 
 
+@app.command()
+def compare(
+    algorithms: Annotated[
+        str, typer.Option("--algorithms", "-a", help="Comma-separated algorithm names (see `pfedlora list`).")
+    ] = "pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen,fedproto",
+    placements: Annotated[
+        str,
+        typer.Option("--placements", "-p", help="Adapter placements to run pFedLoRA with (comma-separated)."),
+    ] = "branch,layers",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Shared TOML file.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Shared override, e.g. --set federation.rounds=20."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory (reused to resume).")] = Path(
+        "runs/compare"
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run several algorithms on the same data, partition and seed; write a table (Markdown, CSV) and plots.
+
+    Variants whose run already finished in the comparison directory are reused, so rerunning resumes.
+    """
+    from pfedlora.compare import plan_variants, run_comparison, write_comparison
+
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    try:
+        variants = plan_variants(
+            names, [p.strip() for p in placements.split(",") if p.strip()], config, overrides or ()
+        )
+    except PfedloraError as error:
+        raise _fail(error) from None
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("mean acc {task.fields[accuracy]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task("", total=1, accuracy="–")
+
+        def on_start(variant: Any, reused: bool) -> None:
+            state = "finished earlier, reused" if reused else "running"
+            progress.reset(task, total=variant.config.federation.rounds, accuracy="–")
+            progress.update(task, description=f"{variant.label} ({state})")
+            if reused:
+                progress.update(task, completed=variant.config.federation.rounds)
+
+        def on_round(record: dict[str, Any]) -> None:
+            fields = (
+                {"accuracy": f"{100 * record['mean_accuracy']:.2f}%"} if "mean_accuracy" in record else {}
+            )
+            progress.update(task, advance=1, **fields)
+
+        try:
+            results = run_comparison(variants, out, on_start=on_start, on_round=on_round)
+        except PfedloraError as error:
+            progress.stop()
+            raise _fail(error) from None
+    console.print(_summary_table([(label, summary) for label, _, summary in results], title="comparison"))
+    for path in write_comparison(results, out):
+        console.print(f"written: [bold]{path}[/]")
+
+
 @app.command("list")
 def list_available() -> None:
     """Show the algorithms, models, datasets, partitions and adapter placements."""

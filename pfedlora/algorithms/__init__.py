@@ -12,6 +12,13 @@ from pfedlora.errors import ConfigError
 IMPLEMENTATIONS: dict[str, str] = {
     "pfedlora": "pfedlora.algorithms.pfedlora:PFedLoRA",
     "standalone": "pfedlora.algorithms.standalone:Standalone",
+    "lg-fedavg": "pfedlora.algorithms.lg_fedavg:LGFedAvg",
+    "fml": "pfedlora.algorithms.fml:FML",
+    "fedkd": "pfedlora.algorithms.fedkd:FedKD",
+    "fedgh": "pfedlora.algorithms.fedgh:FedGH",
+    "fedapen": "pfedlora.algorithms.fedapen:FedAPEN",
+    "fedproto": "pfedlora.algorithms.fedproto:FedProto",
+    "fedavg": "pfedlora.algorithms.fedavg:FedAvg",
 }
 """Algorithm name -> "module:class", imported on first use."""
 

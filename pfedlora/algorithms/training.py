@@ -37,11 +37,13 @@ def run_sgd(
     lr: float,
     meter: FlopMeter,
     kind: Hashable,
+    after_step: Callable[[], None] | None = None,
 ) -> None:
     """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``.
 
     A fresh optimizer serves each call, so momentum never carries stale directions across rounds or
     phases. ``batches`` is called once per epoch; every step is charged to ``meter`` under ``kind``.
+    ``after_step`` runs after every optimizer step (e.g. a projection onto a constraint set).
     """
     if epochs == 0 or not parameters:
         return
@@ -52,6 +54,8 @@ def run_sgd(
         loss_fn(x, y).backward()
         torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
 
     for _ in range(epochs):
         for x, y in batches():

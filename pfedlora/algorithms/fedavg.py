@@ -1,0 +1,61 @@
+"""FedAvg: the whole model is shared and averaged (reference; homogeneous federations only).
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", AISTATS 2017, arXiv 1602.05629. Each round a sampled client replaces its model with
+the global one, trains it with cross-entropy for ``train.local_epochs`` epochs and uploads it with its
+sample count; the server takes the sample-weighted mean. Averaging needs one architecture for every
+client, so a federation with several is refused. Prediction: the client's latest local model.
+
+Shared: the whole model. Private: nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.config import ExperimentConfig
+from pfedlora.errors import ConfigError
+from pfedlora.models import HeteroCNN, build_model
+
+
+class FedAvg(Algorithm):
+    """Whole-model FedAvg; needs one architecture for every client."""
+
+    name = "fedavg"
+
+    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        architectures = config.federation.architectures
+        if len(set(architectures)) != 1:
+            configured = "[" + ", ".join(f'"{a}"' for a in architectures) + "]"
+            raise ConfigError(
+                f"fedavg averages whole models, so every client needs the same architecture, but "
+                f"federation.architectures={configured}; set one, e.g. "
+                f'federation.architectures=["{architectures[0]}"]'
+            )
+        super().__init__(config, input_shape, num_classes)
+
+    def create_client(self, arch: str, generator: torch.Generator) -> HeteroCNN:
+        return build_model(arch, self.input_shape, self.num_classes, generator)
+
+    def is_shared(self, key: str) -> bool:
+        return True
+
+    def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
+        client.load_state_dict(message)  # strict: exactly the model's keys and shapes
+        train = self.config.train
+        parameters = list(client.parameters())
+        with trainable(client, parameters):
+            run_sgd(
+                parameters,
+                train.local_epochs,
+                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
+                lambda x, y: F.cross_entropy(client(x), y),
+                train,
+                train.lr,
+                ctx.meter,
+                kind=(ctx.arch, "local"),
+            )
+        return Upload(self.shared_state(client), ctx.data.num_train)

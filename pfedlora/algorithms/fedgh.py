@@ -1,0 +1,103 @@
+"""FedGH: a generalized global header trained by the server on the clients' class-mean features.
+
+Yi, Yu, Wang, Liu. "FedGH: Heterogeneous Federated Learning with Generalized Global Header", ACM MM 2023,
+arXiv 2303.13137. Each round a sampled client overwrites its head (fc3, the same shape on every
+architecture) with the global header, trains its whole model with cross-entropy, then computes with the
+trained model (eval mode, no gradients) the mean 500-d feature of each class it holds and uploads those
+class means. The server trains the global header with cross-entropy on the (class mean, class) pairs of
+all uploads (``baselines.fedgh_server_epochs`` epochs of plain SGD, lr ``baselines.fedgh_server_lr``, all
+pairs in one batch per epoch) and broadcasts it. Prediction: the local model with its own head.
+
+Shared: down, the global header (``fc3.weight``, ``fc3.bias``); up, ``prototype.<c>`` (500,) for each
+class the client holds. Private: the whole local model; no sample counts are sent (the server does not
+weight the pairs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pfedlora.algorithms.base import ClientContext, State, Upload
+from pfedlora.algorithms.lg_fedavg import HEAD_PREFIX, LGFedAvg
+from pfedlora.algorithms.prototypes import class_feature_means, prototype_payload, read_prototypes
+from pfedlora.algorithms.training import run_sgd
+from pfedlora.config import TrainConfig
+from pfedlora.metrics import FlopMeter
+from pfedlora.models import HeteroCNN
+
+WEIGHT, BIAS = f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"
+PLAIN_SGD = TrainConfig(momentum=0.0, weight_decay=0.0, grad_clip=math.inf)
+"""The server's optimiser settings: plain SGD (run_sgd takes its lr separately)."""
+
+
+class FedGH(LGFedAvg):
+    """Global header trained by the server on uploaded class-mean features."""
+
+    name = "fedgh"
+
+    def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
+        self.load_head(client, message)
+        self.train_whole_model(client, ctx)
+        means, counts = class_feature_means(
+            client,
+            ctx.data,
+            self.num_classes,
+            self.config.train.batch_size,
+            ctx.meter,
+            kind=(ctx.arch, "prototypes"),
+        )
+        return Upload(prototype_payload(means, counts, with_counts=False), ctx.data.num_train)
+
+    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+        """The global header after SGD on CE over every uploaded (class mean, class) pair."""
+        pairs = [
+            (prototype, label)
+            for upload in uploads
+            for label, (prototype, _) in read_prototypes(
+                upload.tensors, self.num_classes, with_counts=False
+            ).items()
+        ]
+        if not pairs:
+            return server_state
+        features = torch.stack([p for p, _ in pairs]).to(server_state[WEIGHT].dtype)  # (P, 500)
+        labels = torch.tensor([c for _, c in pairs], device=features.device)  # (P,)
+        return train_header(
+            server_state,
+            features,
+            labels,
+            epochs=self.config.baselines.fedgh_server_epochs,
+            lr=self.config.baselines.fedgh_server_lr,
+        )
+
+
+def train_header(
+    header: State,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+) -> State:
+    """``epochs`` full-batch steps of plain SGD (no momentum, weight decay or clipping) on CE.
+
+    ``header`` holds ``fc3.weight`` (C, 500) and ``fc3.bias`` (C,); a new state is returned. Server-side
+    FLOPs are not client FLOPs, so the meter here is a throwaway.
+    """
+    weight = nn.Parameter(header[WEIGHT].detach().clone())
+    bias = nn.Parameter(header[BIAS].detach().clone())
+    run_sgd(
+        [weight, bias],
+        epochs,
+        lambda: [(features, labels)],
+        lambda x, y: F.cross_entropy(F.linear(x, weight, bias), y),
+        PLAIN_SGD,
+        lr,
+        FlopMeter(),
+        kind="server-header",
+    )
+    return {WEIGHT: weight.detach(), BIAS: bias.detach()}

@@ -1,0 +1,183 @@
+"""FedProto: clients share class prototypes, regularise their features towards them, predict by the nearest.
+
+Tan, Long, Liu, Zhou, Lu, Jiang, Zhang. "FedProto: Federated Prototype Learning across Heterogeneous
+Clients", AAAI 2022, arXiv 2105.00243. Each round a sampled client stores the global prototypes it
+receives, trains its whole model on CE + λ·MSE(feature, global prototype of the label) with
+λ = ``baselines.fedproto_lambda`` (plain CE while no global prototype exists), then computes with the
+trained model (eval mode, no gradients) the mean 500-d feature of each class it holds and uploads those
+with their sample counts. The server's prototype of class c is the count-weighted mean of the uploaded
+prototypes of c; a class no upload of the round holds keeps its previous prototype. A client predicts the
+class whose global prototype is nearest (squared Euclidean distance) to its feature.
+
+Shared: down, ``prototype.<c>`` (500,) for each class with a global prototype; up, ``prototype.<c>``
+(500,) and ``count.<c>`` () for each class the client holds. Private: the whole local model (and the last
+global prototypes it received).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.prototypes import (
+    PROTOTYPE_PREFIX,
+    class_feature_means,
+    prototype_payload,
+    read_prototypes,
+)
+from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.models import HeteroCNN, build_model
+
+PROTOTYPES, PRESENT = "prototypes", "present"
+"""Server-state keys: every class's global prototype (C, 500) and whether it exists yet (C,), 0/1."""
+
+
+class PrototypeClient(nn.Module):
+    """A private model plus the last global prototypes received, kept as buffers."""
+
+    global_prototypes: torch.Tensor  # (C, 500)
+    prototype_mask: torch.Tensor  # (C,) bool: which classes have a global prototype
+
+    def __init__(self, model: HeteroCNN, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        device = next(model.parameters()).device
+        self.register_buffer(
+            "global_prototypes", torch.zeros(num_classes, HeteroCNN.FEATURE_DIM, device=device)
+        )
+        self.register_buffer("prototype_mask", torch.zeros(num_classes, dtype=torch.bool, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The local model's logits."""
+        return self.model(x)
+
+    def load_prototypes(self, prototypes: dict[int, torch.Tensor]) -> None:
+        """Replace the stored global prototypes with ``prototypes`` (class -> (500,)); others are unset."""
+        with torch.no_grad():
+            self.global_prototypes.zero_()
+            self.prototype_mask.zero_()
+            for label, prototype in prototypes.items():
+                self.global_prototypes[label] = prototype
+                self.prototype_mask[label] = True
+
+    def prototype_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative squared distance of each feature to each global prototype; -inf where none exists."""
+        features = self.model.features(x)  # (B, 500)
+        prototypes = self.global_prototypes  # (C, 500)
+        squared = (
+            features.square().sum(1, keepdim=True)  # (B, 1)
+            - 2 * features @ prototypes.T  # (B, C)
+            + prototypes.square().sum(1)  # (C,)
+        ).clamp_min(0)
+        return (-squared).masked_fill(~self.prototype_mask, float("-inf"))  # (B, C)
+
+
+def prototype_loss(
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    mask: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """CE(logits, labels) + λ·MSE(features, global prototype of each label).
+
+    As in the authors' code, the MSE is a mean over all of the batch's samples and feature dimensions,
+    samples whose label has no global prototype (``mask`` False) contributing zero.
+    """
+    has_prototype = mask[labels].unsqueeze(1)  # (B, 1)
+    error = (features - prototypes[labels]) * has_prototype  # (B, 500), zero rows without a prototype
+    return F.cross_entropy(logits, labels) + lam * error.square().mean()
+
+
+class FedProto(Algorithm):
+    """Class prototypes shared and averaged; local training pulls features to them."""
+
+    name = "fedproto"
+
+    def create_client(self, arch: str, generator: torch.Generator) -> PrototypeClient:
+        return PrototypeClient(
+            build_model(arch, self.input_shape, self.num_classes, generator), self.num_classes
+        )
+
+    def is_shared(self, key: str) -> bool:
+        return False  # no client tensor travels as is: prototypes are computed for each upload
+
+    def initial_server_state(self, template: nn.Module) -> State:
+        device = template.global_prototypes.device
+        return {
+            PROTOTYPES: torch.zeros(self.num_classes, HeteroCNN.FEATURE_DIM, device=device),
+            PRESENT: torch.zeros(self.num_classes, device=device),
+        }
+
+    def broadcast(self, server_state: State, client_id: int, server_round: int) -> State:
+        """Only the classes that have a global prototype."""
+        present = torch.nonzero(server_state[PRESENT] > 0).flatten().tolist()
+        return {f"{PROTOTYPE_PREFIX}{c}": server_state[PROTOTYPES][c] for c in present}
+
+    def train(self, client: PrototypeClient, message: State, ctx: ClientContext) -> Upload:
+        received = read_prototypes(message, self.num_classes, with_counts=False)
+        client.load_prototypes({c: prototype for c, (prototype, _) in received.items()})
+        self.train_local(client, ctx)
+        means, counts = class_feature_means(
+            client.model,
+            ctx.data,
+            self.num_classes,
+            self.config.train.batch_size,
+            ctx.meter,
+            kind=(ctx.arch, "prototypes"),
+        )
+        return Upload(prototype_payload(means, counts, with_counts=True), ctx.data.num_train)
+
+    def train_local(self, client: PrototypeClient, ctx: ClientContext) -> None:
+        """SGD on :func:`prototype_loss` over the whole local model."""
+        model, train = client.model, self.config.train
+        lam = self.config.baselines.fedproto_lambda
+        prototypes, mask = client.global_prototypes, client.prototype_mask
+        regularise = bool(mask.any()) and lam > 0
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            features = model.features(x)  # (B, 500)
+            logits = model.head(features)  # (B, C)
+            if not regularise:
+                return F.cross_entropy(logits, y)
+            return prototype_loss(logits, features, y, prototypes, mask, lam)
+
+        parameters = list(model.parameters())
+        with trainable(client, parameters):
+            run_sgd(
+                parameters,
+                train.local_epochs,
+                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
+                loss,
+                train,
+                train.lr,
+                ctx.meter,
+                kind=(ctx.arch, "local"),
+            )
+
+    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+        """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""
+        sums = torch.zeros_like(server_state[PROTOTYPES], dtype=torch.float64)  # (C, 500)
+        totals = torch.zeros_like(server_state[PRESENT], dtype=torch.float64)  # (C,)
+        for upload in uploads:
+            for label, (prototype, count) in read_prototypes(
+                upload.tensors, self.num_classes, with_counts=True
+            ).items():
+                sums[label] += count * prototype.to(torch.float64)
+                totals[label] += count
+        updated = totals > 0  # (C,)
+        prototypes = server_state[PROTOTYPES].clone()
+        prototypes[updated] = (sums[updated] / totals[updated].unsqueeze(1)).to(prototypes.dtype)
+        present = torch.where(updated, torch.ones_like(server_state[PRESENT]), server_state[PRESENT])
+        return {PROTOTYPES: prototypes, PRESENT: present}
+
+    def predict(self, client: PrototypeClient, x: torch.Tensor) -> torch.Tensor:
+        """Nearest global prototype; the local model's logits while the client has received none."""
+        if not bool(client.prototype_mask.any()):
+            return client(x)
+        return client.prototype_scores(x)

@@ -1,0 +1,69 @@
+"""FML: federated mutual learning between a private model and a shared small model.
+
+Shen, Wang, Kuang, Lyu, Wu, Zhou, Wu. "Federated Mutual Learning", arXiv 2006.16765. Every client keeps
+its private model (its own architecture) and a copy of a small shared model G (``baselines.shared_arch``,
+cnn5 by default; the paper's "meme" model). Each round a sampled client overwrites G with the global one,
+then trains both models together on every batch (SPEC §4):
+
+    loss_local = α·CE(local) + (1−α)·KL(G ‖ local),   loss_G = β·CE(G) + (1−β)·KL(local ‖ G),
+
+with α = ``baselines.fml_alpha`` and β = ``baselines.fml_beta``, and uploads G; the server takes the
+sample-weighted mean. Prediction uses the private model.
+
+Shared: G (state-dict keys ``shared.*``). Private: the local model (``local.*``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.distillation import (
+    SHARED_PREFIX,
+    ModelPair,
+    build_pair,
+    kl_divergence,
+    load_shared_,
+    mutual_sgd,
+)
+
+
+class FML(Algorithm):
+    """Mutual learning of the private model and a shared small model, FedAvg of the shared one."""
+
+    name = "fml"
+
+    def create_client(self, arch: str, generator: torch.Generator) -> ModelPair:
+        return ModelPair(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))
+
+    def is_shared(self, key: str) -> bool:
+        return key.startswith(SHARED_PREFIX)
+
+    def losses(
+        self, client: ModelPair, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_local, loss_G)`` on one batch; each reaches only its own model (the other one detached)."""
+        baselines = self.config.baselines
+        alpha, beta, reduction = baselines.fml_alpha, baselines.fml_beta, baselines.kl_reduction
+        z_local, z_shared = client.local(x), client.shared(x)  # (B, C) each
+        loss_local = alpha * F.cross_entropy(z_local, y) + (1 - alpha) * kl_divergence(
+            z_local, z_shared, reduction
+        )
+        loss_shared = beta * F.cross_entropy(z_shared, y) + (1 - beta) * kl_divergence(
+            z_shared, z_local, reduction
+        )
+        return loss_local, loss_shared
+
+    def train(self, client: ModelPair, message: State, ctx: ClientContext) -> Upload:
+        load_shared_(client, message)
+        mutual_sgd(
+            client,
+            list(client.parameters()),
+            lambda x, y: self.losses(client, x, y),
+            ctx.data,
+            ctx,
+            self.config.train,
+            phase="mutual",
+        )
+        return Upload(self.shared_state(client), ctx.data.num_train)

@@ -1,0 +1,62 @@
+"""LG-FedAvg in its model-heterogeneous form: a global head on private, heterogeneous bodies.
+
+Liang, Liu, Ziyin, Allen, Auerbach, Brent, Salakhutdinov, Morency. "Think Locally, Act Globally:
+Federated Learning with Local and Global Representations", arXiv 2001.01523. Every client keeps its own
+representation layers and shares only the top layer, which has the same shape on every architecture of
+the CNN family (SPEC §4). Each round a sampled client overwrites its head with the global one, trains the
+whole model with cross-entropy for ``train.local_epochs`` epochs and uploads its head with its sample
+count; the server takes the sample-weighted mean. Prediction: the local model with its own head.
+
+Shared: the head (``fc3.weight``, ``fc3.bias``). Private: everything else (conv1, conv2, fc1, fc2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.models import HeteroCNN, build_model
+
+HEAD_PREFIX = f"{HeteroCNN.HEAD_NAME}."
+
+
+class LGFedAvg(Algorithm):
+    """Global head (fc3) averaged by FedAvg; private heterogeneous bodies."""
+
+    name = "lg-fedavg"
+
+    def create_client(self, arch: str, generator: torch.Generator) -> HeteroCNN:
+        return build_model(arch, self.input_shape, self.num_classes, generator)
+
+    def is_shared(self, key: str) -> bool:
+        return key.startswith(HEAD_PREFIX)
+
+    def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
+        self.load_head(client, message)
+        self.train_whole_model(client, ctx)
+        return Upload(self.shared_state(client), ctx.data.num_train)
+
+    def load_head(self, client: HeteroCNN, message: State) -> None:
+        """Overwrite the client's head with the global one; the message must hold exactly the head."""
+        expected = set(self.shared_state(client))
+        if set(message) != expected:
+            raise ValueError(f"expected the global head {sorted(expected)}, got {sorted(message)}")
+        client.load_state_dict(message, strict=False)  # shapes are checked by load_state_dict
+
+    def train_whole_model(self, client: HeteroCNN, ctx: ClientContext) -> None:
+        """``train.local_epochs`` epochs of SGD on CE, every parameter trainable."""
+        train = self.config.train
+        parameters = list(client.parameters())
+        with trainable(client, parameters):
+            run_sgd(
+                parameters,
+                train.local_epochs,
+                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
+                lambda x, y: F.cross_entropy(client(x), y),
+                train,
+                train.lr,
+                ctx.meter,
+                kind=(ctx.arch, "local"),
+            )

@@ -1,0 +1,101 @@
+"""Class prototypes (per-class mean features) as computed, sent and read by FedGH and FedProto.
+
+A client's prototype of class ``c`` is the mean of its model's 500-d representation over its training
+samples of class ``c`` (Tan et al., FedProto, arXiv 2105.00243; Yi et al., FedGH, arXiv 2303.13137). On
+the wire a client sends one ``prototype.<c>`` tensor (500,) per class it holds, and, where the server needs
+it, ``count.<c>`` (a float32 scalar: its number of samples of class ``c``); absent classes send nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+
+from pfedlora.data import ClientData
+from pfedlora.metrics import FlopMeter
+from pfedlora.models import HeteroCNN
+
+PROTOTYPE_PREFIX = "prototype."
+COUNT_PREFIX = "count."
+
+
+def class_feature_means(
+    model: HeteroCNN,
+    data: ClientData,
+    num_classes: int,
+    batch_size: int,
+    meter: FlopMeter,
+    kind: Hashable,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean of ``model.features`` over the client's training data, and per-class counts.
+
+    Runs in eval mode without autograd (the mode is restored after), every forward charged to ``meter``
+    under ``kind``. Returns ``(means, counts)`` of shapes ``(num_classes, 500)`` (float32, zero rows for
+    classes the client lacks) and ``(num_classes,)`` (int64).
+    """
+    was_training = model.training
+    model.eval()
+    device = data.train_indices.device
+    sums = torch.zeros(num_classes, HeteroCNN.FEATURE_DIM, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+
+    def accumulate(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.no_grad():
+            features = model.features(x)  # (B, 500)
+        sums.index_add_(0, y, features.to(torch.float64))
+        counts.index_add_(0, y, torch.ones_like(y))
+
+    try:
+        for x, y in data.eval_batches("train", batch_size):
+            meter.run(kind, len(y), lambda x=x, y=y: accumulate(x, y))
+    finally:
+        model.train(was_training)
+    means = sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64)  # (num_classes, 500)
+    return means.to(torch.float32), counts
+
+
+def prototype_payload(
+    means: torch.Tensor, counts: torch.Tensor, *, with_counts: bool
+) -> dict[str, torch.Tensor]:
+    """``prototype.<c>`` (and with ``with_counts`` also ``count.<c>``) for every class with samples."""
+    payload: dict[str, torch.Tensor] = {}
+    for c in torch.nonzero(counts > 0).flatten().tolist():
+        payload[f"{PROTOTYPE_PREFIX}{c}"] = means[c].detach().clone()  # (500,)
+        if with_counts:
+            payload[f"{COUNT_PREFIX}{c}"] = counts[c].to(torch.float32)  # ()
+    return payload
+
+
+def read_prototypes(
+    tensors: Mapping[str, torch.Tensor], num_classes: int, *, with_counts: bool
+) -> dict[int, tuple[torch.Tensor, float]]:
+    """Class -> (prototype (500,), count) from a payload; count is 1.0 when ``with_counts`` is off.
+
+    Raises ValueError on any key outside the scheme, a class out of range, a wrong shape, a prototype
+    without its count (or the reverse) or a non-positive count.
+    """
+    prototypes: dict[int, torch.Tensor] = {}
+    counts: dict[int, float] = {}
+    for key, value in tensors.items():
+        prefix, _, label = key.rpartition(".")
+        prefix += "."
+        if prefix not in (PROTOTYPE_PREFIX, COUNT_PREFIX) or (prefix == COUNT_PREFIX and not with_counts):
+            raise ValueError(f"unexpected tensor {key!r} in a prototype payload")
+        if not label.isdecimal() or not 0 <= int(label) < num_classes:
+            raise ValueError(f"tensor {key!r} names no class in 0..{num_classes - 1}")
+        if prefix == PROTOTYPE_PREFIX:
+            if tuple(value.shape) != (HeteroCNN.FEATURE_DIM,):
+                raise ValueError(
+                    f"{key!r} has shape {tuple(value.shape)}, expected ({HeteroCNN.FEATURE_DIM},)"
+                )
+            prototypes[int(label)] = value
+        else:
+            if value.numel() != 1 or float(value) <= 0:
+                raise ValueError(f"{key!r} must be one positive count, got {value.tolist()}")
+            counts[int(label)] = float(value)
+    if with_counts and counts.keys() != prototypes.keys():
+        raise ValueError(
+            f"prototypes and counts name different classes: {sorted(prototypes)} vs {sorted(counts)}"
+        )
+    return {c: (prototypes[c], counts.get(c, 1.0)) for c in sorted(prototypes)}

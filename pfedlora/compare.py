@@ -1,0 +1,167 @@
+"""Side-by-side comparison: several algorithms (and adapter placements) on the same data, partition and seed.
+
+Each variant runs into its own subdirectory of the comparison directory; a variant whose ``summary.json``
+already exists is read instead of rerun, so an interrupted comparison resumes where it stopped. The table
+(Markdown and CSV) and the plots are then written from the run directories alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pfedlora.algorithms import algorithm_class
+from pfedlora.config import PLACEMENTS, ExperimentConfig, load_config
+from pfedlora.data import Dataset, load_dataset
+from pfedlora.errors import ConfigError
+from pfedlora.plots import plot_runs
+from pfedlora.simulation import read_run, run_experiment
+from pfedlora.simulation.results import SUMMARY_FILE, write_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the comparison: a label and the configuration it runs."""
+
+    label: str
+    config: ExperimentConfig
+
+
+def plan_variants(
+    algorithms: Sequence[str],
+    placements: Sequence[str],
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> list[Variant]:
+    """One variant per algorithm, and per adapter placement for pFedLoRA, all on the same base config."""
+    if not algorithms:
+        raise ConfigError("compare needs at least one algorithm")
+    for placement in placements:
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"placement: unknown value {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+    variants = []
+    for name in dict.fromkeys(algorithms):
+        algorithm_class(name)  # unknown names fail here, before anything runs
+        if name == "pfedlora":
+            for placement in dict.fromkeys(placements):
+                extra = [f"algorithm={name}", f"adapter.placement={placement}"]
+                variants.append(
+                    Variant(f"pfedlora-{placement}", load_config(config_file, [*overrides, *extra]))
+                )
+        else:
+            variants.append(Variant(name, load_config(config_file, [*overrides, f"algorithm={name}"])))
+    return variants
+
+
+def run_comparison(
+    variants: Sequence[Variant],
+    out_dir: str | Path,
+    on_start: Callable[[Variant, bool], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+    """Run (or resume) every variant into ``out_dir/<label>``; returns (label, records, summary) per variant.
+
+    ``on_start(variant, reused)`` is told before each variant whether its finished run is being reused.
+    """
+    out = Path(out_dir)
+    datasets: dict[tuple[str, str, bool], Dataset] = {}
+    for variant in variants:  # every configuration must be valid for its algorithm before anything runs
+        data = variant.config.data
+        key = (data.dataset, data.data_dir, data.download)
+        if key not in datasets:
+            datasets[key] = load_dataset(data.dataset, data.data_dir or None, download=data.download)
+        dataset = datasets[key]
+        algorithm_class(variant.config.algorithm)(variant.config, dataset.input_shape, dataset.num_classes)
+
+    results = []
+    for variant in variants:
+        run_dir = out / variant.label
+        finished = (run_dir / SUMMARY_FILE).is_file()
+        if on_start is not None:
+            on_start(variant, finished)
+        if not finished:
+            if run_dir.exists():
+                logger.warning(
+                    "%s: discarding the unfinished run in %s and starting it again", variant.label, run_dir
+                )
+                shutil.rmtree(run_dir)
+            data = variant.config.data
+            dataset = datasets[(data.dataset, data.data_dir, data.download)]
+            run_experiment(variant.config, run_dir, on_round=on_round, dataset=dataset)
+        records, summary = read_run(run_dir)
+        results.append((variant.label, records, summary))
+    return results
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "–" if value is None else f"{value / scale:.{digits}f}"
+
+
+COLUMNS = (
+    "method",
+    "best acc %",
+    "last acc %",
+    "last-10% acc %",
+    "std (pp)",
+    "rounds to target",
+    "MB to target",
+    "TFLOPs to target",
+    "MB total",
+    "TFLOPs total",
+    "wall s",
+)
+
+
+def comparison_rows(results: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> list[list[str]]:
+    """The comparison table's rows, one per variant, formatted."""
+    rows = []
+    for label, _, s in results:
+        rows.append(
+            [
+                label,
+                _fmt(s["mean_accuracy_best"], 0.01),
+                _fmt(s["mean_accuracy_last"], 0.01),
+                _fmt(s["mean_accuracy_last10pct"], 0.01),
+                _fmt(s["std_accuracy_last"], 0.01),
+                "–" if s["target_round"] is None else str(s["target_round"]),
+                _fmt(s["bytes_to_target"], 1e6),
+                _fmt(s["train_flops_to_target"], 1e12, 3),
+                _fmt(s["bytes_total"], 1e6),
+                _fmt(s["train_flops_total"], 1e12, 3),
+                _fmt(s["wall_seconds"], 1.0, 1),
+            ]
+        )
+    return rows
+
+
+def write_comparison(
+    results: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]], out_dir: str | Path
+) -> list[Path]:
+    """Write ``comparison.md``, ``comparison.csv`` and the two plots with every variant on one figure."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(results)
+    target = results[0][2]["target_accuracy"] if results else 0.0
+    markdown = [
+        f"Target accuracy: {100 * target:.0f}% (mean over clients). FLOPs are client training FLOPs.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    write_atomic(out / "comparison.md", "\n".join(markdown) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS)
+    writer.writerows(rows)
+    write_atomic(out / "comparison.csv", buffer.getvalue())
+    plots = plot_runs([(label, records) for label, records, _ in results], out)
+    return [out / "comparison.md", out / "comparison.csv", *plots]

@@ -1,0 +1,71 @@
+import csv
+
+import pytest
+from typer.testing import CliRunner
+
+from pfedlora import compare
+from pfedlora.cli import app
+from pfedlora.compare import plan_variants, run_comparison, write_comparison
+from pfedlora.errors import ConfigError
+
+TINY = (
+    "device=cpu",
+    "federation.num_clients=4",
+    "federation.rounds=2",
+    "federation.eval_every=1",
+    "data.classes_per_client=2",
+    "train.batch_size=32",
+    "adapter.rank=2",
+)
+
+
+@pytest.fixture
+def tiny_data(monkeypatch, tiny_dataset):
+    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+
+
+def test_plan_one_variant_per_algorithm_and_placement():
+    variants = plan_variants(["pfedlora", "standalone", "pfedlora"], ["branch", "layers"], None, ["seed=3"])
+    assert [v.label for v in variants] == ["pfedlora-branch", "pfedlora-layers", "standalone"]
+    assert [v.config.adapter.placement for v in variants[:2]] == ["branch", "layers"]
+    assert {v.config.seed for v in variants} == {3}
+    with pytest.raises(ConfigError, match="allowed: pfedlora"):
+        plan_variants(["fedfoo"], ["branch"])
+    with pytest.raises(ConfigError, match="placement: unknown value 'side'"):
+        plan_variants(["pfedlora"], ["side"])
+
+
+def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
+    variants = plan_variants(["pfedlora", "standalone"], ["branch"], None, TINY)
+    results = run_comparison(variants, tmp_path)
+    paths = write_comparison(results, tmp_path)
+    assert {p.name for p in paths} == {
+        "comparison.md", "comparison.csv", "accuracy_per_round.png", "accuracy_vs_megabytes.png"
+    }  # fmt: skip
+    rows = list(csv.reader((tmp_path / "comparison.csv").open()))
+    assert rows[0][0] == "method" and [r[0] for r in rows[1:]] == ["pfedlora-branch", "standalone"]
+    assert rows[2][rows[0].index("MB total")] == "0.00"  # training alone sends nothing
+    assert "| pfedlora-branch |" in (tmp_path / "comparison.md").read_text()
+
+    # Resume: finished variants are read back, an unfinished one is run again from scratch.
+    (tmp_path / "standalone" / "summary.json").unlink()
+    calls = []
+    original = compare.run_experiment
+    monkeypatch.setattr(compare, "run_experiment", lambda config, *a, **k: calls.append(config.algorithm) or
+                        original(config, *a, **k))  # fmt: skip
+    again = run_comparison(variants, tmp_path)
+    assert calls == ["standalone"]
+    assert again[0][2] == results[0][2]  # the reused run is the same run
+
+
+def test_compare_command(tmp_path, tiny_data):
+    args = ["compare", "-q", "-a", "pfedlora,standalone", "-p", "layers", "--out", str(tmp_path)]
+    for item in TINY:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "comparison.md").is_file() and (
+        tmp_path / "pfedlora-layers" / "summary.json"
+    ).is_file()
+    bad = CliRunner().invoke(app, ["compare", "-a", "fedfoo", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "fedfoo" in bad.stderr and not (tmp_path / "x").exists()
