@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.algorithms.base import ClientContext
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig, TrainConfig
 from pfedlora.data import ClientData
 from pfedlora.models import HeteroCNN, build_model
@@ -105,14 +105,4 @@ def mutual_sgd(
         loss_a, loss_b = losses(x, y)
         return loss_a + loss_b
 
-    with trainable(pair, parameters):
-        run_sgd(
-            parameters,
-            train.local_epochs,
-            lambda: data.train_batches(train.batch_size, ctx.generator),
-            loss,
-            train,
-            train.lr,
-            ctx.meter,
-            kind=(ctx.arch, phase),
-        )
+    train_on_client_data(pair, parameters, ctx, train, phase=phase, loss_fn=loss, data=data)

@@ -39,7 +39,7 @@ from pfedlora.algorithms.distillation import (
     load_shared_,
     mutual_sgd,
 )
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.data import ClientData
 from pfedlora.models import HeteroCNN
 from pfedlora.seeding import torch_generator
@@ -131,18 +131,18 @@ class FedAPEN(Algorithm):
         baselines, train = self.config.baselines, self.config.train
         plain = dataclasses.replace(train, momentum=0.0, weight_decay=0.0)
         if holdout.num_train > 0:
-            with trainable(client, [weight]):
-                run_sgd(
-                    [weight],
-                    baselines.fedapen_lambda_epochs,
-                    lambda: holdout.train_batches(train.batch_size, ctx.generator),
-                    loss,
-                    plain,
-                    baselines.fedapen_lambda_lr,
-                    ctx.meter,
-                    kind=(ctx.arch, "mixing-weight"),
-                    after_step=clamp,
-                )
+            train_on_client_data(
+                client,
+                [weight],
+                ctx,
+                plain,
+                phase="mixing-weight",
+                epochs=baselines.fedapen_lambda_epochs,
+                lr=baselines.fedapen_lambda_lr,
+                loss_fn=loss,
+                data=holdout,
+                after_step=clamp,
+            )
 
     def train(self, client: MixedPair, message: State, ctx: ClientContext) -> Upload:
         load_shared_(client, message)

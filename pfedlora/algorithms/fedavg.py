@@ -12,10 +12,9 @@ Shared: the whole model. Private: nothing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
 from pfedlora.errors import ConfigError
 from pfedlora.models import HeteroCNN, build_model
@@ -45,17 +44,5 @@ class FedAvg(Algorithm):
 
     def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
         client.load_state_dict(message)  # strict: exactly the model's keys and shapes
-        train = self.config.train
-        parameters = list(client.parameters())
-        with trainable(client, parameters):
-            run_sgd(
-                parameters,
-                train.local_epochs,
-                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
-                lambda x, y: F.cross_entropy(client(x), y),
-                train,
-                train.lr,
-                ctx.meter,
-                kind=(ctx.arch, "local"),
-            )
+        train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")
         return Upload(self.shared_state(client), ctx.data.num_train)

@@ -29,7 +29,7 @@ from pfedlora.algorithms.prototypes import (
     prototype_payload,
     read_prototypes,
 )
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.models import HeteroCNN, build_model
 
 PROTOTYPES, PRESENT = "prototypes", "present"
@@ -147,18 +147,7 @@ class FedProto(Algorithm):
                 return F.cross_entropy(logits, y)
             return prototype_loss(logits, features, y, prototypes, mask, lam)
 
-        parameters = list(model.parameters())
-        with trainable(client, parameters):
-            run_sgd(
-                parameters,
-                train.local_epochs,
-                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
-                loss,
-                train,
-                train.lr,
-                ctx.meter,
-                kind=(ctx.arch, "local"),
-            )
+        train_on_client_data(client, list(model.parameters()), ctx, train, phase="local", loss_fn=loss)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""

@@ -13,10 +13,9 @@ Shared: the head (``fc3.weight``, ``fc3.bias``). Private: everything else (conv1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.models import HeteroCNN, build_model
 
 HEAD_PREFIX = f"{HeteroCNN.HEAD_NAME}."
@@ -47,16 +46,4 @@ class LGFedAvg(Algorithm):
 
     def train_whole_model(self, client: HeteroCNN, ctx: ClientContext) -> None:
         """``train.local_epochs`` epochs of SGD on CE, every parameter trainable."""
-        train = self.config.train
-        parameters = list(client.parameters())
-        with trainable(client, parameters):
-            run_sgd(
-                parameters,
-                train.local_epochs,
-                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
-                lambda x, y: F.cross_entropy(client(x), y),
-                train,
-                train.lr,
-                ctx.meter,
-                kind=(ctx.arch, "local"),
-            )
+        train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
 from pfedlora.models import (
     PersonalizedModel,
@@ -82,19 +82,7 @@ class PFedLoRA(Algorithm):
 
     def train_local_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
         """θ frozen; ω trained on CE(F(x; ω, θ), y): global knowledge flows into the local model."""
-        train = self.config.train
-        parameters = client.local_parameters()
-        with trainable(client, parameters):
-            run_sgd(
-                parameters,
-                train.local_epochs,
-                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
-                lambda x, y: F.cross_entropy(client(x), y),
-                train,
-                train.lr,
-                ctx.meter,
-                kind=(ctx.arch, "local"),
-            )
+        train_on_client_data(client, client.local_parameters(), ctx, self.config.train, phase="local")
 
     def train_adapter_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
         """ω frozen; θ trained on the same loss: local knowledge flows into the adapter.
@@ -109,16 +97,13 @@ class PFedLoRA(Algorithm):
             logits = client(x) if prefix is None else client.forward_from_prefix(prefix, x)
             return F.cross_entropy(logits, y)
 
-        train = self.config.train
-        parameters = client.adapter_parameters()
-        with trainable(client, parameters):
-            run_sgd(
-                parameters,
-                self.config.adapter.epochs,
-                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
-                loss,
-                train,
-                self.config.adapter_lr,
-                ctx.meter,
-                kind=(ctx.arch, "adapter"),
-            )
+        train_on_client_data(
+            client,
+            client.adapter_parameters(),
+            ctx,
+            self.config.train,
+            phase="adapter",
+            epochs=self.config.adapter.epochs,
+            lr=self.config.adapter_lr,
+            loss_fn=loss,
+        )

@@ -7,11 +7,10 @@ baselines it compares against). Shared: nothing. Private: the whole model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
-from pfedlora.algorithms.training import run_sgd, trainable
+from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.models import build_model
 
 
@@ -27,17 +26,5 @@ class Standalone(Algorithm):
         return False
 
     def train(self, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
-        train = self.config.train
-        parameters = list(client.parameters())
-        with trainable(client, parameters):
-            run_sgd(
-                parameters,
-                train.local_epochs,
-                lambda: ctx.data.train_batches(train.batch_size, ctx.generator),
-                lambda x, y: F.cross_entropy(client(x), y),
-                train,
-                train.lr,
-                ctx.meter,
-                kind=(ctx.arch, "local"),
-            )
+        train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")
         return Upload({}, ctx.data.num_train)

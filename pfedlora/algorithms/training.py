@@ -6,9 +6,12 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pfedlora.algorithms.base import ClientContext
 from pfedlora.config import TrainConfig
+from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -60,3 +63,40 @@ def run_sgd(
     for _ in range(epochs):
         for x, y in batches():
             meter.run(kind, len(y), lambda x=x, y=y: step(x, y))
+
+
+def train_on_client_data(
+    client: nn.Module,
+    parameters: Sequence[nn.Parameter],
+    ctx: ClientContext,
+    train: TrainConfig,
+    *,
+    phase: str,
+    epochs: int | None = None,
+    lr: float | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    data: ClientData | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """SGD on ``parameters`` alone (the rest of ``client`` frozen) over the client's shuffled batches.
+
+    Defaults: ``train.local_epochs`` epochs at ``train.lr`` of cross-entropy on ``client(x)`` over
+    ``ctx.data``. Charged to ``ctx.meter`` as ``(ctx.arch, phase)``.
+    """
+    data = ctx.data if data is None else data
+
+    def cross_entropy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(client(x), y)
+
+    with trainable(client, parameters):
+        run_sgd(
+            parameters,
+            train.local_epochs if epochs is None else epochs,
+            lambda: data.train_batches(train.batch_size, ctx.generator),
+            cross_entropy if loss_fn is None else loss_fn,
+            train,
+            train.lr if lr is None else lr,
+            ctx.meter,
+            kind=(ctx.arch, phase),
+            after_step=after_step,
+        )
