@@ -5,22 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from pfedlora.algorithms import ClientContext
 from pfedlora.algorithms.fedapen import MixedPair
 from pfedlora.metrics import FlopMeter, payload_bytes
 from pfedlora.models import build_model
 from pfedlora.simulation import build_federation, run_federation
 
-
-def _context(federation, client_id=0, server_round=1, meter=None):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=server_round,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=meter or FlopMeter(),
-    )
+from .helpers import client_context as _context
 
 
 class PatchReader(nn.Module):

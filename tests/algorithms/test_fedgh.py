@@ -3,23 +3,14 @@ import math
 import pytest
 import torch
 
-from pfedlora.algorithms import ClientContext, Upload
+from pfedlora.algorithms import Upload
 from pfedlora.algorithms.fedgh import FedGH
 from pfedlora.metrics import FlopMeter
 from pfedlora.simulation import build_federation, run_federation
 
+from .helpers import client_context as _context
+
 HEAD = {"fc3.weight": (4, 500), "fc3.bias": (4,)}  # the tiny dataset has 4 classes
-
-
-def _context(federation, client_id=0, meter=None):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=1,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=meter or FlopMeter(),
-    )
 
 
 def _train_classes(federation, client_id):
@@ -49,7 +40,9 @@ def test_upload_is_the_class_means_of_the_trained_model(tiny_dataset, tiny_confi
     client, data = federation.client_states[1], federation.clients[1]
     private = set(client.state_dict())
     meter = FlopMeter()
-    upload = federation.algorithm.train(client, dict(federation.server_state), _context(federation, 1, meter))
+    upload = federation.algorithm.train(
+        client, dict(federation.server_state), _context(federation, 1, meter=meter)
+    )
     classes = _train_classes(federation, 1)
     assert len(classes) == 2
     assert set(upload.tensors) == {f"prototype.{c}" for c in classes}

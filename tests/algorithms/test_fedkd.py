@@ -3,22 +3,13 @@ import math
 import pytest
 import torch
 
-from pfedlora.algorithms import ClientContext, Upload
+from pfedlora.algorithms import Upload
 from pfedlora.algorithms.fedkd import FedKD, compress, decompress, energy_rank, svd_factors
-from pfedlora.metrics import FlopMeter, payload_bytes
+from pfedlora.metrics import payload_bytes
 from pfedlora.models import build_model
 from pfedlora.simulation import build_federation, run_federation
 
-
-def _context(federation, client_id=0, server_round=1, meter=None):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=server_round,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=meter or FlopMeter(),
-    )
+from .helpers import client_context as _context
 
 
 def _orthogonal(n, seed):

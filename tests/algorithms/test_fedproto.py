@@ -4,23 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from pfedlora.algorithms import ClientContext, Upload
+from pfedlora.algorithms import Upload
 from pfedlora.algorithms.fedproto import FedProto, PrototypeClient, prototype_loss
 from pfedlora.algorithms.prototypes import class_feature_means
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 from pfedlora.simulation import build_federation, run_federation
 
-
-def _context(federation, client_id=0):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=1,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=FlopMeter(),
-    )
+from .helpers import client_context as _context
 
 
 def _train_labels(federation, client_id):

@@ -4,21 +4,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms import ClientContext
-from pfedlora.metrics import FlopMeter, payload_bytes
+from pfedlora.metrics import payload_bytes
 from pfedlora.models import build_model
 from pfedlora.simulation import build_federation, run_federation
 
-
-def _context(federation, client_id=0, server_round=1, meter=None):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=server_round,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=meter or FlopMeter(),
-    )
+from .helpers import client_context as _context
 
 
 def _random_like(state, seed):

@@ -2,22 +2,13 @@ import math
 
 import torch
 
-from pfedlora.algorithms import ClientContext, Upload
-from pfedlora.metrics import FlopMeter, payload_bytes
+from pfedlora.algorithms import Upload
+from pfedlora.metrics import payload_bytes
 from pfedlora.simulation import build_federation, run_federation
 
+from .helpers import client_context as _context
+
 HEAD = {"fc3.weight": (4, 500), "fc3.bias": (4,)}  # the tiny dataset has 4 classes
-
-
-def _context(federation, client_id=0):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=1,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=FlopMeter(),
-    )
 
 
 def _random_head(seed):

@@ -1,28 +1,18 @@
 import pytest
 import torch
 
-from pfedlora.algorithms import ClientContext
 from pfedlora.errors import AdapterMismatchError
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import adapter_state_dict, is_adapter_key
 from pfedlora.simulation import build_federation
+
+from .helpers import client_context as _context
 
 PLACEMENTS = [
     pytest.param(("adapter.placement=layers",), id="layers-conv1+fc3"),
     pytest.param(("adapter.placement=layers", 'adapter.targets=["fc3"]'), id="layers-fc3"),
     pytest.param(("adapter.placement=branch",), id="branch"),
 ]
-
-
-def _context(federation, client_id=0, meter=None):
-    return ClientContext(
-        client_id=client_id,
-        arch=federation.config.architecture_of(client_id),
-        server_round=1,
-        data=federation.clients[client_id],
-        generator=torch.Generator().manual_seed(1),
-        meter=meter or FlopMeter(),
-    )
 
 
 def _snapshot(module):
