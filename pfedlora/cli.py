@@ -37,6 +37,22 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _round_progress(quiet: bool) -> Progress:
+    """A progress bar over rounds showing the latest mean accuracy and the ETA."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("mean acc {task.fields[accuracy]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    )
+
+
 def _summary_cells(s: dict[str, Any]) -> dict[str, str]:
     """The headline figures of one run summary, formatted for people."""
     target = s.get("target_round")
@@ -97,18 +113,7 @@ def run(
     except PfedloraError as error:
         raise _fail(error) from None
     out_dir = out if out is not None else default_run_dir(cfg)
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("mean acc {task.fields[accuracy]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-    )
+    progress = _round_progress(quiet)
     with progress:
         task = progress.add_task(
             f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=cfg.federation.rounds, accuracy="–"
@@ -192,16 +197,7 @@ def compare(
         )
     except PfedloraError as error:
         raise _fail(error) from None
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("mean acc {task.fields[accuracy]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-    )
+    progress = _round_progress(quiet)
     with progress:
         task = progress.add_task("", total=1, accuracy="–")
 
