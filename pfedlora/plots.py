@@ -26,7 +26,7 @@ def _plot(runs: Sequence[Run], x_key: str, scale: float, xlabel: str, title: str
         xs, ys = _curve(records, x_key, scale)
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean test accuracy over clients (%)")
+    ax.set_ylabel("mean accuracy over clients (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
