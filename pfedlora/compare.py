@@ -110,6 +110,7 @@ COLUMNS = (
     "best acc %",
     "last acc %",
     "last-10% acc %",
+    "acc @ equal FLOPs %",
     "std (pp)",
     "rounds to target",
     "MB to target",
@@ -120,16 +121,30 @@ COLUMNS = (
 )
 
 
+def accuracy_within_flops(records: Sequence[dict[str, Any]], budget: float) -> float | None:
+    """Mean accuracy at the last evaluated round whose cumulative client FLOPs stay within ``budget``."""
+    within = [
+        r for r in records if "mean_accuracy" in r and r["cumulative_train_flops"] <= budget * (1 + 1e-9)
+    ]
+    return within[-1]["mean_accuracy"] if within else None
+
+
 def comparison_rows(results: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> list[list[str]]:
-    """The comparison table's rows, one per variant, formatted."""
+    """The comparison table's rows, one per variant, formatted.
+
+    "acc @ equal FLOPs" reads every curve at the smallest total client FLOPs any variant spent, so a
+    method that trains more per round is not flattered by a comparison at equal rounds.
+    """
+    budget = min((s["train_flops_total"] for _, _, s in results), default=0.0)
     rows = []
-    for label, _, s in results:
+    for label, records, s in results:
         rows.append(
             [
                 label,
                 _fmt(s["mean_accuracy_best"], 0.01),
                 _fmt(s["mean_accuracy_last"], 0.01),
                 _fmt(s["mean_accuracy_last10pct"], 0.01),
+                _fmt(accuracy_within_flops(records, budget), 0.01),
                 _fmt(s["std_accuracy_last"], 0.01),
                 "–" if s["target_round"] is None else str(s["target_round"]),
                 _fmt(s["bytes_to_target"], 1e6),
@@ -151,7 +166,8 @@ def write_comparison(
     rows = comparison_rows(results)
     target = results[0][2]["target_accuracy"] if results else 0.0
     markdown = [
-        f"Target accuracy: {100 * target:.0f}% (mean over clients). FLOPs are client training FLOPs.",
+        f"Target accuracy: {100 * target:.0f}% (mean over clients). FLOPs are client training FLOPs; "
+        '"acc @ equal FLOPs" is each curve read at the smallest total any method spent.',
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -35,6 +35,18 @@ def test_plan_one_variant_per_algorithm_and_placement():
         plan_variants(["pfedlora"], ["side"])
 
 
+def test_accuracy_within_a_flop_budget():
+    records = [
+        {"round": 1, "cumulative_train_flops": 10.0},
+        {"round": 2, "cumulative_train_flops": 20.0, "mean_accuracy": 0.5},
+        {"round": 3, "cumulative_train_flops": 30.0},
+        {"round": 4, "cumulative_train_flops": 40.0, "mean_accuracy": 0.7},
+    ]
+    assert compare.accuracy_within_flops(records, 39.0) == 0.5
+    assert compare.accuracy_within_flops(records, 40.0) == 0.7
+    assert compare.accuracy_within_flops(records, 15.0) is None
+
+
 def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
     variants = plan_variants(["pfedlora", "standalone"], ["branch"], None, TINY)
     results = run_comparison(variants, tmp_path)
