@@ -70,14 +70,11 @@ class PFedLoRA(Algorithm):
 
     def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
         load_adapter_state_dict(client, message)
-        phases = (
-            ("local", "adapter") if self.config.adapter.phase_order == "local-first" else ("adapter", "local")
-        )
-        for phase in phases:
-            if phase == "local":
-                self.train_local_phase(client, ctx)
-            else:
-                self.train_adapter_phase(client, ctx)
+        phases = [self.train_local_phase, self.train_adapter_phase]
+        if self.config.adapter.phase_order == "adapter-first":
+            phases.reverse()
+        for train_phase in phases:
+            train_phase(client, ctx)
         return Upload(self.shared_state(client), ctx.data.num_train)
 
     def train_local_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
@@ -87,8 +84,8 @@ class PFedLoRA(Algorithm):
     def train_adapter_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
         """ω frozen; θ trained on the same loss: local knowledge flows into the adapter.
 
-        The part of the network in front of the first adapted layer does not depend on θ, so it runs once
-        per batch without autograd (for a head-only adapter that is all but the last layer).
+        What does not depend on θ runs once per batch without autograd: the whole local model for the
+        branch placement, all but the head for LoRA on the head alone (SPEC §2.1).
         """
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
