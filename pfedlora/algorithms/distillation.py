@@ -8,13 +8,15 @@ homogeneous model), and both models step together on every batch (:func:`mutual_
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import ClientContext
+from pfedlora.algorithms.base import Algorithm, ClientContext
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig, TrainConfig
 from pfedlora.data import ClientData
@@ -106,3 +108,25 @@ def mutual_sgd(
         return loss_a + loss_b
 
     train_on_client_data(pair, parameters, ctx, train, phase=phase, loss_fn=loss, data=data)
+
+
+class SharedModelAlgorithm(Algorithm):
+    """Base of FML, FedKD and FedAPEN: the shared small model (``shared.*``) is what travels, and each
+    batch trains the private and the shared model together on the pair of losses of :meth:`losses`."""
+
+    def is_shared(self, key: str) -> bool:
+        return key.startswith(SHARED_PREFIX)
+
+    @abstractmethod
+    def losses(
+        self, client: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_local, loss_shared)`` of one batch, each reaching only its own model's parameters."""
+
+    def train_mutually(
+        self, client: nn.Module, parameters: Sequence[nn.Parameter], ctx: ClientContext, data: ClientData
+    ) -> None:
+        """:func:`mutual_sgd` on ``parameters`` over ``data`` for ``train.local_epochs``."""
+        mutual_sgd(
+            client, parameters, partial(self.losses, client), data, ctx, self.config.train, phase="mutual"
+        )

@@ -30,14 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, State, Upload
 from pfedlora.algorithms.distillation import (
-    SHARED_PREFIX,
     ModelPair,
+    SharedModelAlgorithm,
     build_pair,
     kl_divergence,
     load_shared_,
-    mutual_sgd,
 )
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.data import ClientData
@@ -79,16 +78,13 @@ def split_holdout(
     return rest, holdout
 
 
-class FedAPEN(Algorithm):
+class FedAPEN(SharedModelAlgorithm):
     """Mutual learning of the private model and a shared small model, mixed by a learned weight λ."""
 
     name = "fedapen"
 
     def create_client(self, arch: str, generator: torch.Generator) -> MixedPair:
         return MixedPair(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))
-
-    def is_shared(self, key: str) -> bool:
-        return key.startswith(SHARED_PREFIX)
 
     def split(self, data: ClientData, client_id: int) -> tuple[ClientData, ClientData]:
         """``(rest, adaptability set)`` of client ``client_id``: the same split in every round."""
@@ -148,13 +144,5 @@ class FedAPEN(Algorithm):
         load_shared_(client, message)
         rest, holdout = self.split(ctx.data, ctx.client_id)
         self.fit_mixing_weight(client, holdout, ctx)
-        mutual_sgd(
-            client,
-            [*client.local.parameters(), *client.shared.parameters()],
-            lambda x, y: self.losses(client, x, y),
-            rest,
-            ctx,
-            self.config.train,
-            phase="mutual",
-        )
+        self.train_mutually(client, [*client.local.parameters(), *client.shared.parameters()], ctx, rest)
         return Upload(self.shared_state(client), rest.num_train)

@@ -40,14 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.algorithms.aggregate import weighted_average
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, State, Upload
 from pfedlora.algorithms.distillation import (
-    SHARED_PREFIX,
     ModelPair,
+    SharedModelAlgorithm,
     build_pair,
     kl_divergence,
     load_shared_,
-    mutual_sgd,
 )
 from pfedlora.models import HeteroCNN, init_parameters_
 
@@ -132,7 +131,7 @@ class MentorMentee(ModelPair):
         self.projection = projection
 
 
-class FedKD(Algorithm):
+class FedKD(SharedModelAlgorithm):
     """Adaptive mutual distillation with a shared small mentee sent as truncated SVD factors."""
 
     name = "fedkd"
@@ -144,9 +143,6 @@ class FedKD(Algorithm):
         projection = nn.Linear(width, width, bias=False, device="meta").to_empty(device="cpu")
         init_parameters_(projection, generator)
         return MentorMentee(local, shared, projection)
-
-    def is_shared(self, key: str) -> bool:
-        return key.startswith(SHARED_PREFIX)
 
     def energy(self, server_round: int) -> float:
         """T in ``server_round``: linear from its start value in round 1 to its end value in the last."""
@@ -180,15 +176,7 @@ class FedKD(Algorithm):
         shapes = {k: v.shape for k, v in self.shared_state(client).items()}
         load_shared_(client, decompress(message, shapes))
         received = {k: v.clone() for k, v in self.shared_state(client).items()}
-        mutual_sgd(
-            client,
-            list(client.parameters()),
-            lambda x, y: self.losses(client, x, y),
-            ctx.data,
-            ctx,
-            self.config.train,
-            phase="mutual",
-        )
+        self.train_mutually(client, list(client.parameters()), ctx, ctx.data)
         update = {k: v - received[k] for k, v in self.shared_state(client).items()}  # ΔS
         return Upload(compress(update, self.energy(ctx.server_round)), ctx.data.num_train)
 

@@ -18,27 +18,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, State, Upload
 from pfedlora.algorithms.distillation import (
-    SHARED_PREFIX,
     ModelPair,
+    SharedModelAlgorithm,
     build_pair,
     kl_divergence,
     load_shared_,
-    mutual_sgd,
 )
 
 
-class FML(Algorithm):
+class FML(SharedModelAlgorithm):
     """Mutual learning of the private model and a shared small model, FedAvg of the shared one."""
 
     name = "fml"
 
     def create_client(self, arch: str, generator: torch.Generator) -> ModelPair:
         return ModelPair(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))
-
-    def is_shared(self, key: str) -> bool:
-        return key.startswith(SHARED_PREFIX)
 
     def losses(
         self, client: ModelPair, x: torch.Tensor, y: torch.Tensor
@@ -57,13 +53,5 @@ class FML(Algorithm):
 
     def train(self, client: ModelPair, message: State, ctx: ClientContext) -> Upload:
         load_shared_(client, message)
-        mutual_sgd(
-            client,
-            list(client.parameters()),
-            lambda x, y: self.losses(client, x, y),
-            ctx.data,
-            ctx,
-            self.config.train,
-            phase="mutual",
-        )
+        self.train_mutually(client, list(client.parameters()), ctx, ctx.data)
         return Upload(self.shared_state(client), ctx.data.num_train)
