@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +30,7 @@ app = typer.Typer(
     help="Model-heterogeneous personalized federated learning with low-rank adapters (pFedLoRA).",
 )
 console = Console()
+T = TypeVar("T")
 err_console = Console(stderr=True)
 
 
@@ -165,38 +167,31 @@ def report(
         console.print(f"plot written to [bold]{path}[/]")
 
 
-@app.command()
-def compare(
-    algorithms: Annotated[
-        str, typer.Option("--algorithms", "-a", help="Comma-separated algorithm names (see `pfedlora list`).")
-    ] = "pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen,fedproto",
-    placements: Annotated[
-        str,
-        typer.Option("--placements", "-p", help="Adapter placements to run pFedLoRA with (comma-separated)."),
-    ] = "branch,layers",
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Shared TOML file.")] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-s", help="Shared override, e.g. --set federation.rounds=20."),
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory (reused to resume).")] = Path(
-        "runs/compare"
+AlgorithmsOption = Annotated[
+    str, typer.Option("--algorithms", "-a", help="Comma-separated algorithm names (see `pfedlora list`).")
+]
+PlacementsOption = Annotated[
+    str, typer.Option("--placements", "-p", help="Adapter placements to run pFedLoRA with (comma-separated).")
+]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Shared TOML file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override, e.g. --set federation.rounds=20; --set standalone:train.local_epochs=2 scopes it "
+        "to one variant (or algorithm).",
     ),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-) -> None:
-    """Run several algorithms on the same data, partition and seed; write a table (Markdown, CSV) and plots.
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
-    Variants whose run already finished in the comparison directory are reused, so rerunning resumes.
-    """
-    from pfedlora.compare import plan_variants, run_comparison, write_comparison
 
-    names = [a.strip() for a in algorithms.split(",") if a.strip()]
-    try:
-        variants = plan_variants(
-            names, [p.strip() for p in placements.split(",") if p.strip()], config, overrides or ()
-        )
-    except PfedloraError as error:
-        raise _fail(error) from None
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _run_variants(quiet: bool, work: Callable[[Callable[..., None], Callable[..., None]], T]) -> T:
+    """Run ``work(on_start, on_round)`` under one progress bar that restarts for every run it starts."""
     progress = _round_progress(quiet)
     with progress:
         task = progress.add_task("", total=1, accuracy="–")
@@ -215,13 +210,87 @@ def compare(
             progress.update(task, advance=1, **fields)
 
         try:
-            results = run_comparison(variants, out, on_start=on_start, on_round=on_round)
+            return work(on_start, on_round)
         except PfedloraError as error:
             progress.stop()
             raise _fail(error) from None
+
+
+@app.command()
+def compare(
+    algorithms: AlgorithmsOption = "pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen,fedproto",
+    placements: PlacementsOption = "branch,layers",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory (reused to resume).")] = Path(
+        "runs/compare"
+    ),
+    quiet: QuietOption = False,
+) -> None:
+    """Run several algorithms on the same data, partition and seed; write a table (Markdown, CSV) and plots.
+
+    Variants whose run already finished in the comparison directory are reused, so rerunning resumes.
+    """
+    from pfedlora.compare import plan_variants, run_comparison, write_comparison
+
+    try:
+        variants = plan_variants(_split(algorithms), _split(placements), config, overrides or ())
+    except PfedloraError as error:
+        raise _fail(error) from None
+    results = _run_variants(
+        quiet, lambda on_start, on_round: run_comparison(variants, out, on_start, on_round)
+    )
     console.print(_summary_table([(label, summary) for label, _, summary in results], title="comparison"))
     for path in write_comparison(results, out):
         console.print(f"written: [bold]{path}[/]")
+
+
+@app.command()
+def tune(
+    axes: Annotated[
+        list[str],
+        typer.Option(
+            "--axis",
+            "-x",
+            help="[label:]key=v1,v2,... searched in the order given, e.g. -x train.local_epochs=1,2,3.",
+        ),
+    ],
+    algorithms: AlgorithmsOption = "pfedlora",
+    placements: PlacementsOption = "branch",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Search directory (reused to resume).")] = Path(
+        "runs/tune"
+    ),
+    quiet: QuietOption = False,
+) -> None:
+    """Coordinate search of hyperparameters on a validation split (never the test split), per variant.
+
+    Writes trials.csv and best.toml, and prints the --set options that give `compare` the chosen values.
+    """
+    from pfedlora.tuning import Axis, best_overrides, coordinate_search, write_search
+
+    try:
+        parsed = [Axis.parse(text) for text in axes]
+    except PfedloraError as error:
+        raise _fail(error) from None
+    trials, best = _run_variants(
+        quiet,
+        lambda on_start, on_round: coordinate_search(
+            _split(algorithms), _split(placements), parsed, out, config, overrides or (), on_start, on_round
+        ),
+    )
+    table = Table(title="search (validation accuracy at the last round)")
+    for column in ("variant", "settings", "validation acc %"):
+        table.add_column(column)
+    for trial in trials:
+        chosen = dict(trial.settings) == best[trial.label]
+        settings = " ".join(f"{key}={value}" for key, value in trial.settings)
+        table.add_row(trial.label, settings, f"{100 * trial.accuracy:.2f}" + (" ← chosen" if chosen else ""))
+    console.print(table)
+    for path in write_search(trials, best, out):
+        console.print(f"written: [bold]{path}[/]")
+    console.print("for compare: " + " ".join(f"--set {o}" for o in best_overrides(best)), soft_wrap=True)
 
 
 @app.command("list")

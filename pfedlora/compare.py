@@ -17,22 +17,41 @@ from pathlib import Path
 from typing import Any
 
 from pfedlora.algorithms import algorithm_class
-from pfedlora.config import PLACEMENTS, ExperimentConfig, load_config
+from pfedlora.config import PLACEMENTS, ExperimentConfig, config_to_toml, load_config
 from pfedlora.data import Dataset, load_dataset
 from pfedlora.errors import ConfigError
 from pfedlora.plots import plot_runs
 from pfedlora.simulation import read_run, run_experiment
-from pfedlora.simulation.results import SUMMARY_FILE, write_atomic
+from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One line of the comparison: a label and the configuration it runs."""
+    """One line of the comparison: a label, the configuration it runs and the overrides that made it."""
 
     label: str
     config: ExperimentConfig
+    overrides: tuple[str, ...] = ()
+
+
+def split_scoped(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split overrides into shared ones and ``label:key=value`` ones that apply to one variant only.
+
+    ``label`` is a variant label (``standalone``, ``pfedlora-branch``) or an algorithm name (``pfedlora``
+    scopes every pFedLoRA placement).
+    """
+    shared: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for assignment in overrides:
+        head = assignment.split("=", 1)[0]
+        if ":" in head:
+            label, rest = assignment.split(":", 1)
+            scoped.setdefault(label.strip(), []).append(rest)
+        else:
+            shared.append(assignment)
+    return shared, scoped
 
 
 def plan_variants(
@@ -41,23 +60,37 @@ def plan_variants(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> list[Variant]:
-    """One variant per algorithm, and per adapter placement for pFedLoRA, all on the same base config."""
+    """One variant per algorithm, and per adapter placement for pFedLoRA, all on the same base config.
+
+    Overrides written ``label:key=value`` apply to that variant (or algorithm) only, after the shared ones,
+    so each method can run with its own tuned hyperparameters.
+    """
     if not algorithms:
         raise ConfigError("compare needs at least one algorithm")
     for placement in placements:
         if placement not in PLACEMENTS:
             raise ConfigError(f"placement: unknown value {placement!r}; allowed: {', '.join(PLACEMENTS)}")
-    variants = []
+    shared, scoped = split_scoped(overrides)
+    planned: list[tuple[str, str, list[str]]] = []
     for name in dict.fromkeys(algorithms):
         algorithm_class(name)  # unknown names fail here, before anything runs
         if name == "pfedlora":
             for placement in dict.fromkeys(placements):
-                extra = [f"algorithm={name}", f"adapter.placement={placement}"]
-                variants.append(
-                    Variant(f"pfedlora-{placement}", load_config(config_file, [*overrides, *extra]))
-                )
+                planned.append((name, f"pfedlora-{placement}", [f"adapter.placement={placement}"]))
         else:
-            variants.append(Variant(name, load_config(config_file, [*overrides, f"algorithm={name}"])))
+            planned.append((name, name, []))
+    labels = {label for _, label, _ in planned} | {name for name, _, _ in planned}
+    unknown = sorted(set(scoped) - labels)
+    if unknown:
+        raise ConfigError(
+            f"override scoped to {unknown[0]!r}, which is not in this comparison; "
+            f"variants: {', '.join(label for _, label, _ in planned)}"
+        )
+    variants = []
+    for name, label, extra in planned:
+        own = [*scoped.get(name, ()), *(scoped.get(label, ()) if label != name else ())]
+        resolved = (*shared, f"algorithm={name}", *extra, *own)
+        variants.append(Variant(label, load_config(config_file, resolved), resolved))
     return variants
 
 
@@ -85,6 +118,11 @@ def run_comparison(
     for variant in variants:
         run_dir = out / variant.label
         finished = (run_dir / SUMMARY_FILE).is_file()
+        if finished and (run_dir / CONFIG_FILE).read_text(encoding="utf-8") != config_to_toml(variant.config):
+            raise ConfigError(
+                f"{run_dir} holds a finished run of another configuration than {variant.label!r} now has; "
+                "choose another comparison directory or delete that run"
+            )
         if on_start is not None:
             on_start(variant, finished)
         if not finished:

@@ -1,0 +1,149 @@
+"""Hyperparameter search on a validation split: one coordinate search per comparison variant.
+
+Every variant starts from the base configuration with each axis at its first value; each axis in turn
+tries its values with the other axes at their best so far, and keeps the value with the highest mean
+validation accuracy at the last round (ties go to the value listed first, so list the cheapest first).
+Every trial is an ordinary run directory, so an interrupted search resumes. The test split is never read:
+a search refuses a configuration without a validation split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from pfedlora.compare import Variant, plan_variants, run_comparison, split_scoped
+from pfedlora.config import load_config
+from pfedlora.errors import ConfigError
+from pfedlora.simulation.results import write_atomic
+
+SELECTION_METRIC = "mean_accuracy_last"
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One hyperparameter and the values the search tries for it; ``scope`` limits it to one variant."""
+
+    key: str
+    values: tuple[str, ...]
+    scope: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Axis:
+        """``[label:]key=v1,v2,...``, for example ``train.local_epochs=1,2,3`` or
+        ``fedproto:baselines.fedproto_lambda=1,10``."""
+        shared, scoped = split_scoped([text])
+        scope, (assignment,) = next(iter(scoped.items())) if scoped else (None, shared)
+        key, sep, listed = assignment.partition("=")
+        values = tuple(v.strip() for v in listed.split(",") if v.strip())
+        if not sep or not key.strip() or not values:
+            raise ConfigError(f"search axis {text!r} is not of the form [label:]key=v1,v2,...")
+        return cls(key.strip(), values, scope)
+
+    def applies_to(self, variant: Variant) -> bool:
+        return self.scope is None or self.scope in (variant.label, variant.config.algorithm)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of the search: the variant, the axis values it used and its validation accuracy."""
+
+    label: str
+    settings: tuple[tuple[str, str], ...]
+    accuracy: float
+    run_dir: Path
+
+
+def _trial_name(settings: Sequence[tuple[str, str]]) -> str:
+    text = "_".join(f"{key.split('.')[-1]}={value}" for key, value in settings) or "defaults"
+    return re.sub(r"[^A-Za-z0-9_.=-]", "-", text)
+
+
+def coordinate_search(
+    algorithms: Sequence[str],
+    placements: Sequence[str],
+    axes: Sequence[Axis],
+    out_dir: str | Path,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    on_start: Callable[[Variant, bool], None] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[Trial], dict[str, dict[str, str]]]:
+    """Search every variant's axes on validation data; returns all trials and each variant's best settings.
+
+    Trials run into ``out_dir/<label>/<axis values>``; finished ones are reused.
+    """
+    base = plan_variants(algorithms, placements, config_file, overrides)
+    for variant in base:
+        if variant.config.data.validation_fraction <= 0:
+            raise ConfigError(
+                "a search needs a validation split, never the test split: "
+                "set data.validation_fraction (for example 0.1)"
+            )
+    known = {v.label for v in base} | {v.config.algorithm for v in base}
+    for axis in axes:
+        if axis.scope is not None and axis.scope not in known:
+            raise ConfigError(f"search axis scoped to {axis.scope!r}, which is not among: {', '.join(known)}")
+    out = Path(out_dir)
+    trials: list[Trial] = []
+    best: dict[str, dict[str, str]] = {}
+    for variant in base:
+
+        def score(settings: tuple[tuple[str, str], ...], variant: Variant = variant) -> float:
+            name = _trial_name(settings)
+            assignments = (*variant.overrides, *(f"{key}={value}" for key, value in settings))
+            trial = Variant(f"{variant.label}/{name}", load_config(config_file, assignments), assignments)
+            [(_, _, summary)] = run_comparison([trial], out, on_start, on_round)
+            trials.append(Trial(variant.label, settings, summary[SELECTION_METRIC], out / trial.label))
+            return summary[SELECTION_METRIC]
+
+        best[variant.label] = _coordinate_ascent([a for a in axes if a.applies_to(variant)], score)
+    return trials, best
+
+
+def _coordinate_ascent(
+    axes: Sequence[Axis], score: Callable[[tuple[tuple[str, str], ...]], float]
+) -> dict[str, str]:
+    """Each axis in turn, the value that scores best with the others fixed; each setting scored once."""
+    current = {axis.key: axis.values[0] for axis in axes}
+    scores: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def cached(settings: dict[str, str]) -> float:
+        key = tuple(settings.items())
+        if key not in scores:
+            scores[key] = score(key)
+        return scores[key]
+
+    if not axes:
+        cached(current)
+    for axis in axes:
+        results = [cached({**current, axis.key: value}) for value in axis.values]
+        current[axis.key] = axis.values[results.index(max(results))]  # first of equals wins
+    return current
+
+
+def write_search(trials: Sequence[Trial], best: dict[str, dict[str, str]], out_dir: str | Path) -> list[Path]:
+    """``trials.csv`` (every trial, in the order run) and ``best.toml`` (each variant's chosen values)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["variant", "settings", "validation acc %", "run"])
+    for trial in trials:
+        settings = " ".join(f"{k}={v}" for k, v in trial.settings)
+        writer.writerow([trial.label, settings, f"{100 * trial.accuracy:.2f}", trial.run_dir.as_posix()])
+    write_atomic(out / "trials.csv", buffer.getvalue())
+    write_atomic(out / "best.toml", tomli_w.dumps(best))
+    return [out / "trials.csv", out / "best.toml"]
+
+
+def best_overrides(best: dict[str, dict[str, str]]) -> list[str]:
+    """The chosen values as ``label:key=value`` overrides for ``pfedlora compare --set``."""
+    return [f"{label}:{key}={value}" for label, settings in best.items() for key, value in settings.items()]
