@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pfedlora.errors import PfedloraError
+from pfedlora.errors import ConfigError, PfedloraError
 
 app = typer.Typer(
     add_completion=False,
@@ -103,18 +103,36 @@ def run(
         Path | None, typer.Option("--data-dir", help="Directory searched first for datasets (data.data_dir).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue this unfinished run directory from its last checkpoint (its own config).",
+        ),
+    ] = None,
 ) -> None:
-    """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory."""
+    """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory.
+
+    The run is checkpointed every federation.checkpoint_every rounds; after a crash, --resume RUN_DIR
+    continues it and ends with the same metrics as an uninterrupted run.
+    """
     from pfedlora.config import load_config
-    from pfedlora.simulation import run_experiment
-    from pfedlora.simulation.results import default_run_dir
+    from pfedlora.simulation import resume_run, run_experiment
+    from pfedlora.simulation.results import CONFIG_FILE, default_run_dir
 
     try:
-        extra = [f"data.data_dir={str(data_dir)!r}"] if data_dir is not None else []
-        cfg = load_config(config, [*(overrides or ()), *extra])
+        if resume is not None:
+            if config is not None or overrides or out is not None or data_dir is not None:
+                raise ConfigError("--resume takes the run's own configuration: give no --config/--set/--out")
+            cfg = load_config(resume / CONFIG_FILE) if (resume / CONFIG_FILE).is_file() else None
+            if cfg is None:
+                raise ConfigError(f"{str(resume)!r} is not a run directory (no {CONFIG_FILE})")
+        else:
+            extra = [f"data.data_dir={str(data_dir)!r}"] if data_dir is not None else []
+            cfg = load_config(config, [*(overrides or ()), *extra])
     except PfedloraError as error:
         raise _fail(error) from None
-    out_dir = out if out is not None else default_run_dir(cfg)
+    out_dir = resume if resume is not None else out if out is not None else default_run_dir(cfg)
     progress = _round_progress(quiet)
     with progress:
         task = progress.add_task(
@@ -130,7 +148,10 @@ def run(
             )
 
         try:
-            summary = run_experiment(cfg, out_dir, on_round=on_round)
+            if resume is not None:
+                summary = resume_run(resume, on_round=on_round)
+            else:
+                summary = run_experiment(cfg, out_dir, on_round=on_round)
         except PfedloraError as error:
             progress.stop()
             raise _fail(error) from None

@@ -1,7 +1,8 @@
 """Side-by-side comparison: several algorithms (and adapter placements) on the same data, partition and seed.
 
 Each variant runs into its own subdirectory of the comparison directory; a variant whose ``summary.json``
-already exists is read instead of rerun, so an interrupted comparison resumes where it stopped. The table
+already exists is read instead of rerun, and an unfinished one continues from its last checkpoint, so an
+interrupted comparison resumes where it stopped. The table
 (Markdown and CSV) and the plots are then written from the run directories alone.
 """
 
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from pfedlora.algorithms import algorithm_class
-from pfedlora.config import PLACEMENTS, ExperimentConfig, config_to_toml, load_config
+from pfedlora.config import PLACEMENTS, ExperimentConfig, load_config
 from pfedlora.data import Dataset, load_dataset
 from pfedlora.errors import ConfigError
 from pfedlora.plots import plot_runs
-from pfedlora.simulation import read_run, run_experiment
+from pfedlora.simulation import read_run, resume_run, run_experiment
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -118,21 +119,24 @@ def run_comparison(
     for variant in variants:
         run_dir = out / variant.label
         finished = (run_dir / SUMMARY_FILE).is_file()
-        if finished and (run_dir / CONFIG_FILE).read_text(encoding="utf-8") != config_to_toml(variant.config):
+        started = (run_dir / CONFIG_FILE).is_file()
+        if started and load_config(run_dir / CONFIG_FILE) != variant.config:
             raise ConfigError(
-                f"{run_dir} holds a finished run of another configuration than {variant.label!r} now has; "
+                f"{run_dir} holds a run of another configuration than {variant.label!r} now has; "
                 "choose another comparison directory or delete that run"
             )
         if on_start is not None:
             on_start(variant, finished)
-        if not finished:
+        data = variant.config.data
+        dataset = datasets[(data.dataset, data.data_dir, data.download)]
+        if started and not finished:
+            logger.warning(
+                "%s: resuming the unfinished run in %s from its last checkpoint", variant.label, run_dir
+            )
+            resume_run(run_dir, on_round=on_round, dataset=dataset)
+        elif not finished:
             if run_dir.exists():
-                logger.warning(
-                    "%s: discarding the unfinished run in %s and starting it again", variant.label, run_dir
-                )
-                shutil.rmtree(run_dir)
-            data = variant.config.data
-            dataset = datasets[(data.dataset, data.data_dir, data.download)]
+                shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
             run_experiment(variant.config, run_dir, on_round=on_round, dataset=dataset)
         records, summary = read_run(run_dir)
         results.append((variant.label, records, summary))

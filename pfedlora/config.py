@@ -68,6 +68,12 @@ class FederationConfig:
     """Client i gets architectures[i mod len(architectures)] (the paper: cnn{(i mod 5)+1})."""
     target_accuracy: float = 0.8
     """Mean accuracy whose first crossing is reported with the rounds, bytes and FLOPs it took."""
+    min_clients: int = 1
+    """Fewest valid uploads a round aggregates; with fewer the global state stays unchanged."""
+    drop_rate: float = 0.0
+    """Probability that a sampled client drops out of a round (seeded): it receives but never replies."""
+    checkpoint_every: int = 10
+    """Rounds between crash-safe checkpoints of the whole run (0: none); ``pfedlora run --resume``."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,20 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Central differential privacy with client-side clipping (off while ``clip_norm`` is 0)."""
+
+    clip_norm: float = 0.0
+    """Each client's update (upload minus what it received) is scaled to L2 norm at most this."""
+    noise_multiplier: float = 0.0
+    """The server adds N(0, (noise_multiplier · clip_norm / m)²) to the mean of m clipped updates."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm > 0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: the algorithm, its seed and every section."""
 
@@ -134,6 +154,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def architecture_of(self, client_id: int) -> str:
         """The architecture name of client ``client_id``."""
@@ -172,6 +193,9 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "federation.rounds": (1, _INF, True),
     "federation.eval_every": (1, _INF, True),
     "federation.target_accuracy": (0, 1, True),
+    "federation.min_clients": (1, _INF, True),
+    "federation.drop_rate": (0, 1, True),
+    "federation.checkpoint_every": (0, _INF, True),
     "train.batch_size": (1, _INF, True),
     "train.lr": (0, _INF, False),
     "train.momentum": (0, 1, True),
@@ -192,6 +216,8 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "baselines.fedapen_holdout_fraction": (0, 0.5, False),
     "baselines.fedapen_lambda_epochs": (1, _INF, True),
     "baselines.fedapen_lambda_lr": (0, _INF, False),
+    "privacy.clip_norm": (0, _INF, True),
+    "privacy.noise_multiplier": (0, _INF, True),
 }
 
 
@@ -290,6 +316,11 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(
             f"baselines.fedkd_energy_start ({config.baselines.fedkd_energy_start}) must not exceed "
             f"baselines.fedkd_energy_end ({config.baselines.fedkd_energy_end})"
+        )
+    if config.privacy.noise_multiplier > 0 and not config.privacy.enabled:
+        raise ConfigError(
+            f"privacy.noise_multiplier = {config.privacy.noise_multiplier} needs privacy.clip_norm > 0: "
+            "the noise is scaled to the clipping bound"
         )
     if config.train.local_epochs + config.adapter.epochs == 0:
         raise ConfigError("train.local_epochs and adapter.epochs are both 0: nothing would be trained")

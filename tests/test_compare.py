@@ -7,6 +7,7 @@ from pfedlora import compare
 from pfedlora.cli import app
 from pfedlora.compare import plan_variants, run_comparison, write_comparison
 from pfedlora.errors import ConfigError
+from pfedlora.simulation import TIMING_KEYS
 
 TINY = (
     "device=cpu",
@@ -16,6 +17,7 @@ TINY = (
     "data.classes_per_client=2",
     "train.batch_size=32",
     "adapter.rank=2",
+    "federation.checkpoint_every=1",
 )
 
 
@@ -59,15 +61,44 @@ def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
     assert rows[2][rows[0].index("MB total")] == "0.00"  # training alone sends nothing
     assert "| pfedlora-branch |" in (tmp_path / "comparison.md").read_text()
 
-    # Resume: finished variants are read back, an unfinished one is run again from scratch.
+    # Resume: finished variants are read back, an unfinished one continues from its checkpoint.
     (tmp_path / "standalone" / "summary.json").unlink()
     calls = []
-    original = compare.run_experiment
-    monkeypatch.setattr(compare, "run_experiment", lambda config, *a, **k: calls.append(config.algorithm) or
-                        original(config, *a, **k))  # fmt: skip
+    original = compare.resume_run
+    monkeypatch.setattr(compare, "resume_run", lambda run_dir, *a, **k: calls.append(run_dir.name) or
+                        original(run_dir, *a, **k))  # fmt: skip
     again = run_comparison(variants, tmp_path)
     assert calls == ["standalone"]
     assert again[0][2] == results[0][2]  # the reused run is the same run
+    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(again[1][2]) == strip(results[1][2])  # the resumed run ends as the first one did
+
+    # A run directory of another configuration is never silently reused.
+    changed = plan_variants(["standalone"], ["branch"], None, [*TINY, "train.lr=0.02"])
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_comparison(changed, tmp_path)
+
+
+def test_scoped_overrides_apply_to_their_variant_only():
+    variants = plan_variants(
+        ["pfedlora", "standalone"],
+        ["branch", "layers"],
+        None,
+        [
+            "train.lr=0.02",
+            "standalone:train.local_epochs=3",
+            "pfedlora-layers:adapter.rank=4",
+            "pfedlora:adapter.epochs=2",
+        ],
+    )
+    by_label = {v.label: v.config for v in variants}
+    assert {c.train.lr for c in by_label.values()} == {0.02}
+    assert by_label["standalone"].train.local_epochs == 3
+    assert by_label["pfedlora-branch"].train.local_epochs == 1
+    assert by_label["pfedlora-layers"].adapter.rank == 4 and by_label["pfedlora-branch"].adapter.rank == 8
+    assert by_label["pfedlora-layers"].adapter.epochs == by_label["pfedlora-branch"].adapter.epochs == 2
+    with pytest.raises(ConfigError, match="fml"):
+        plan_variants(["standalone"], ["branch"], None, ["fml:train.lr=0.1"])
 
 
 def test_compare_command(tmp_path, tiny_data):

@@ -34,8 +34,18 @@ def algorithm_class(name: str) -> type[Algorithm]:
 def create_algorithm(
     config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int
 ) -> Algorithm:
-    """The algorithm named by ``config.algorithm``, set up for this data."""
-    return algorithm_class(config.algorithm)(config, input_shape, num_classes)
+    """The algorithm named by ``config.algorithm``, set up for this data.
+
+    Refuses the privacy option for an algorithm whose uploads are not averaged copies of the global state.
+    """
+    cls = algorithm_class(config.algorithm)
+    if config.privacy.enabled and not cls.uploads_global_state:
+        supported = [name for name in IMPLEMENTATIONS if algorithm_class(name).uploads_global_state]
+        raise ConfigError(
+            f"privacy.clip_norm: {config.algorithm!r} does not upload averaged copies of the global state, "
+            f"so clipping and noise do not apply; algorithms that support it: {', '.join(supported)}"
+        )
+    return cls(config, input_shape, num_classes)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pfedlora.algorithms.aggregate import weighted_average
+from pfedlora.algorithms.screening import check_schema
 from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
@@ -50,6 +51,9 @@ class Algorithm(ABC):
     """One federated algorithm; subclasses override the hooks below and nothing else."""
 
     name: ClassVar[str]
+    uploads_global_state: ClassVar[bool] = False
+    """True where a client uploads tensors of the broadcast global state's schema and the server averages
+    them (so privacy clipping of upload − received, and Gaussian noise on the mean, apply)."""
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
         self.config = config
@@ -85,6 +89,13 @@ class Algorithm(ABC):
         if not uploads:
             return server_state
         return weighted_average([u.tensors for u in uploads], [u.num_examples for u in uploads])
+
+    def check_upload(self, server_state: State, tensors: State) -> None:
+        """Raise ValueError naming the problem unless ``tensors`` is what :meth:`aggregate` expects.
+
+        By default: exactly the global state's tensors, with their shapes and dtypes.
+        """
+        check_schema(tensors, server_state)
 
     def predict(self, client: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Class scores of the client's personalized predictor for a batch ``x``."""

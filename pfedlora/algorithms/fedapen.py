@@ -82,6 +82,7 @@ class FedAPEN(SharedModelAlgorithm):
     """Mutual learning of the private model and a shared small model, mixed by a learned weight λ."""
 
     name = "fedapen"
+    uploads_global_state = True
 
     def create_client(self, arch: str, generator: torch.Generator) -> MixedPair:
         return MixedPair(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))

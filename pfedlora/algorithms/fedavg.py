@@ -24,6 +24,7 @@ class FedAvg(Algorithm):
     """Whole-model FedAvg; needs one architecture for every client."""
 
     name = "fedavg"
+    uploads_global_state = True
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
         architectures = config.federation.architectures

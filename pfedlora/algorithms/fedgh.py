@@ -25,6 +25,7 @@ from torch import nn
 from pfedlora.algorithms.base import ClientContext, State, Upload
 from pfedlora.algorithms.lg_fedavg import HEAD_PREFIX, LGFedAvg
 from pfedlora.algorithms.prototypes import class_feature_means, prototype_payload, read_prototypes
+from pfedlora.algorithms.screening import check_dtypes
 from pfedlora.algorithms.training import run_sgd
 from pfedlora.config import TrainConfig
 from pfedlora.metrics import FlopMeter
@@ -39,6 +40,7 @@ class FedGH(LGFedAvg):
     """Global header trained by the server on uploaded class-mean features."""
 
     name = "fedgh"
+    uploads_global_state = False  # prototypes go up, the header comes down
 
     def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
         self.load_head(client, message)
@@ -52,6 +54,11 @@ class FedGH(LGFedAvg):
             kind=(ctx.arch, "prototypes"),
         )
         return Upload(prototype_payload(means, counts, with_counts=False), ctx.data.num_train)
+
+    def check_upload(self, server_state: State, tensors: State) -> None:
+        """Prototypes of classes in range, (500,) float32 each, no counts."""
+        read_prototypes(tensors, self.num_classes, with_counts=False)
+        check_dtypes(tensors, torch.float32)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """The global header after SGD on CE over every uploaded (class mean, class) pair."""

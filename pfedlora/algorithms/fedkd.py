@@ -48,6 +48,7 @@ from pfedlora.algorithms.distillation import (
     kl_divergence,
     load_shared_,
 )
+from pfedlora.algorithms.screening import check_dtypes
 from pfedlora.models import HeteroCNN, init_parameters_
 
 FACTOR_SUFFIXES: tuple[str, ...] = (".U", ".S", ".V")
@@ -183,6 +184,14 @@ class FedKD(SharedModelAlgorithm):
     def broadcast(self, server_state: State, client_id: int, server_round: int) -> State:
         """The exact global S, compressed with this round's T (lossy where factors are sent)."""
         return compress(server_state, self.energy(server_round))
+
+    def check_upload(self, server_state: State, tensors: State) -> None:
+        """An update of every global tensor, whole or as consistent float32 factors."""
+        check_dtypes(tensors, torch.float32)
+        try:
+            decompress(tensors, {k: v.shape for k, v in server_state.items()})
+        except (KeyError, RuntimeError) as error:  # RuntimeError: factors whose shapes do not chain
+            raise ValueError(str(error).strip("'\"")) from None
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """S plus the sample-weighted mean of the reconstructed updates."""

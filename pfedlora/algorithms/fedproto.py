@@ -29,6 +29,7 @@ from pfedlora.algorithms.prototypes import (
     prototype_payload,
     read_prototypes,
 )
+from pfedlora.algorithms.screening import check_dtypes
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.models import HeteroCNN, build_model
 
@@ -148,6 +149,11 @@ class FedProto(Algorithm):
             return prototype_loss(logits, features, y, prototypes, mask, lam)
 
         train_on_client_data(client, list(model.parameters()), ctx, train, phase="local", loss_fn=loss)
+
+    def check_upload(self, server_state: State, tensors: State) -> None:
+        """Prototypes and positive counts of the same classes, in range, float32."""
+        read_prototypes(tensors, self.num_classes, with_counts=True)
+        check_dtypes(tensors, torch.float32)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""

@@ -32,6 +32,7 @@ class FML(SharedModelAlgorithm):
     """Mutual learning of the private model and a shared small model, FedAvg of the shared one."""
 
     name = "fml"
+    uploads_global_state = True
 
     def create_client(self, arch: str, generator: torch.Generator) -> ModelPair:
         return ModelPair(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))

@@ -25,6 +25,7 @@ class LGFedAvg(Algorithm):
     """Global head (fc3) averaged by FedAvg; private heterogeneous bodies."""
 
     name = "lg-fedavg"
+    uploads_global_state = True
 
     def create_client(self, arch: str, generator: torch.Generator) -> HeteroCNN:
         return build_model(arch, self.input_shape, self.num_classes, generator)

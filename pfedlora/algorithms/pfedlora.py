@@ -34,6 +34,7 @@ class PFedLoRA(Algorithm):
     """Alternating local/adapter training with FedAvg of the adapters."""
 
     name = "pfedlora"
+    uploads_global_state = True
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__(config, input_shape, num_classes)

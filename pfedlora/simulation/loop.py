@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from pfedlora.algorithms import Algorithm, ClientContext, State, Upload, create_algorithm
-from pfedlora.config import ExperimentConfig
+from pfedlora.algorithms.screening import Reply
+from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import (
     ClientData,
     Dataset,
@@ -29,10 +30,13 @@ from pfedlora.data import (
     load_dataset,
     make_partition,
 )
+from pfedlora.errors import ConfigError
 from pfedlora.metrics import AccuracyReport, Channel, FlopMeter, summarize_curve
 from pfedlora.models import check_homogeneous
+from pfedlora.rounds import client_update, drops_out, server_update
 from pfedlora.seeding import numpy_generator, torch_generator
-from pfedlora.simulation.results import RunWriter
+from pfedlora.simulation.checkpoint import Checkpointer, restore
+from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, read_records
 from pfedlora.simulation.sampling import sample_clients
 
 logger = logging.getLogger(__name__)
@@ -126,20 +130,28 @@ def evaluate(federation: Federation) -> AccuracyReport:
 def run_round(
     federation: Federation, server_round: int, channel: Channel, meter: FlopMeter
 ) -> dict[str, Any]:
-    """One round of training and aggregation; returns its per-client cost records."""
+    """One round of training and aggregation; returns its per-client cost records.
+
+    A client that drops out (``federation.drop_rate``) receives the server's message but never replies;
+    invalid uploads are refused (see :mod:`pfedlora.rounds`).
+    """
     config, algorithm = federation.config, federation.algorithm
     sampled = sample_clients(
         config.federation.num_clients, config.federation.sample_fraction, config.seed, server_round
     )
-    uploads: list[Upload] = []
-    per_client = []
+    replies: list[Reply] = []
+    per_client, dropped = [], []
     samples_before = meter.samples
+    bytes_down = 0
     for client_id in sampled:
         channel.reset()
         meter.reset()
-        state = federation.client_states[client_id]
         outgoing = algorithm.broadcast(federation.server_state, client_id, server_round)
         message = channel.download(client_id, outgoing)
+        bytes_down += channel.total_down
+        if drops_out(config, client_id, server_round):
+            dropped.append(client_id)
+            continue
         ctx = ClientContext(
             client_id=client_id,
             arch=config.architecture_of(client_id),
@@ -148,9 +160,10 @@ def run_round(
             generator=torch_generator(config.seed, "train", client_id, server_round),
             meter=meter,
         )
-        state.train()
-        upload = algorithm.train(state, message, ctx)
-        uploads.append(Upload(channel.upload(client_id, upload.tensors), upload.num_examples))
+        upload = client_update(algorithm, federation.client_states[client_id], message, ctx)
+        replies.append(
+            Reply(client_id, Upload(channel.upload(client_id, upload.tensors), upload.num_examples))
+        )
         per_client.append(
             {
                 "client_id": client_id,
@@ -160,11 +173,16 @@ def run_round(
                 "train_flops": meter.total,
             }
         )
-    federation.server_state = algorithm.aggregate(federation.server_state, uploads, server_round)
+    declared = {client_id: data.num_train for client_id, data in enumerate(federation.clients)}
+    outcome = server_update(algorithm, federation.server_state, replies, declared, server_round)
+    federation.server_state = outcome.server_state
     return {
         "round": server_round,
         "sampled": sampled,
-        "bytes_down": sum(c["bytes_down"] for c in per_client),
+        "dropped": dropped,
+        "refused": [{"client_id": r.client_id, "reason": r.reason} for r in outcome.refused],
+        "aggregated": outcome.aggregated,
+        "bytes_down": bytes_down,
         "bytes_up": sum(c["bytes_up"] for c in per_client),
         "train_flops": sum(c["train_flops"] for c in per_client),
         "train_samples": meter.samples - samples_before,
@@ -175,13 +193,27 @@ def run_round(
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
-def run_federation(federation: Federation, on_round: RoundCallback | None = None) -> list[dict[str, Any]]:
-    """All rounds; each finished round's record goes to ``on_round`` and into the returned list."""
+def run_federation(
+    federation: Federation,
+    on_round: RoundCallback | None = None,
+    done: Sequence[dict[str, Any]] = (),
+    checkpointer: Checkpointer | None = None,
+    seconds_before: float = 0.0,
+) -> list[dict[str, Any]]:
+    """The rounds after those in ``done`` (records of rounds 1..k of this run, when resuming); each
+    finished round's record goes to ``on_round`` and into the returned list of all records.
+
+    With a ``checkpointer``, the run is checkpointed every ``federation.checkpoint_every`` rounds.
+    """
     fed_cfg = federation.config.federation
     channel, meter = Channel(), FlopMeter()
-    records: list[dict[str, Any]] = []
-    cumulative = {"bytes": 0, "train_flops": 0.0}
-    for server_round in range(1, fed_cfg.rounds + 1):
+    records: list[dict[str, Any]] = list(done)
+    cumulative = {
+        "bytes": records[-1]["cumulative_bytes"] if records else 0,
+        "train_flops": records[-1]["cumulative_train_flops"] if records else 0.0,
+    }
+    started_all = time.perf_counter()
+    for server_round in range(len(records) + 1, fed_cfg.rounds + 1):
         started = time.perf_counter()
         record = run_round(federation, server_round, channel, meter)
         seconds = time.perf_counter() - started
@@ -205,6 +237,10 @@ def run_federation(federation: Federation, on_round: RoundCallback | None = None
         records.append(record)
         if on_round is not None:
             on_round(record)
+        every = fed_cfg.checkpoint_every
+        if checkpointer is not None and every and server_round % every == 0 and server_round < fed_cfg.rounds:
+            elapsed = seconds_before + time.perf_counter() - started_all
+            checkpointer.save(federation, server_round, records, elapsed)
     return records
 
 
@@ -254,24 +290,62 @@ def run_experiment(
     """Build the federation, run every round, and (if ``out_dir``) write the run directory.
 
     The directory is created only once the data and the federation are known to be valid, so bad input
-    never leaves a half-written one behind. Returns the summary.
+    never leaves a half-written one behind; it is checkpointed as the run goes (see :func:`resume_run`).
+    Returns the summary.
     """
     started = time.perf_counter()
     federation = build_federation(config, dataset)
-    writer = RunWriter(out_dir, config) if out_dir is not None else None
+    if out_dir is None:
+        records = run_federation(federation, on_round)
+        return summarize(federation, records, time.perf_counter() - started)
+    return _finish(federation, RunWriter(out_dir, config), on_round, (), started, 0.0)
 
+
+def resume_run(
+    run_dir: str | Path, on_round: RoundCallback | None = None, dataset: Dataset | None = None
+) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint (from round 1 if it has none).
+
+    Rounds logged after that checkpoint are discarded and run again; since every random stream is derived
+    from the seed, the finished run's metrics equal those of the same run uninterrupted. ``on_round`` first
+    receives the records of the rounds kept, then those of the rounds run. Returns the summary.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY_FILE).is_file():
+        raise ConfigError(f"{str(run_dir)!r} holds a finished run (it has {SUMMARY_FILE}); nothing to resume")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    config = load_config(run_dir / CONFIG_FILE)
+    federation = build_federation(config, dataset)
+    manifest = restore(federation, run_dir, resolve_device(config.device))
+    last = manifest["round"] if manifest else 0
+    done = [record for record in read_records(run_dir) if record["round"] <= last]
+    logger.info("resuming %s after round %d", run_dir, last)
+    writer = RunWriter.reopen(run_dir, done)
+    for record in done if on_round is not None else ():
+        on_round(record)
+    return _finish(federation, writer, on_round, done, started, manifest["wall_seconds"] if manifest else 0.0)
+
+
+def _finish(
+    federation: Federation,
+    writer: RunWriter,
+    on_round: RoundCallback | None,
+    done: Sequence[dict[str, Any]],
+    started: float,
+    seconds_before: float,
+) -> dict[str, Any]:
     def on_record(record: dict[str, Any]) -> None:
-        if writer is not None:
-            writer.append_round(record)
+        writer.append_round(record)
         if on_round is not None:
             on_round(record)
 
     try:
-        records = run_federation(federation, on_record)
-        summary = summarize(federation, records, time.perf_counter() - started)
-        if writer is not None:
-            writer.write_summary(summary)
+        checkpointer = Checkpointer(writer.path)
+        records = run_federation(federation, on_record, done, checkpointer, seconds_before)
+        summary = summarize(federation, records, seconds_before + time.perf_counter() - started)
+        writer.write_summary(summary)
     finally:
-        if writer is not None:
-            writer.close()
+        writer.close()
     return summary

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,15 @@ class RunWriter:
         write_atomic(self.path / CONFIG_FILE, config_to_toml(config))
         self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
 
+    @classmethod
+    def reopen(cls, path: str | Path, records: Sequence[Mapping[str, Any]]) -> RunWriter:
+        """An existing run directory whose metrics log is rewritten (atomically) to hold ``records``."""
+        writer = cls.__new__(cls)
+        writer.path = Path(path)
+        write_atomic(writer.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+        writer._metrics = open(writer.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        return writer
+
     def append_round(self, record: Mapping[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
@@ -57,6 +66,20 @@ class RunWriter:
 
     def close(self) -> None:
         self._metrics.close()
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The per-round records logged in run directory ``path``, skipping a last line cut off by a crash."""
+    metrics_path = Path(path) / METRICS_FILE
+    if not metrics_path.is_file():
+        return []
+    records = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line the crash cut short: it and anything after it are not trusted
+    return records
 
 
 def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

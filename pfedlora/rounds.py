@@ -1,0 +1,76 @@
+"""The steps of a round that both runtimes (simulator and Flower) share, free of either runtime.
+
+Who drops out, how a sampled client turns the server's message into an upload, and how the server turns
+the round's replies into the next global state: refusing invalid uploads, keeping the global state when
+fewer than ``federation.min_clients`` valid ones remain, and applying the privacy option.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from pfedlora.algorithms import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.screening import Refusal, Reply, screen_uploads
+from pfedlora.config import ExperimentConfig
+from pfedlora.privacy import add_gaussian_noise, clip_update
+from pfedlora.seeding import numpy_generator, torch_generator
+
+logger = logging.getLogger(__name__)
+
+
+def drops_out(config: ExperimentConfig, client_id: int, server_round: int) -> bool:
+    """Whether sampled client ``client_id`` fails to reply in ``server_round`` (seeded, ``drop_rate``)."""
+    rate = config.federation.drop_rate
+    return rate > 0 and numpy_generator(config.seed, "dropout", server_round, client_id).random() < rate
+
+
+def client_update(algorithm: Algorithm, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
+    """Train ``client`` on the server's ``message``; with privacy on, clip the update before it leaves."""
+    client.train()
+    upload = algorithm.train(client, message, ctx)
+    privacy = algorithm.config.privacy
+    if privacy.enabled:
+        upload = Upload(clip_update(message, upload.tensors, privacy.clip_norm), upload.num_examples)
+    return upload
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """The next global state, whose uploads made it, and which were refused and why."""
+
+    server_state: State
+    aggregated: list[int]
+    refused: list[Refusal]
+
+
+def server_update(
+    algorithm: Algorithm,
+    server_state: State,
+    replies: Sequence[Reply],
+    declared_examples: Mapping[int, int],
+    server_round: int,
+) -> RoundOutcome:
+    """Screen the replies, then aggregate the valid ones (unchanged state below ``min_clients``)."""
+    config = algorithm.config
+    valid, refused = screen_uploads(algorithm, server_state, replies, declared_examples, server_round)
+    if len(valid) < config.federation.min_clients:
+        logger.warning(
+            "round %d: %d valid upload(s), fewer than federation.min_clients = %d; global state unchanged",
+            server_round,
+            len(valid),
+            config.federation.min_clients,
+        )
+        return RoundOutcome(server_state, [], refused)
+    uploads = [reply.upload for reply in valid]
+    privacy = config.privacy
+    if privacy.enabled:  # equal weights: each client's influence is bounded by the clipping norm alone
+        uploads = [Upload(upload.tensors, 1) for upload in uploads]
+    new_state = algorithm.aggregate(server_state, uploads, server_round)
+    if privacy.enabled and privacy.noise_multiplier > 0:
+        std = privacy.noise_multiplier * privacy.clip_norm / len(uploads)
+        new_state = add_gaussian_noise(new_state, std, torch_generator(config.seed, "privacy", server_round))
+    return RoundOutcome(new_state, [reply.client_id for reply in valid], refused)

@@ -1,0 +1,92 @@
+"""Crash-safe checkpoints of a simulated run, and resuming from the last one.
+
+Every ``federation.checkpoint_every`` rounds the run directory's ``checkpoint/`` receives the global state
+and the private state of every client trained since the previous checkpoint (safetensors files whose names
+carry the round), then ``manifest.json`` naming the round and the file of every saved client, written
+atomically last. A crash at any moment leaves the previous manifest, and the files it names, intact; files
+no manifest names are removed after the next one is written. Random streams need no saving: every one is
+derived from (seed, purpose, round, client), so a resumed round draws exactly what it would have drawn.
+Clients never trained since the start are rebuilt from their seeded initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pfedlora.errors import ConfigError
+from pfedlora.simulation.results import write_atomic
+
+CHECKPOINT_DIR = "checkpoint"
+MANIFEST = "manifest.json"
+
+
+def _save_atomic(tensors: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / CHECKPOINT_DIR
+        manifest = read_manifest(run_dir)
+        self.round = manifest["round"] if manifest else 0
+        self.clients: dict[str, str] = dict(manifest["clients"]) if manifest else {}
+
+    def save(
+        self, federation: Any, server_round: int, records: Sequence[dict[str, Any]], seconds: float
+    ) -> None:
+        """Checkpoint ``federation`` after ``server_round``; ``records`` are all rounds so far, ``seconds``
+        the wall time spent on them."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        trained = {
+            client["client_id"]
+            for record in records
+            if record["round"] > self.round
+            for client in record["clients"]
+        }
+        for client_id in sorted(trained):
+            name = f"client-{client_id}-r{server_round}.safetensors"
+            _save_atomic(federation.client_states[client_id].state_dict(), self.path / name)
+            self.clients[str(client_id)] = name
+        server = f"server-r{server_round}.safetensors"
+        _save_atomic(federation.server_state, self.path / server)
+        manifest = {"round": server_round, "server": server, "clients": self.clients, "wall_seconds": seconds}
+        write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        self.round = server_round
+        keep = {MANIFEST, server, *self.clients.values()}
+        for path in self.path.iterdir():
+            if path.name not in keep:
+                path.unlink()
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
+    """The last complete checkpoint's manifest, or None when there is none."""
+    path = Path(run_dir) / CHECKPOINT_DIR / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def restore(federation: Any, run_dir: str | Path, device: torch.device) -> dict[str, Any] | None:
+    """Load the last checkpoint of ``run_dir`` into ``federation``; returns its manifest (None: none)."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return None
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    try:
+        server = load_file(str(folder / manifest["server"]))
+        federation.server_state = {key: value.to(device) for key, value in server.items()}
+        for client_id, name in manifest["clients"].items():
+            federation.client_states[int(client_id)].load_state_dict(load_file(str(folder / name)))
+    except (OSError, RuntimeError, KeyError) as error:
+        raise ConfigError(f"checkpoint in {folder} cannot be loaded: {error}") from error
+    return manifest
