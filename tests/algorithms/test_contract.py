@@ -6,9 +6,13 @@ import math
 import pytest
 import torch
 
-from pfedlora.algorithms import IMPLEMENTATIONS
+from pfedlora.algorithms import IMPLEMENTATIONS, Upload
+from pfedlora.algorithms.screening import upload_problem
 from pfedlora.metrics import Channel, FlopMeter, payload_bytes
+from pfedlora.rounds import client_update
 from pfedlora.simulation import TIMING_KEYS, build_federation, run_federation, run_round
+
+from .helpers import client_context
 
 ALGORITHMS = sorted(IMPLEMENTATIONS)
 
@@ -102,3 +106,23 @@ def test_state_survives_save_and_load(tiny_dataset, tiny_config, name):
         left = original.client_states[client_id].state_dict()
         right = restored.client_states[client_id].state_dict()
         assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_real_uploads_pass_screening_and_corrupted_ones_do_not(tiny_dataset, tiny_config, name):
+    federation = build_federation(_config(tiny_config, name), tiny_dataset)
+    algorithm, server_state = federation.algorithm, federation.server_state
+    ctx = client_context(federation, client_id=1)
+    message = algorithm.broadcast(server_state, 1, 1)
+    upload = client_update(algorithm, federation.client_states[1], message, ctx)
+    declared = federation.clients[1].num_train
+
+    def problem(tensors, count=upload.num_examples):
+        return upload_problem(algorithm, server_state, Upload(tensors, count), declared)
+
+    assert problem(upload.tensors) is None
+    assert "unexpected" in problem({**upload.tensors, "smuggled": torch.zeros(3)})
+    assert "sample count" in problem(upload.tensors, declared + 1)
+    if upload.tensors:
+        key = next(iter(upload.tensors))
+        assert "NaN" in problem({**upload.tensors, key: torch.full_like(upload.tensors[key], float("nan"))})

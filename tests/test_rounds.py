@@ -1,0 +1,167 @@
+"""Refusing bad updates, min_clients, dropout and the privacy option (the steps both runtimes share)."""
+
+import logging
+
+import pytest
+import torch
+
+from pfedlora.algorithms import Upload, create_algorithm, weighted_average
+from pfedlora.algorithms.screening import Reply
+from pfedlora.errors import ConfigError
+from pfedlora.privacy import add_gaussian_noise, clip_update
+from pfedlora.rounds import server_update
+from pfedlora.simulation import build_federation, run_federation
+
+
+def _replies(federation):
+    """Two valid pFedLoRA uploads (clients 0 and 1): the global adapter nudged two different ways."""
+    state = federation.server_state
+    return [
+        Reply(cid, Upload({k: v + 0.01 * (cid + 1) for k, v in state.items()}, 5 + cid)) for cid in (0, 1)
+    ]
+
+
+def _corrupt(tensors, kind):
+    key = next(iter(tensors))
+    tensors = dict(tensors)
+    if kind == "missing":
+        del tensors[key]
+    elif kind == "extra":
+        tensors["lora_branch.smuggled"] = torch.zeros(2)
+    elif kind == "shape":
+        tensors[key] = torch.zeros(tensors[key].numel() + 1)
+    elif kind == "dtype":
+        tensors[key] = tensors[key].double()
+    elif kind in ("nan", "inf"):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float(kind)
+    return tensors
+
+
+BAD_TENSORS = {
+    "missing": "missing tensors",
+    "extra": "unexpected tensors",
+    "shape": "has shape",
+    "dtype": "has dtype",
+    "nan": "NaN or Inf",
+    "inf": "NaN or Inf",
+}
+BAD_COUNTS = {"zero": 0, "negative": -3, "fractional": 2.5, "too many": 10_000}
+
+
+@pytest.mark.parametrize("kind", [*BAD_TENSORS, *BAD_COUNTS])
+def test_each_kind_of_bad_update_is_refused_logged_and_the_rest_aggregated(
+    tiny_dataset, tiny_config, caplog, kind
+):
+    federation = build_federation(tiny_config(), tiny_dataset)
+    good, bad = _replies(federation)
+    if kind in BAD_TENSORS:
+        bad = Reply(bad.client_id, Upload(_corrupt(bad.upload.tensors, kind), bad.upload.num_examples))
+    else:
+        bad = Reply(bad.client_id, Upload(bad.upload.tensors, BAD_COUNTS[kind]))
+    declared = {cid: data.num_train for cid, data in enumerate(federation.clients)}
+    with caplog.at_level(logging.WARNING):
+        outcome = server_update(federation.algorithm, federation.server_state, [good, bad], declared, 4)
+    assert outcome.aggregated == [0] and [r.client_id for r in outcome.refused] == [1]
+    reason = outcome.refused[0].reason
+    assert BAD_TENSORS.get(kind, "sample count") in reason
+    assert f"round 4: refused the update of client 1: {reason}" in caplog.text
+    for key, value in outcome.server_state.items():
+        assert torch.equal(value, good.upload.tensors[key])  # the valid upload alone
+
+
+def test_fewer_valid_uploads_than_min_clients_keep_the_global_state(tiny_dataset, tiny_config, caplog):
+    federation = build_federation(tiny_config("federation.min_clients=2"), tiny_dataset)
+    good, bad = _replies(federation)
+    bad = Reply(1, Upload(_corrupt(bad.upload.tensors, "nan"), 5))
+    declared = {0: 100, 1: 100}
+    with caplog.at_level(logging.WARNING):
+        outcome = server_update(federation.algorithm, federation.server_state, [good, bad], declared, 2)
+    assert outcome.server_state is federation.server_state and outcome.aggregated == []
+    assert "fewer than federation.min_clients = 2" in caplog.text
+    both = server_update(
+        federation.algorithm, federation.server_state, list(_replies(federation)), declared, 2
+    )
+    assert both.aggregated == [0, 1]
+
+
+def test_algorithm_specific_schemas_are_checked(tiny_dataset, tiny_config):
+    for name, tensors, reason in [
+        ("fedproto", {"prototype.9": torch.zeros(500), "count.9": torch.ones(())}, "names no class"),
+        ("fedproto", {"prototype.1": torch.zeros(500)}, "different classes"),
+        ("fedgh", {"prototype.1": torch.zeros(7)}, "has shape"),
+    ]:
+        federation = build_federation(tiny_config(f"algorithm={name}"), tiny_dataset)
+        outcome = server_update(
+            federation.algorithm, federation.server_state, [Reply(0, Upload(tensors, 3))], {0: 10}, 1
+        )
+        assert reason in outcome.refused[0].reason, name
+    federation = build_federation(tiny_config("algorithm=fedkd"), tiny_dataset)
+    key = next(k for k, v in federation.server_state.items() if v.dim() == 2)
+    update = {k: torch.zeros_like(v) for k, v in federation.server_state.items() if k != key}
+    rows, cols = federation.server_state[key].shape
+    update |= {f"{key}.U": torch.zeros(rows, 2), f"{key}.S": torch.zeros(3), f"{key}.V": torch.zeros(cols, 2)}
+    outcome = server_update(
+        federation.algorithm, federation.server_state, [Reply(0, Upload(update, 3))], {0: 9}, 1
+    )
+    assert outcome.refused and outcome.refused[0].client_id == 0
+
+
+def test_dropouts_are_seeded_tolerated_and_never_upload(tiny_dataset, tiny_config):
+    config = tiny_config("federation.drop_rate=0.5", "federation.rounds=4")
+    records = run_federation(build_federation(config, tiny_dataset))
+    again = run_federation(build_federation(config, tiny_dataset))
+    assert [r["dropped"] for r in records] == [r["dropped"] for r in again]
+    assert any(r["dropped"] for r in records)
+    for record in records:
+        trained = [c["client_id"] for c in record["clients"]]
+        assert sorted(trained + record["dropped"]) == sorted(record["sampled"])
+        assert record["aggregated"] == trained
+    everyone_gone = build_federation(tiny_config("federation.drop_rate=1"), tiny_dataset)
+    before = {k: v.clone() for k, v in everyone_gone.server_state.items()}
+    records = run_federation(everyone_gone)
+    assert all(r["bytes_up"] == 0 and r["aggregated"] == [] for r in records)
+    assert all(torch.equal(before[k], v) for k, v in everyone_gone.server_state.items())
+
+
+def test_clipping_bounds_the_update_norm_and_leaves_small_updates_alone():
+    received = {"a": torch.zeros(3), "b": torch.ones(2)}
+    uploaded = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([1.0, 5.0])}  # ‖Δ‖ = 5
+    clipped = clip_update(received, uploaded, clip_norm=1.0)
+    delta = torch.cat([clipped["a"] - received["a"], clipped["b"] - received["b"]])
+    assert torch.allclose(delta, torch.tensor([0.6, 0.0, 0.0, 0.0, 0.8]))
+    same = clip_update(received, uploaded, clip_norm=10.0)
+    assert all(torch.equal(same[k], uploaded[k]) for k in uploaded)
+
+
+def test_noise_has_the_stated_scale_and_is_seeded():
+    state = {"w": torch.zeros(200_000)}
+    noisy = add_gaussian_noise(state, 0.25, torch.Generator().manual_seed(3))
+    assert abs(float(noisy["w"].std()) - 0.25) < 0.005
+    assert torch.equal(noisy["w"], add_gaussian_noise(state, 0.25, torch.Generator().manual_seed(3))["w"])
+
+
+def test_private_rounds_average_clipped_updates_with_equal_weights_plus_noise(tiny_dataset, tiny_config):
+    plain = tiny_config("privacy.clip_norm=1000")
+    federation = build_federation(plain, tiny_dataset)
+    replies = _replies(federation)  # sample counts 5 and 6, ignored under privacy
+    declared = {0: 100, 1: 100}
+    outcome = server_update(federation.algorithm, federation.server_state, replies, declared, 1)
+    expected = weighted_average([r.upload.tensors for r in replies], [1, 1])
+    assert all(torch.allclose(outcome.server_state[k], v) for k, v in expected.items())
+
+    noisy = build_federation(
+        tiny_config("privacy.clip_norm=1000", "privacy.noise_multiplier=0.002"), tiny_dataset
+    )
+    first = server_update(noisy.algorithm, noisy.server_state, replies, declared, 1).server_state
+    second = server_update(noisy.algorithm, noisy.server_state, replies, declared, 1).server_state
+    residual = torch.cat([(first[k] - expected[k]).flatten() for k in expected])
+    assert abs(float(residual.std()) - 0.002 * 1000 / 2) < 0.1  # σ · C / m with m = 2
+    assert all(torch.equal(first[k], second[k]) for k in first)  # seeded by (seed, round)
+
+
+def test_privacy_is_refused_where_it_does_not_apply(tiny_config):
+    with pytest.raises(ConfigError, match=r"fedproto.*support it: pfedlora"):
+        create_algorithm(tiny_config("algorithm=fedproto", "privacy.clip_norm=1"), (1, 28, 28), 4)
+    with pytest.raises(ConfigError, match=r"needs privacy\.clip_norm"):
+        tiny_config("privacy.noise_multiplier=1")
