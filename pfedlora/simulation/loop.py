@@ -53,6 +53,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def eval_split(config: ExperimentConfig) -> str:
+    """The split clients are evaluated on: validation when one is carved, else test."""
+    return "validation" if config.data.validation_fraction > 0 else "test"
+
+
 @dataclass
 class Federation:
     """Everything a run works on: the algorithm, each client's data and private state, the global state."""
@@ -65,19 +70,12 @@ class Federation:
 
     @property
     def eval_split(self) -> str:
-        return "validation" if self.config.data.validation_fraction > 0 else "test"
+        return eval_split(self.config)
 
 
-def build_federation(config: ExperimentConfig, dataset: Dataset | None = None) -> Federation:
-    """Load and partition the data, create every client's private state and the initial global state.
-
-    Refuses (AdapterMismatchError) a federation whose shared tensors differ between architectures
-    before any training happens.
-    """
+def build_clients(config: ExperimentConfig, dataset: Dataset, device: torch.device) -> list[ClientData]:
+    """Every client's data (index views of ``dataset`` on ``device``), partitioned from the seed."""
     data_cfg, fed_cfg = config.data, config.federation
-    if dataset is None:
-        dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None, download=data_cfg.download)
-    device = resolve_device(config.device)
     partition = make_partition(
         data_cfg.partition,
         dataset.train_y.numpy(),
@@ -93,38 +91,77 @@ def build_federation(config: ExperimentConfig, dataset: Dataset | None = None) -
             partition, data_cfg.validation_fraction, numpy_generator(config.seed, "validation")
         )
     augment = data_cfg.augment == "on" or (data_cfg.augment == "auto" and dataset.name.startswith("cifar"))
-    clients = build_client_data(dataset.to(device), partition, augment=augment)
+    return build_client_data(dataset.to(device), partition, augment=augment)
 
-    algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
-    client_states = {
-        client_id: algorithm.create_client(
-            config.architecture_of(client_id), torch_generator(config.seed, "client-init", client_id)
-        ).to(device)
-        for client_id in range(fed_cfg.num_clients)
+
+def create_client_state(
+    algorithm: Algorithm, client_id: int, device: torch.device, arch: str | None = None
+) -> nn.Module:
+    """Client ``client_id``'s fresh private state, seeded by the client id (``arch`` defaults to the
+    config's architecture for it)."""
+    config = algorithm.config
+    arch = arch or config.architecture_of(client_id)
+    return algorithm.create_client(arch, torch_generator(config.seed, "client-init", client_id)).to(device)
+
+
+def initial_global_state(algorithm: Algorithm, device: torch.device) -> State:
+    """The global state before round 1, after checking that every architecture shares the same tensors.
+
+    Raises AdapterMismatchError, before any training, where the shared tensors differ between architectures.
+    """
+    config = algorithm.config
+    archs = config.federation.architectures
+    first_of_arch = {
+        config.architecture_of(cid): cid for cid in reversed(range(config.federation.num_clients))
     }
-    first_of_arch = {config.architecture_of(cid): cid for cid in reversed(range(fed_cfg.num_clients))}
     check_homogeneous(
-        {arch: algorithm.shared_state(client_states[cid]) for arch, cid in first_of_arch.items()}
+        {
+            arch: algorithm.shared_state(create_client_state(algorithm, cid, device))
+            for arch, cid in first_of_arch.items()
+        }
     )
-    template = algorithm.create_client(fed_cfg.architectures[0], torch_generator(config.seed, "server-init"))
-    server_state = algorithm.initial_server_state(template.to(device))
+    template = algorithm.create_client(archs[0], torch_generator(config.seed, "server-init"))
+    return algorithm.initial_server_state(template.to(device))
+
+
+def build_federation(config: ExperimentConfig, dataset: Dataset | None = None) -> Federation:
+    """Load and partition the data, create every client's private state and the initial global state.
+
+    Refuses (AdapterMismatchError) a federation whose shared tensors differ between architectures
+    before any training happens.
+    """
+    data_cfg = config.data
+    if dataset is None:
+        dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None, download=data_cfg.download)
+    device = resolve_device(config.device)
+    clients = build_clients(config, dataset, device)
+    algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
+    server_state = initial_global_state(algorithm, device)
+    client_states = {
+        client_id: create_client_state(algorithm, client_id, device)
+        for client_id in range(config.federation.num_clients)
+    }
     return Federation(config, algorithm, clients, client_states, server_state)
+
+
+def client_accuracy(algorithm: Algorithm, state: nn.Module, data: ClientData, split: str) -> tuple[int, int]:
+    """(correct, total) of one client's personalized predictor on its ``split``."""
+    state.eval()
+    hits = count = 0
+    with torch.inference_mode():
+        for x, y in data.eval_batches(split, EVAL_BATCH_SIZE):
+            hits += int((algorithm.predict(state, x).argmax(dim=1) == y).sum())
+            count += len(y)
+    return hits, count
 
 
 def evaluate(federation: Federation) -> AccuracyReport:
     """Every client's personalized predictor on its own evaluation split."""
-    correct, totals = [], []
-    for client_id, data in enumerate(federation.clients):
-        state = federation.client_states[client_id]
-        state.eval()
-        hits = count = 0
-        with torch.inference_mode():
-            for x, y in data.eval_batches(federation.eval_split, EVAL_BATCH_SIZE):
-                hits += int((federation.algorithm.predict(state, x).argmax(dim=1) == y).sum())
-                count += len(y)
-        correct.append(hits)
-        totals.append(count)
-    return AccuracyReport(tuple(correct), tuple(totals))
+    results = [
+        client_accuracy(federation.algorithm, federation.client_states[cid], data, federation.eval_split)
+        for cid, data in enumerate(federation.clients)
+    ]
+    return AccuracyReport(tuple(h for h, _ in results), tuple(n for _, n in results))
 
 
 def run_round(
@@ -246,14 +283,21 @@ def run_federation(
 
 def summarize(federation: Federation, records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """The run's headline figures (see README for each key)."""
-    config = federation.config
+    shared = federation.algorithm.shared_state(federation.client_states[0])
+    shared_parameters = sum(t.numel() for t in shared.values())
+    return summarize_records(federation.config, records, wall_seconds, shared_parameters)
+
+
+def summarize_records(
+    config: ExperimentConfig, records: list[dict[str, Any]], wall_seconds: float, shared_parameters: int
+) -> dict[str, Any]:
+    """:func:`summarize` from the configuration and the records alone (what the Flower server has)."""
     evaluated = [r for r in records if "mean_accuracy" in r]
     curve = summarize_curve([r["round"] for r in evaluated], [r["mean_accuracy"] for r in evaluated])
     target = config.federation.target_accuracy
     reached = next((r for r in evaluated if r["mean_accuracy"] >= target), None)
     last = evaluated[-1]
     train_samples = sum(r["train_samples"] for r in records)
-    shared = federation.algorithm.shared_state(federation.client_states[0])
     return {
         "algorithm": config.algorithm,
         "dataset": config.data.dataset,
@@ -262,11 +306,11 @@ def summarize(federation: Federation, records: list[dict[str, Any]], wall_second
         "sample_fraction": config.federation.sample_fraction,
         "rounds": config.federation.rounds,
         "seed": config.seed,
-        "eval_split": federation.eval_split,
+        "eval_split": eval_split(config),
         **curve,
         "weighted_accuracy_last": last["weighted_accuracy"],
         "std_accuracy_last": last["std_accuracy"],
-        "shared_parameters": sum(t.numel() for t in shared.values()),
+        "shared_parameters": shared_parameters,
         "bytes_down_total": sum(r["bytes_down"] for r in records),
         "bytes_up_total": sum(r["bytes_up"] for r in records),
         "bytes_total": records[-1]["cumulative_bytes"],
