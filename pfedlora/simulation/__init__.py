@@ -2,13 +2,17 @@
 
 from pfedlora.simulation.loop import (
     TIMING_KEYS,
+    ClientPool,
+    ClientResult,
     Federation,
+    LocalClients,
     build_federation,
     evaluate,
     resume_run,
     run_experiment,
     run_federation,
     run_round,
+    run_rounds,
     summarize,
 )
 from pfedlora.simulation.results import read_run
@@ -16,7 +20,10 @@ from pfedlora.simulation.sampling import clients_per_round, sample_clients
 
 __all__ = [
     "TIMING_KEYS",
+    "ClientPool",
+    "ClientResult",
     "Federation",
+    "LocalClients",
     "build_federation",
     "clients_per_round",
     "evaluate",
@@ -25,6 +32,7 @@ __all__ = [
     "run_experiment",
     "run_federation",
     "run_round",
+    "run_rounds",
     "sample_clients",
     "summarize",
 ]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -155,6 +155,74 @@ def client_accuracy(algorithm: Algorithm, state: nn.Module, data: ClientData, sp
     return hits, count
 
 
+@dataclass(frozen=True)
+class ClientResult:
+    """What one client's training in one round produced: its upload and what the training cost."""
+
+    upload: Upload
+    train_flops: float
+    train_samples: int
+
+
+class ServerSide(Protocol):
+    """What the round loop needs of the server: the configuration, the algorithm and the global state."""
+
+    config: ExperimentConfig
+    algorithm: Algorithm
+    server_state: State
+
+
+class ClientPool(Protocol):
+    """Where a run's clients live and train: in this process (simulator) or on Flower nodes."""
+
+    def declared_examples(self) -> Mapping[int, int]:
+        """Each client's number of training samples, as the client declared it."""
+
+    def train(
+        self, server_round: int, messages: Mapping[int, State], dropping: Set[int]
+    ) -> dict[int, ClientResult]:
+        """Deliver each client its message; clients in ``dropping`` (and any that fail) do not reply."""
+
+    def evaluate(self, server_round: int) -> AccuracyReport:
+        """Every client's personalized predictor on its own evaluation split."""
+
+
+class LocalClients:
+    """The simulator's client pool: every client's data and private state in this process."""
+
+    def __init__(self, federation: Federation, meter: FlopMeter) -> None:
+        self.federation, self.meter = federation, meter
+
+    def declared_examples(self) -> dict[int, int]:
+        return {client_id: data.num_train for client_id, data in enumerate(self.federation.clients)}
+
+    def train(
+        self, server_round: int, messages: Mapping[int, State], dropping: Set[int]
+    ) -> dict[int, ClientResult]:
+        federation, meter = self.federation, self.meter
+        config = federation.config
+        results = {}
+        for client_id, message in messages.items():
+            if client_id in dropping:
+                continue
+            meter.reset()
+            samples_before = meter.samples
+            ctx = ClientContext(
+                client_id=client_id,
+                arch=config.architecture_of(client_id),
+                server_round=server_round,
+                data=federation.clients[client_id],
+                generator=torch_generator(config.seed, "train", client_id, server_round),
+                meter=meter,
+            )
+            upload = client_update(federation.algorithm, federation.client_states[client_id], message, ctx)
+            results[client_id] = ClientResult(upload, meter.total, meter.samples - samples_before)
+        return results
+
+    def evaluate(self, server_round: int) -> AccuracyReport:
+        return evaluate(self.federation)
+
+
 def evaluate(federation: Federation) -> AccuracyReport:
     """Every client's personalized predictor on its own evaluation split."""
     results = [
@@ -164,95 +232,83 @@ def evaluate(federation: Federation) -> AccuracyReport:
     return AccuracyReport(tuple(h for h, _ in results), tuple(n for _, n in results))
 
 
-def run_round(
-    federation: Federation, server_round: int, channel: Channel, meter: FlopMeter
-) -> dict[str, Any]:
-    """One round of training and aggregation; returns its per-client cost records.
+def run_round(server: ServerSide, clients: ClientPool, server_round: int, channel: Channel) -> dict[str, Any]:
+    """One round of training and aggregation, in either runtime; returns the round's cost record.
 
     A client that drops out (``federation.drop_rate``) receives the server's message but never replies;
     invalid uploads are refused (see :mod:`pfedlora.rounds`).
     """
-    config, algorithm = federation.config, federation.algorithm
+    config, algorithm = server.config, server.algorithm
     sampled = sample_clients(
         config.federation.num_clients, config.federation.sample_fraction, config.seed, server_round
     )
-    replies: list[Reply] = []
-    per_client, dropped = [], []
-    samples_before = meter.samples
-    bytes_down = 0
+    channel.reset()
+    messages = {
+        client_id: channel.download(
+            client_id, algorithm.broadcast(server.server_state, client_id, server_round)
+        )
+        for client_id in sampled
+    }
+    dropping = {client_id for client_id in sampled if drops_out(config, client_id, server_round)}
+    results = clients.train(server_round, messages, dropping)
+    replies, per_client = [], []
     for client_id in sampled:
-        channel.reset()
-        meter.reset()
-        outgoing = algorithm.broadcast(federation.server_state, client_id, server_round)
-        message = channel.download(client_id, outgoing)
-        bytes_down += channel.total_down
-        if drops_out(config, client_id, server_round):
-            dropped.append(client_id)
+        if client_id not in results:
             continue
-        ctx = ClientContext(
-            client_id=client_id,
-            arch=config.architecture_of(client_id),
-            server_round=server_round,
-            data=federation.clients[client_id],
-            generator=torch_generator(config.seed, "train", client_id, server_round),
-            meter=meter,
-        )
-        upload = client_update(algorithm, federation.client_states[client_id], message, ctx)
-        replies.append(
-            Reply(client_id, Upload(channel.upload(client_id, upload.tensors), upload.num_examples))
-        )
+        result = results[client_id]
+        received = channel.upload(client_id, result.upload.tensors)
+        replies.append(Reply(client_id, Upload(received, result.upload.num_examples)))
         per_client.append(
             {
                 "client_id": client_id,
-                "num_examples": upload.num_examples,
-                "bytes_down": channel.total_down,
-                "bytes_up": channel.total_up,
-                "train_flops": meter.total,
+                "num_examples": result.upload.num_examples,
+                "bytes_down": channel.bytes_down[client_id],
+                "bytes_up": channel.bytes_up[client_id],
+                "train_flops": result.train_flops,
             }
         )
-    declared = {client_id: data.num_train for client_id, data in enumerate(federation.clients)}
-    outcome = server_update(algorithm, federation.server_state, replies, declared, server_round)
-    federation.server_state = outcome.server_state
+    outcome = server_update(
+        algorithm, server.server_state, replies, clients.declared_examples(), server_round
+    )
+    server.server_state = outcome.server_state
     return {
         "round": server_round,
         "sampled": sampled,
-        "dropped": dropped,
+        "dropped": [client_id for client_id in sampled if client_id not in results],
         "refused": [{"client_id": r.client_id, "reason": r.reason} for r in outcome.refused],
         "aggregated": outcome.aggregated,
-        "bytes_down": bytes_down,
-        "bytes_up": sum(c["bytes_up"] for c in per_client),
+        "bytes_down": channel.total_down,
+        "bytes_up": channel.total_up,
         "train_flops": sum(c["train_flops"] for c in per_client),
-        "train_samples": meter.samples - samples_before,
+        "train_samples": sum(result.train_samples for result in results.values()),
         "clients": per_client,
     }
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
+AfterRound = Callable[[int, list[dict[str, Any]]], None]
 
 
-def run_federation(
-    federation: Federation,
+def run_rounds(
+    server: ServerSide,
+    clients: ClientPool,
     on_round: RoundCallback | None = None,
     done: Sequence[dict[str, Any]] = (),
-    checkpointer: Checkpointer | None = None,
-    seconds_before: float = 0.0,
+    after_round: AfterRound | None = None,
 ) -> list[dict[str, Any]]:
-    """The rounds after those in ``done`` (records of rounds 1..k of this run, when resuming); each
-    finished round's record goes to ``on_round`` and into the returned list of all records.
-
-    With a ``checkpointer``, the run is checkpointed every ``federation.checkpoint_every`` rounds.
-    """
-    fed_cfg = federation.config.federation
-    channel, meter = Channel(), FlopMeter()
+    """The rounds after those in ``done`` (records of rounds 1..k of this run, when resuming), in either
+    runtime; each finished round's record goes to ``on_round``, then ``after_round(round, records)`` runs.
+    Returns the records of all rounds."""
+    fed_cfg = server.config.federation
+    channel = Channel()
     records: list[dict[str, Any]] = list(done)
     cumulative = {
         "bytes": records[-1]["cumulative_bytes"] if records else 0,
         "train_flops": records[-1]["cumulative_train_flops"] if records else 0.0,
     }
-    started_all = time.perf_counter()
     for server_round in range(len(records) + 1, fed_cfg.rounds + 1):
         started = time.perf_counter()
-        record = run_round(federation, server_round, channel, meter)
+        record = run_round(server, clients, server_round, channel)
         seconds = time.perf_counter() - started
         cumulative["bytes"] += record["bytes_down"] + record["bytes_up"]
         cumulative["train_flops"] += record["train_flops"]
@@ -263,7 +319,7 @@ def run_federation(
             train_samples_per_second=record["train_samples"] / seconds if seconds > 0 else 0.0,
         )
         if server_round % fed_cfg.eval_every == 0 or server_round == fed_cfg.rounds:
-            report = evaluate(federation)
+            report = clients.evaluate(server_round)
             record.update(
                 mean_accuracy=report.mean,
                 weighted_accuracy=report.weighted,
@@ -274,11 +330,30 @@ def run_federation(
         records.append(record)
         if on_round is not None:
             on_round(record)
+        if after_round is not None:
+            after_round(server_round, records)
+    return records
+
+
+def run_federation(
+    federation: Federation,
+    on_round: RoundCallback | None = None,
+    done: Sequence[dict[str, Any]] = (),
+    checkpointer: Checkpointer | None = None,
+    seconds_before: float = 0.0,
+) -> list[dict[str, Any]]:
+    """:func:`run_rounds` in this process; with a ``checkpointer``, the run is checkpointed every
+    ``federation.checkpoint_every`` rounds (not after the last)."""
+    fed_cfg = federation.config.federation
+    started = time.perf_counter()
+
+    def checkpoint(server_round: int, records: list[dict[str, Any]]) -> None:
         every = fed_cfg.checkpoint_every
         if checkpointer is not None and every and server_round % every == 0 and server_round < fed_cfg.rounds:
-            elapsed = seconds_before + time.perf_counter() - started_all
+            elapsed = seconds_before + time.perf_counter() - started
             checkpointer.save(federation, server_round, records, elapsed)
-    return records
+
+    return run_rounds(federation, LocalClients(federation, FlopMeter()), on_round, done, checkpoint)
 
 
 def summarize(federation: Federation, records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pfedlora.algorithms import IMPLEMENTATIONS, Upload
 from pfedlora.algorithms.screening import upload_problem
 from pfedlora.metrics import Channel, FlopMeter, payload_bytes
 from pfedlora.rounds import client_update
-from pfedlora.simulation import TIMING_KEYS, build_federation, run_federation, run_round
+from pfedlora.simulation import TIMING_KEYS, LocalClients, build_federation, run_federation, run_round
 
 from .helpers import client_context
 
@@ -52,7 +52,7 @@ def test_only_declared_tensors_travel_and_private_models_stay(tiny_dataset, tiny
     federation = build_federation(_config(tiny_config, name), tiny_dataset)
     algorithm, channel = federation.algorithm, RecordingChannel()
     for server_round in (1, 2):
-        record = run_round(federation, server_round, channel, FlopMeter())
+        record = run_round(federation, LocalClients(federation, FlopMeter()), server_round, channel)
         # The byte ledger counts exactly the payloads carried, per client and direction.
         for client in record["clients"]:
             for direction, key in (("down", "bytes_down"), ("up", "bytes_up")):
@@ -93,14 +93,14 @@ def _round_trip(obj):
 def test_state_survives_save_and_load(tiny_dataset, tiny_config, name):
     config = _config(tiny_config, name, "federation.sample_fraction=1.0")
     original = build_federation(config, tiny_dataset)
-    run_round(original, 1, Channel(), FlopMeter())
+    run_round(original, LocalClients(original, FlopMeter()), 1, Channel())
     restored = build_federation(config, tiny_dataset)  # fresh initial states, then overwritten
     for client_id, state in original.client_states.items():
         restored.client_states[client_id].load_state_dict(_round_trip(state.state_dict()))
     restored.server_state = _round_trip(original.server_state)
     # Round 2 continues identically from the saved and the live state.
-    a = run_round(original, 2, Channel(), FlopMeter())
-    b = run_round(restored, 2, Channel(), FlopMeter())
+    a = run_round(original, LocalClients(original, FlopMeter()), 2, Channel())
+    b = run_round(restored, LocalClients(restored, FlopMeter()), 2, Channel())
     assert a == b
     for client_id in original.client_states:
         left = original.client_states[client_id].state_dict()

@@ -1,0 +1,43 @@
+"""Conversions between pfedlora's values and Flower records: the only thing the Flower layer adds.
+
+Tensors travel as an ``ArrayRecord`` (float32 and integer tensors as they are; keys and order kept);
+the experiment configuration travels as TOML text in a ``ConfigRecord``, so that every ClientApp runs with
+exactly the server's configuration.
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+import torch
+from flwr.app import ArrayRecord
+
+from pfedlora.config import ExperimentConfig, config_from_dict, config_to_toml
+
+State = dict[str, torch.Tensor]
+
+TENSORS = "tensors"
+"""RecordDict key of the ArrayRecord carrying a payload (broadcast or upload)."""
+SETTINGS = "settings"
+"""RecordDict key of the ConfigRecord carrying the configuration and the round's instructions."""
+METRICS = "metrics"
+"""RecordDict key of a reply's MetricRecord."""
+
+
+def to_record(state: State) -> ArrayRecord:
+    """``state`` as an ArrayRecord (on the CPU, contiguous, detached)."""
+    return ArrayRecord({key: value.detach().cpu().contiguous() for key, value in state.items()})
+
+
+def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> State:
+    """The tensors of ``record``, on ``device``."""
+    return {key: value.to(device) for key, value in record.to_torch_state_dict().items()}
+
+
+def config_text(config: ExperimentConfig) -> str:
+    return config_to_toml(config)
+
+
+def config_from_text(text: str) -> ExperimentConfig:
+    """The configuration the server sent, validated again on the client."""
+    return config_from_dict(tomllib.loads(text))
