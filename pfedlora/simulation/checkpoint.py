@@ -26,7 +26,7 @@ CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 
 
-def _save_atomic(tensors: dict[str, Any], path: Path) -> None:
+def save_atomic(tensors: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
@@ -55,10 +55,10 @@ class Checkpointer:
         }
         for client_id in sorted(trained):
             name = f"client-{client_id}-r{server_round}.safetensors"
-            _save_atomic(federation.client_states[client_id].state_dict(), self.path / name)
+            save_atomic(federation.client_states[client_id].state_dict(), self.path / name)
             self.clients[str(client_id)] = name
         server = f"server-r{server_round}.safetensors"
-        _save_atomic(federation.server_state, self.path / server)
+        save_atomic(federation.server_state, self.path / server)
         manifest = {"round": server_round, "server": server, "clients": self.clients, "wall_seconds": seconds}
         write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         self.round = server_round

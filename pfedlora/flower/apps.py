@@ -1,0 +1,101 @@
+"""The Flower ServerApp and ClientApp: message routing and record conversion around pfedlora's own code.
+
+Run configuration keys (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``):
+``config-file`` (a pfedlora TOML file on the server, "" for the defaults), ``overrides`` (space-separated
+``key=value`` pfedlora overrides), ``out-dir`` (the run directory the server writes), ``experiment`` (names
+the clients' checkpoint folder; "" for the out-dir's name) and ``round-timeout`` (seconds).
+Node configuration keys: ``partition-id`` (the stable client id, required), ``num-partitions``, ``arch``,
+``data-dir``, ``state-dir`` (see :class:`pfedlora.flower.node.NodeSettings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from pfedlora.config import load_config
+from pfedlora.flower.node import Node, NodeSettings
+from pfedlora.flower.records import METRICS, SETTINGS, TENSORS, config_from_text, from_record, to_record
+from pfedlora.flower.server import run_server
+
+logger = logging.getLogger(__name__)
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def serve(grid: Grid, context: Context) -> None:
+    """Read the run configuration and run the experiment over the connected nodes."""
+    run_config = context.run_config
+    config_file = str(run_config.get("config-file", "")) or None
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    config = load_config(config_file, overrides)
+    out_dir = Path(str(run_config.get("out-dir", "runs/flower")))
+    experiment = str(run_config.get("experiment", "")) or out_dir.name
+    summary = run_server(grid, config, out_dir, experiment, float(run_config.get("round-timeout", 600)))
+    logger.warning(
+        "pfedlora on Flower: mean accuracy %.4f after %d rounds; results in %s",
+        summary["mean_accuracy_last"],
+        summary["rounds"],
+        out_dir,
+    )
+
+
+def _node(message: Message, context: Context) -> Node:
+    settings = message.content[SETTINGS]
+    return Node(
+        config_from_text(str(settings["config"])),
+        NodeSettings.from_node_config(context.node_config),
+        str(settings["experiment"]),
+    )
+
+
+@client_app.query()
+def identify(message: Message, context: Context) -> Message:
+    """The node's stable client id, its number of training samples and the data's shape."""
+    node = _node(message, context)
+    about = ConfigRecord(
+        {
+            "client-id": node.client_id,
+            "num-train": node.data.num_train,
+            "arch": node.arch,
+            "input-shape": list(node.input_shape),
+            "num-classes": node.num_classes,
+        }
+    )
+    return Message(RecordDict({METRICS: about}), reply_to=message)
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of the algorithm's client training (or, told to drop out, no reply at all)."""
+    settings = message.content[SETTINGS]
+    if bool(settings["drop"]):
+        raise RuntimeError("dropped out of this round (federation.drop_rate)")  # Flower replies with an error
+    node = _node(message, context)
+    result = node.train(from_record(message.content[TENSORS]), int(settings["round"]))
+    metrics = MetricRecord(
+        {
+            "num-examples": result.upload.num_examples,
+            "train-flops": result.train_flops,
+            "train-samples": result.train_samples,
+        }
+    )
+    return Message(
+        RecordDict({TENSORS: to_record(result.upload.tensors), METRICS: metrics}), reply_to=message
+    )
+
+
+@client_app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Correct predictions and total samples on this client's evaluation split."""
+    correct, total = _node(message, context).evaluate()
+    return Message(
+        RecordDict({METRICS: MetricRecord({"correct": correct, "total": total})}), reply_to=message
+    )

@@ -1,0 +1,56 @@
+"""An in-process Flower Grid (no Ray, no sockets): every message goes straight to the ClientApp.
+
+One ``Context`` per virtual node keeps ``context.state`` as a SuperNode would; an exception in the
+ClientApp becomes an error reply, as in Flower's runtimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+RUN_ID = 1
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app, node_configs: list[dict]) -> None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
+        self.client_app = client_app
+        self.contexts = {
+            1000 + i: Context(RUN_ID, 1000 + i, dict(config), RecordDict(), {})
+            for i, config in enumerate(node_configs)
+        }
+        self.sent: list[Message] = []
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                replies.append(self.client_app(message, context))
+            except Exception as error:
+                replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
+        return replies

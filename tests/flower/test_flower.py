@@ -1,0 +1,105 @@
+"""The Flower path against the simulator, in process: same configuration and seed, same metrics."""
+
+import pytest
+import torch
+
+from pfedlora.algorithms import Upload
+from pfedlora.flower import node as node_module
+from pfedlora.flower.apps import client_app
+from pfedlora.flower.node import Node, NodeSettings
+from pfedlora.flower.server import FederationError, run_server
+from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
+from pfedlora.simulation.loop import ClientResult
+
+from .harness import InProcessGrid
+
+SETTING = ("federation.num_clients=4", "federation.sample_fraction=0.5", "federation.rounds=3")
+
+
+@pytest.fixture
+def tiny_nodes(monkeypatch, tiny_dataset):
+    monkeypatch.setattr(node_module, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    node_module.release_memory()
+    yield
+    node_module.release_memory()
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _nodes(config, state_dir, **extra):
+    return [
+        {
+            "partition-id": i,
+            "num-partitions": config.federation.num_clients,
+            "arch": config.architecture_of(i),
+            "state-dir": str(state_dir),
+            **extra,
+        }
+        for i in range(config.federation.num_clients)
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("algorithm=pfedlora", "adapter.placement=branch"),
+        ("algorithm=pfedlora", "adapter.placement=layers", "federation.drop_rate=0.3"),
+        ("algorithm=fedapen",),
+        ("algorithm=fedproto",),
+        ("algorithm=lg-fedavg", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.1"),
+    ],
+)
+def test_flower_run_equals_the_simulated_run(tmp_path, tiny_dataset, tiny_config, tiny_nodes, overrides):
+    config = tiny_config(*SETTING, *overrides)
+    run_experiment(config, tmp_path / "simulated", dataset=tiny_dataset)
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state"))
+    run_server(grid, config, tmp_path / "flower", experiment="t")
+    simulated, flower = read_run(tmp_path / "simulated"), read_run(tmp_path / "flower")
+    assert _strip(flower[0]) == _strip(simulated[0])
+    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(flower[1]) == strip(simulated[1])
+    # Private state lives in one checkpoint per client that trained; only shared tensors were sent.
+    trained = {c["client_id"] for r in flower[0] for c in r["clients"]}
+    assert {p.name for p in (tmp_path / "state" / "t").iterdir()} == {
+        f"client-{c}.safetensors" for c in trained
+    }
+
+
+def test_bad_updates_are_refused_on_flower_too(tmp_path, tiny_config, tiny_nodes, monkeypatch):
+    config = tiny_config(*SETTING)
+    original = Node.train
+
+    def poisoned(self, message, server_round):
+        result = original(self, message, server_round)
+        if self.client_id == 1:
+            tensors = {k: torch.full_like(v, float("inf")) for k, v in result.upload.tensors.items()}
+            return ClientResult(Upload(tensors, result.upload.num_examples), result.train_flops, 1)
+        return result
+
+    monkeypatch.setattr(Node, "train", poisoned)
+    run_server(InProcessGrid(client_app, _nodes(config, tmp_path / "state")), config, tmp_path / "run", "t")
+    records, _ = read_run(tmp_path / "run")
+    refused = [r for record in records for r in record["refused"]]
+    sampled_1 = [record["round"] for record in records if 1 in record["sampled"]]
+    assert sampled_1 and len(refused) == len(sampled_1)
+    assert all(r["client_id"] == 1 and "NaN or Inf" in r["reason"] for r in refused)
+
+
+def test_a_missing_or_duplicate_client_is_named(tmp_path, tiny_config, tiny_nodes):
+    config = tiny_config(*SETTING)
+    nodes = _nodes(config, tmp_path)
+    with pytest.raises(FederationError, match=r"client ids \[3\]"):
+        run_server(InProcessGrid(client_app, nodes[:3]), config, tmp_path / "a", "t")
+    with pytest.raises(FederationError, match="two nodes claim client id 0"):
+        run_server(InProcessGrid(client_app, [*nodes, nodes[0]]), config, tmp_path / "b", "t")
+
+
+def test_node_settings_are_checked(tmp_path):
+    settings = NodeSettings.from_node_config({"partition-id": 2, "num-partitions": 5, "arch": "cnn3"})
+    assert (settings.client_id, settings.num_clients, settings.arch) == (2, 5, "cnn3")
+    with pytest.raises(Exception, match="partition-id"):
+        NodeSettings.from_node_config({"arch": "cnn1"})
+    with pytest.raises(Exception, match="cnn9"):
+        NodeSettings.from_node_config({"partition-id": 0, "arch": "cnn9"})
