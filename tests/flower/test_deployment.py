@@ -1,0 +1,176 @@
+"""One bounded deployment on loopback: a SuperLink and three SuperNodes with TLS and node authentication.
+
+The test makes its own CA and keys, registers three SuperNode keys, and starts a fourth SuperNode with an
+unregistered key, which the SuperLink must refuse. `flwr run` then runs pFedLoRA on real Fashion-MNIST over
+the three nodes (each told its architecture by its node config); the run directory it writes must equal a
+simulated run of the same configuration. Every process the test starts is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pfedlora.config import load_config
+from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
+
+from .pki import make_node_key, make_tls
+
+APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
+OVERRIDES = (
+    "device=cpu federation.num_clients=3 federation.sample_fraction=1 federation.rounds=1 "
+    "data.classes_per_client=2 train.batch_size=256"
+)
+DEADLINE_S = 170
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Processes:
+    """Started in their own process groups; stopped (SIGTERM, then SIGKILL) by PID, newest first."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env, self.started = folder, env, []
+
+    def start(self, name: str, *command: str) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.folder,
+            start_new_session=True,
+        )
+        self.started.append((process, log))
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process, log in reversed(self.started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            log.close()
+
+
+def _run(env: dict[str, str], *command: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def fashion_mnist():
+    from pfedlora.data import load_dataset
+
+    return load_dataset("fashion-mnist", download=False)  # fails loudly where the dataset is missing
+
+
+def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator(tmp_path, fashion_mnist):
+    started = time.monotonic()
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOG_LEVEL": "INFO",
+        "COLUMNS": "150",
+        "OMP_NUM_THREADS": "1",
+    }
+    tls = make_tls(tmp_path)
+    keys = [make_node_key(tmp_path, f"node{i}") for i in range(3)]
+    rogue_key, _ = make_node_key(tmp_path, "rogue")
+    link_port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n'
+        f'root-certificates = "{tls["ca"]}"\n'
+    )
+    processes = Processes(tmp_path, env)
+    try:
+        link = processes.start(
+            "superlink",
+            "flower-superlink",
+            "--ssl-ca-certfile", str(tls["ca"]),
+            "--ssl-certfile", str(tls["cert"]),
+            "--ssl-keyfile", str(tls["key"]),
+            "--enable-supernode-auth",
+            "--host", "127.0.0.1",
+            "--port", str(link_port),
+            "--database", str(tmp_path / "state.db"),
+            "--disable-runtime-dependency-installation",
+        )  # fmt: skip
+        while "Uvicorn running" not in processes.log("superlink"):
+            assert link.poll() is None, processes.log("superlink")
+            assert time.monotonic() - started < 30, "the SuperLink did not start"
+            time.sleep(0.2)
+        for _, public in keys:
+            registered = _run(env, "flwr", "supernode", "register", str(public), "local", timeout=30)
+            assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
+
+        def supernode(name: str, key: Path, client_id: int, arch: str) -> subprocess.Popen:
+            node_config = (
+                f'partition-id={client_id} num-partitions=3 arch="{arch}" state-dir="{tmp_path / "state"}"'
+            )
+            return processes.start(
+                name,
+                "flower-supernode",
+                "--root-certificates", str(tls["ca"]),
+                "--superlink", f"127.0.0.1:{link_port}",
+                "--host", "127.0.0.1",
+                "--port", str(_free_port()),
+                "--auth-supernode-private-key", str(key),
+                "--node-config", node_config,
+                "--max-retries", "3",
+            )  # fmt: skip
+
+        for i, (private, _) in enumerate(keys):
+            supernode(f"node{i}", private, i, f"cnn{i + 1}")
+        rogue = supernode("rogue", rogue_key, 0, "cnn1")
+        assert rogue.wait(timeout=60) != 0, "a SuperNode with an unregistered key was accepted"
+        assert "Failed to activate SuperNode" in processes.log("rogue")
+
+        out = tmp_path / "flower-run"
+        remaining = DEADLINE_S - (time.monotonic() - started)
+        result = _run(
+            env,
+            "flwr", "run", str(APP), "local", "--stream",
+            "--run-config", f'overrides="{OVERRIDES}" out-dir="{out}" experiment="loopback"',
+            timeout=remaining,
+        )  # fmt: skip
+        assert (out / "summary.json").is_file(), result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        processes.stop_all()
+    assert all(process.poll() is not None for process, _ in processes.started)
+    assert {p.name for p in (tmp_path / "state" / "loopback").iterdir()} == {
+        f"client-{i}.safetensors" for i in range(3)
+    }
+
+    simulated = tmp_path / "simulated"
+    run_experiment(load_config(None, OVERRIDES.split()), simulated, dataset=fashion_mnist)
+    (flower_records, flower_summary), (sim_records, sim_summary) = read_run(out), read_run(simulated)
+    strip = lambda record: {k: v for k, v in record.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert [strip(r) for r in flower_records] == [strip(r) for r in sim_records]
+    assert strip(flower_summary) == strip(sim_summary)
+    assert flower_summary["mean_accuracy_last"] > 0.5
+    assert time.monotonic() - started < 180
