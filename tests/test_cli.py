@@ -100,3 +100,36 @@ def test_list_shows_what_is_available():
     ):
         assert name in result.output
     assert "2.62M" in result.output  # cnn1 on 3×32×32, SPEC §3
+
+
+def test_resume_continues_a_run_and_refuses_other_options(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    assert (
+        runner.invoke(
+            app, ["run", "-q", *TINY, "--set", "federation.checkpoint_every=1", "--out", str(out)]
+        ).exit_code
+        == 0
+    )
+    (out / "summary.json").unlink()
+    result = runner.invoke(app, ["run", "-q", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.json").is_file() and (out / "checkpoint" / "manifest.json").is_file()
+    for args, fragment in [
+        (["--resume", str(out), "--set", "train.lr=0.1"], "own configuration"),
+        (["--resume", str(tmp_path / "nowhere")], "not a run directory"),
+        (["--resume", str(out)], "finished run"),
+    ]:
+        bad = runner.invoke(app, ["run", "-q", *args])
+        assert bad.exit_code == 2 and fragment in bad.stderr, bad.output
+
+
+def test_tune_prints_the_search_and_the_options_for_compare(tmp_path, monkeypatch, tiny_dataset):
+    from pfedlora import compare
+
+    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    args = ["tune", "-q", "-a", "standalone", "-x", "train.local_epochs=1,2", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*args, *TINY, "--set", "data.validation_fraction=0.2"])
+    assert result.exit_code == 0, result.output
+    assert "← chosen" in result.output and "--set standalone:train.local_epochs=" in result.output
+    refused = runner.invoke(app, [*args, *TINY])
+    assert refused.exit_code == 2 and "validation" in refused.stderr
