@@ -3,16 +3,9 @@ import pytest
 from pfedlora import compare
 from pfedlora.errors import ConfigError
 from pfedlora.tuning import Axis, _coordinate_ascent, best_overrides, coordinate_search, write_search
+from tests.conftest import TINY_OVERRIDES
 
-TINY = (
-    "device=cpu",
-    "federation.num_clients=4",
-    "federation.rounds=2",
-    "federation.eval_every=1",
-    "data.classes_per_client=2",
-    "data.validation_fraction=0.2",
-    "train.batch_size=32",
-)
+TINY = (*TINY_OVERRIDES, "data.validation_fraction=0.2")
 
 
 def test_axis_parsing():

@@ -59,7 +59,13 @@ class Checkpointer:
             self.clients[str(client_id)] = name
         server = f"server-r{server_round}.safetensors"
         save_atomic(federation.server_state, self.path / server)
-        manifest = {"round": server_round, "server": server, "clients": self.clients, "wall_seconds": seconds}
+        manifest = {
+            "round": server_round,
+            "server": server,
+            "clients": self.clients,
+            "rng": f"every stream derived from seed {federation.config.seed} and (purpose, round, client)",
+            "wall_seconds": seconds,
+        }
         write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         self.round = server_round
         keep = {MANIFEST, server, *self.clients.values()}
