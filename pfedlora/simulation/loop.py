@@ -2,8 +2,9 @@
 
 Per round: sample clients (seeded); send each the server's message through the byte-counting channel;
 let the client pool train them (:class:`LocalClients` here, Flower nodes in :mod:`pfedlora.flower`) and
-take their uploads back through the channel; then screen the uploads and let the algorithm aggregate. Every ``eval_every`` rounds (and after the last), every client evaluates
-its personalized predictor on its own split. Costs are measured, not estimated: bytes from the tensors
+take their uploads back through the channel; then screen the uploads and let the algorithm aggregate.
+Every ``eval_every`` rounds (and after the last), every client evaluates its personalized predictor on
+its own split. Costs are measured, not estimated: bytes from the tensors
 sent, FLOPs from PyTorch's counter, seconds from the clock.
 """
 
