@@ -4,8 +4,8 @@ Per round: sample clients (seeded); send each the server's message through the b
 let the client pool train them (:class:`LocalClients` here, Flower nodes in :mod:`pfedlora.flower`) and
 take their uploads back through the channel; then screen the uploads and let the algorithm aggregate.
 Every ``eval_every`` rounds (and after the last), every client evaluates its personalized predictor on
-its own split. Costs are measured, not estimated: bytes from the tensors
-sent, FLOPs from PyTorch's counter, seconds from the clock.
+its own split. Costs are measured, not estimated: bytes from the tensors sent, FLOPs from PyTorch's
+counter, seconds from the clock.
 """
 
 from __future__ import annotations
