@@ -5,12 +5,18 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test lint bench
+.PHONY: setup setup-test run test lint bench
 
 setup: $(BIN)/.installed $(FASHION_MNIST)
+setup-test: $(BIN)/.installed-test $(FASHION_MNIST)
 
+# The library alone for `make run`; the test extra (pytest, ruff, Flower) for `make test`.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
@@ -22,7 +28,7 @@ $(FASHION_MNIST):
 run: setup
 	$(BIN)/pfedlora run
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
