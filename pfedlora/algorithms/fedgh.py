@@ -24,8 +24,7 @@ from torch import nn
 
 from pfedlora.algorithms.base import ClientContext, State, Upload
 from pfedlora.algorithms.lg_fedavg import HEAD_PREFIX, LGFedAvg
-from pfedlora.algorithms.prototypes import class_feature_means, prototype_payload, read_prototypes
-from pfedlora.algorithms.screening import check_dtypes
+from pfedlora.algorithms.prototypes import check_prototype_upload, prototype_upload, read_prototypes
 from pfedlora.algorithms.training import run_sgd
 from pfedlora.config import TrainConfig
 from pfedlora.metrics import FlopMeter
@@ -45,20 +44,13 @@ class FedGH(LGFedAvg):
     def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
         self.load_head(client, message)
         self.train_whole_model(client, ctx)
-        means, counts = class_feature_means(
-            client,
-            ctx.data,
-            self.num_classes,
-            self.config.train.batch_size,
-            ctx.meter,
-            kind=(ctx.arch, "prototypes"),
+        return prototype_upload(
+            client, ctx, self.num_classes, self.config.train.batch_size, with_counts=False
         )
-        return Upload(prototype_payload(means, counts, with_counts=False), ctx.data.num_train)
 
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Prototypes of classes in range, (500,) float32 each, no counts."""
-        read_prototypes(tensors, self.num_classes, with_counts=False)
-        check_dtypes(tensors, torch.float32)
+        check_prototype_upload(tensors, self.num_classes, with_counts=False)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """The global header after SGD on CE over every uploaded (class mean, class) pair."""

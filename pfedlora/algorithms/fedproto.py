@@ -25,11 +25,10 @@ from torch import nn
 from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
 from pfedlora.algorithms.prototypes import (
     PROTOTYPE_PREFIX,
-    class_feature_means,
-    prototype_payload,
+    check_prototype_upload,
+    prototype_upload,
     read_prototypes,
 )
-from pfedlora.algorithms.screening import check_dtypes
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.models import HeteroCNN, build_model
 
@@ -124,15 +123,9 @@ class FedProto(Algorithm):
         received = read_prototypes(message, self.num_classes, with_counts=False)
         client.load_prototypes({c: prototype for c, (prototype, _) in received.items()})
         self.train_local(client, ctx)
-        means, counts = class_feature_means(
-            client.model,
-            ctx.data,
-            self.num_classes,
-            self.config.train.batch_size,
-            ctx.meter,
-            kind=(ctx.arch, "prototypes"),
+        return prototype_upload(
+            client.model, ctx, self.num_classes, self.config.train.batch_size, with_counts=True
         )
-        return Upload(prototype_payload(means, counts, with_counts=True), ctx.data.num_train)
 
     def train_local(self, client: PrototypeClient, ctx: ClientContext) -> None:
         """SGD on :func:`prototype_loss` over the whole local model."""
@@ -152,8 +145,7 @@ class FedProto(Algorithm):
 
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Prototypes and positive counts of the same classes, in range, float32."""
-        read_prototypes(tensors, self.num_classes, with_counts=True)
-        check_dtypes(tensors, torch.float32)
+        check_prototype_upload(tensors, self.num_classes, with_counts=True)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""

@@ -12,6 +12,8 @@ from collections.abc import Hashable, Mapping
 
 import torch
 
+from pfedlora.algorithms.base import ClientContext, Upload
+from pfedlora.algorithms.screening import check_dtypes
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import HeteroCNN
@@ -53,6 +55,25 @@ def class_feature_means(
         model.train(was_training)
     means = sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64)  # (num_classes, 500)
     return means.to(torch.float32), counts
+
+
+def prototype_upload(
+    model: HeteroCNN, ctx: ClientContext, num_classes: int, batch_size: int, *, with_counts: bool
+) -> Upload:
+    """The class means of ``model`` over the client's training data as its upload (:func:`prototype_payload`),
+    their forward passes charged to ``ctx.meter`` as the architecture's "prototypes" step."""
+    means, counts = class_feature_means(
+        model, ctx.data, num_classes, batch_size, ctx.meter, kind=(ctx.arch, "prototypes")
+    )
+    return Upload(prototype_payload(means, counts, with_counts=with_counts), ctx.data.num_train)
+
+
+def check_prototype_upload(
+    tensors: Mapping[str, torch.Tensor], num_classes: int, *, with_counts: bool
+) -> None:
+    """Raise ValueError unless ``tensors`` is a valid float32 payload for :func:`read_prototypes`."""
+    read_prototypes(tensors, num_classes, with_counts=with_counts)
+    check_dtypes(tensors, torch.float32)
 
 
 def prototype_payload(

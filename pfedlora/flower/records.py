@@ -12,7 +12,7 @@ import tomllib
 import torch
 from flwr.app import ArrayRecord
 
-from pfedlora.config import ExperimentConfig, config_from_dict, config_to_toml
+from pfedlora.config import ExperimentConfig, config_from_dict
 
 State = dict[str, torch.Tensor]
 
@@ -34,10 +34,6 @@ def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> Stat
     return {key: value.to(device) for key, value in record.to_torch_state_dict().items()}
 
 
-def config_text(config: ExperimentConfig) -> str:
-    return config_to_toml(config)
-
-
 def config_from_text(text: str) -> ExperimentConfig:
-    """The configuration the server sent, validated again on the client."""
+    """The configuration the server sent (``config_to_toml`` text), validated again on the client."""
     return config_from_dict(tomllib.loads(text))

@@ -21,9 +21,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from pfedlora.algorithms import Algorithm, State, Upload, create_algorithm
-from pfedlora.config import ExperimentConfig
+from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import PfedloraError
-from pfedlora.flower.records import METRICS, SETTINGS, TENSORS, config_text, from_record, to_record
+from pfedlora.flower.records import METRICS, SETTINGS, TENSORS, from_record, to_record
 from pfedlora.metrics import AccuracyReport
 from pfedlora.simulation.loop import (
     ClientResult,
@@ -55,8 +55,9 @@ class GridClients:
 
     def __init__(self, grid: Grid, config: ExperimentConfig, experiment: str, timeout: float) -> None:
         self.grid, self.config, self.experiment, self.timeout = grid, config, experiment, timeout
-        self.settings = {"config": config_text(config), "experiment": experiment}
+        self.settings = {"config": config_to_toml(config), "experiment": experiment}
         self.nodes: dict[int, int] = {}  # client id -> node id
+        self.client_of_node: dict[int, int] = {}  # node id -> client id
         self.declared: dict[int, int] = {}
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
         self.num_classes = 0
@@ -83,6 +84,7 @@ class GridClients:
             channels, height, width = (int(v) for v in about["input-shape"])
             self.input_shape = (channels, height, width)
             self.num_classes = int(about["num-classes"])
+        self.client_of_node = {node: client_id for client_id, node in self.nodes.items()}
         expected = set(range(self.config.federation.num_clients))
         missing = sorted(expected - set(self.nodes))
         if missing:
@@ -114,10 +116,9 @@ class GridClients:
             )
             for client_id, message in messages.items()
         ]
-        by_node = {node: client_id for client_id, node in self.nodes.items()}
         results = {}
         for reply in self._send(outgoing):
-            client_id = by_node[reply.metadata.src_node_id]
+            client_id = self.client_of_node[reply.metadata.src_node_id]
             if reply.has_error():
                 logger.info(
                     "round %d: client %d did not reply: %s", server_round, client_id, reply.error.reason
@@ -141,12 +142,14 @@ class GridClients:
             )
             for client_id in clients
         ]
-        by_node = {node: client_id for client_id, node in self.nodes.items()}
         counts: dict[int, tuple[int, int]] = {}
         for reply in self._send(outgoing):
             if not reply.has_error():
                 metrics = reply.content[METRICS]
-                counts[by_node[reply.metadata.src_node_id]] = (int(metrics["correct"]), int(metrics["total"]))
+                counts[self.client_of_node[reply.metadata.src_node_id]] = (
+                    int(metrics["correct"]),
+                    int(metrics["total"]),
+                )
         missing = [client_id for client_id in clients if client_id not in counts]
         if missing:
             logger.warning(

@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pfedlora.errors import ConfigError
 from pfedlora.simulation.results import write_atomic
+
+if TYPE_CHECKING:
+    from pfedlora.simulation.loop import Federation
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
@@ -42,7 +45,7 @@ class Checkpointer:
         self.clients: dict[str, str] = dict(manifest["clients"]) if manifest else {}
 
     def save(
-        self, federation: Any, server_round: int, records: Sequence[dict[str, Any]], seconds: float
+        self, federation: Federation, server_round: int, records: Sequence[dict[str, Any]], seconds: float
     ) -> None:
         """Checkpoint ``federation`` after ``server_round``; ``records`` are all rounds so far, ``seconds``
         the wall time spent on them."""
@@ -82,7 +85,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def restore(federation: Any, run_dir: str | Path, device: torch.device) -> dict[str, Any] | None:
+def restore(federation: Federation, run_dir: str | Path, device: torch.device) -> dict[str, Any] | None:
     """Load the last checkpoint of ``run_dir`` into ``federation``; returns its manifest (None: none)."""
     manifest = read_manifest(run_dir)
     if manifest is None:
