@@ -246,21 +246,32 @@ def compare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory (reused to resume).")] = Path(
         "runs/compare"
     ),
+    target: Annotated[
+        float | None,
+        typer.Option(
+            help="Mean accuracy (a fraction) to read rounds, MB and FLOPs to; default: each run's "
+            "federation.target_accuracy. Changing it reruns nothing."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Run several algorithms on the same data, partition and seed; write a table (Markdown, CSV) and plots.
 
     Variants whose run already finished in the comparison directory are reused, so rerunning resumes.
     """
-    from pfedlora.compare import plan_variants, run_comparison, write_comparison
+    from pfedlora.compare import check_target, plan_variants, retarget, run_comparison, write_comparison
 
     try:
         variants = plan_variants(_split(algorithms), _split(placements), config, overrides or ())
+        if target is not None:
+            check_target(target)
     except PfedloraError as error:
         raise _fail(error) from None
     results = _run_variants(
         quiet, lambda on_start, on_round: run_comparison(variants, out, on_start, on_round)
     )
+    if target is not None:
+        results = retarget(results, target)
     console.print(_summary_table([(label, summary) for label, _, summary in results], title="comparison"))
     for path in write_comparison(results, out):
         console.print(f"written: [bold]{path}[/]")

@@ -21,6 +21,7 @@ from pfedlora.algorithms import algorithm_class
 from pfedlora.config import PLACEMENTS, ExperimentConfig, load_config
 from pfedlora.data import Dataset, load_dataset
 from pfedlora.errors import ConfigError
+from pfedlora.metrics import progress_to_target
 from pfedlora.plots import plot_runs
 from pfedlora.simulation import read_run, resume_run, run_experiment
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
@@ -35,6 +36,10 @@ class Variant:
     label: str
     config: ExperimentConfig
     overrides: tuple[str, ...] = ()
+
+
+Result = tuple[str, list[dict[str, Any]], dict[str, Any]]
+"""One variant's label, per-round records and summary."""
 
 
 def split_scoped(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -100,7 +105,7 @@ def run_comparison(
     out_dir: str | Path,
     on_start: Callable[[Variant, bool], None] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+) -> list[Result]:
     """Run (or resume) every variant into ``out_dir/<label>``; returns (label, records, summary) per variant.
 
     ``on_start(variant, reused)`` is told before each variant whether its finished run is being reused.
@@ -143,6 +148,25 @@ def run_comparison(
     return results
 
 
+def check_target(target: float) -> None:
+    """Refuse a target accuracy that is not a fraction in (0, 1]."""
+    if not 0 < target <= 1:
+        raise ConfigError(f"target accuracy: {target} is not a fraction in (0, 1]; e.g. 0.8 for 80%")
+
+
+def retarget(results: Sequence[Result], target: float) -> list[Result]:
+    """The results with rounds, bytes and FLOPs to ``target`` read from the records again.
+
+    The target is a way of reading the curves, not part of the runs, so a comparison can be tabulated
+    against another target without rerunning anything.
+    """
+    check_target(target)
+    return [
+        (label, records, {**summary, **progress_to_target(records, target)})
+        for label, records, summary in results
+    ]
+
+
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "–" if value is None else f"{value / scale:.{digits}f}"
 
@@ -171,7 +195,7 @@ def accuracy_within_flops(records: Sequence[dict[str, Any]], budget: float) -> f
     return within[-1]["mean_accuracy"] if within else None
 
 
-def comparison_rows(results: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> list[list[str]]:
+def comparison_rows(results: Sequence[Result]) -> list[list[str]]:
     """The comparison table's rows, one per variant, formatted.
 
     "acc @ equal FLOPs" reads every curve at the smallest total client FLOPs any variant spent, so a
@@ -199,16 +223,14 @@ def comparison_rows(results: Sequence[tuple[str, list[dict[str, Any]], dict[str,
     return rows
 
 
-def write_comparison(
-    results: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]], out_dir: str | Path
-) -> list[Path]:
+def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Path]:
     """Write ``comparison.md``, ``comparison.csv`` and the two plots with every variant on one figure."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(results)
     target = results[0][2]["target_accuracy"] if results else 0.0
     markdown = [
-        f"Target accuracy: {100 * target:.0f}% (mean over clients). FLOPs are client training FLOPs; "
+        f"Target accuracy: {100 * target:g}% (mean over clients). FLOPs are client training FLOPs; "
         '"acc @ equal FLOPs" is each curve read at the smallest total any method spent.',
         "",
         "| " + " | ".join(COLUMNS) + " |",

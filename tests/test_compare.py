@@ -1,4 +1,5 @@
 import csv
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -47,6 +48,32 @@ def test_accuracy_within_a_flop_budget():
     assert compare.accuracy_within_flops(records, 39.0) == 0.5
     assert compare.accuracy_within_flops(records, 40.0) == 0.7
     assert compare.accuracy_within_flops(records, 15.0) is None
+
+
+def test_retarget_reads_rounds_bytes_and_flops_to_another_target():
+    records = [
+        {"round": 1, "cumulative_bytes": 100, "cumulative_train_flops": 10.0},
+        {"round": 2, "cumulative_bytes": 200, "cumulative_train_flops": 20.0, "mean_accuracy": 0.85},
+        {"round": 4, "cumulative_bytes": 400, "cumulative_train_flops": 40.0, "mean_accuracy": 0.95},
+    ]
+    summary = {"target_accuracy": 0.8, "target_round": 2, "bytes_to_target": 200, "other": 1}
+    [(label, same, at_90)] = compare.retarget([("a", records, summary)], 0.9)
+    assert label == "a" and same is records
+    assert at_90 == {
+        "target_accuracy": 0.9, "target_round": 4, "bytes_to_target": 400, "train_flops_to_target": 40.0,
+        "other": 1,
+    }  # fmt: skip
+    assert summary["target_round"] == 2  # the run's own summary is left alone
+    unreached = compare.retarget([("a", records, summary)], 0.99)[0][2]
+    assert (
+        unreached["target_round"]
+        is unreached["bytes_to_target"]
+        is unreached["train_flops_to_target"]
+        is None
+    )
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ConfigError, match=f"target accuracy: {bad} is not a fraction"):
+            compare.retarget([], bad)
 
 
 def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
@@ -112,3 +139,17 @@ def test_compare_command(tmp_path, tiny_data):
     ).is_file()
     bad = CliRunner().invoke(app, ["compare", "-a", "fedfoo", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "fedfoo" in bad.stderr and not (tmp_path / "x").exists()
+
+    # --target re-reads the finished runs against another target accuracy; a bad one is refused first.
+    elsewhere = [arg if arg != str(tmp_path) else str(tmp_path / "y") for arg in args]
+    bad = CliRunner().invoke(app, [*elsewhere, "--target", "80"])
+    assert bad.exit_code == 2 and "target accuracy: 80.0" in bad.stderr and not (tmp_path / "y").exists()
+    summary_file = tmp_path / "standalone" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    target = summary["mean_accuracy_best"]  # first reached at the best round
+    again = CliRunner().invoke(app, [*args, "--target", repr(target)])
+    assert again.exit_code == 0, again.output
+    assert json.loads(summary_file.read_text()) == summary  # nothing was rerun or rewritten
+    assert f"Target accuracy: {100 * target:g}%" in (tmp_path / "comparison.md").read_text()
+    rows = {row[0]: row for row in csv.reader((tmp_path / "comparison.csv").open())}
+    assert rows["standalone"][rows["method"].index("rounds to target")] == str(summary["best_round"])

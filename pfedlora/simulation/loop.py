@@ -32,7 +32,7 @@ from pfedlora.data import (
     make_partition,
 )
 from pfedlora.errors import ConfigError
-from pfedlora.metrics import AccuracyReport, Channel, FlopMeter, summarize_curve
+from pfedlora.metrics import AccuracyReport, Channel, FlopMeter, progress_to_target, summarize_curve
 from pfedlora.models import check_homogeneous
 from pfedlora.rounds import client_update, drops_out, server_update
 from pfedlora.seeding import numpy_generator, torch_generator
@@ -370,8 +370,6 @@ def summarize_records(
     """:func:`summarize` from the configuration and the records alone (what the Flower server has)."""
     evaluated = [r for r in records if "mean_accuracy" in r]
     curve = summarize_curve([r["round"] for r in evaluated], [r["mean_accuracy"] for r in evaluated])
-    target = config.federation.target_accuracy
-    reached = next((r for r in evaluated if r["mean_accuracy"] >= target), None)
     last = evaluated[-1]
     train_samples = sum(r["train_samples"] for r in records)
     return {
@@ -392,10 +390,7 @@ def summarize_records(
         "bytes_total": records[-1]["cumulative_bytes"],
         "train_flops_total": records[-1]["cumulative_train_flops"],
         "train_samples_total": train_samples,
-        "target_accuracy": target,
-        "target_round": reached["round"] if reached else None,
-        "bytes_to_target": reached["cumulative_bytes"] if reached else None,
-        "train_flops_to_target": reached["cumulative_train_flops"] if reached else None,
+        **progress_to_target(records, config.federation.target_accuracy),
         "wall_seconds": wall_seconds,
         "train_samples_per_second": train_samples / wall_seconds if wall_seconds > 0 else 0.0,
     }
