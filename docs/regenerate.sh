@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Regenerates the runs behind docs/results.md: the validation search at N=100, C=10%, 5 classes, then the
+# tuned comparison at all six settings, and copies the tables' figures into docs/figures.
+#
+#   bash docs/regenerate.sh            # everything, one setting after another (days on a 2-core CPU)
+#   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
+#
+# Every step reuses what already finished under runs/, so an interrupted run of this script resumes.
+# To use more cores, run the same compare command with `-a ALGO` subsets side by side (one thread each:
+# OMP_NUM_THREADS=1) into the same --out, then once more with every algorithm to write the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PFEDLORA=${PFEDLORA:-pfedlora}
+
+# The values the search chose (docs/results.md, section 1), passed to each method by compare.
+TUNED=(
+  --set pfedlora:train.local_epochs=3 --set pfedlora:train.lr=0.03
+  --set pfedlora:adapter.epochs=2 --set pfedlora:adapter.rank=8
+  --set standalone:train.local_epochs=3 --set standalone:train.lr=0.03
+  --set lg-fedavg:train.local_epochs=3 --set lg-fedavg:train.lr=0.03
+  --set fml:train.local_epochs=3 --set fml:train.lr=0.03 --set fml:baselines.fml_alpha=0.5
+  --set fedkd:train.local_epochs=3 --set fedkd:train.lr=0.03
+  --set fedgh:train.local_epochs=3 --set fedgh:train.lr=0.03 --set fedgh:baselines.fedgh_server_lr=0.1
+  --set fedapen:train.local_epochs=3 --set fedapen:train.lr=0.03
+  --set fedapen:baselines.fedapen_lambda_lr=0.01
+  --set fedproto:train.local_epochs=3 --set fedproto:train.lr=0.03
+)
+
+# name: clients, fraction sampled per round, classes per client, rounds, evaluate every, target accuracy
+declare -A SETTINGS=(
+  [n100-c10-k5-tuned]="100 0.1 5 60 5 0.8"
+  [n100-c10-k2]="100 0.1 2 30 5 0.95"
+  [n50-c20-k5]="50 0.2 5 25 5 0.8"
+  [n50-c20-k2]="50 0.2 2 10 2 0.95"
+  [n10-c100-k5]="10 1 5 8 1 0.9"
+  [n10-c100-k2]="10 1 2 3 1 0.97"
+)
+
+search() {
+  "$PFEDLORA" tune -a pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen -p branch \
+    -x train.local_epochs=1,2,3 -x train.lr=0.01,0.03 \
+    -x pfedlora:adapter.epochs=1,2 -x pfedlora:adapter.rank=8,16 -x fml:baselines.fml_alpha=0.5,0.3 \
+    -x fedgh:baselines.fedgh_server_lr=0.01,0.1 -x fedapen:baselines.fedapen_lambda_lr=0.01,0.1 \
+    --set federation.rounds=30 --set data.validation_fraction=0.1 --out runs/tune-n100-c10-k5
+}
+
+comparison() {
+  local name=$1 clients fraction classes rounds every target
+  read -r clients fraction classes rounds every target <<<"${SETTINGS[$name]}"
+  "$PFEDLORA" compare -q \
+    --set federation.num_clients="$clients" --set federation.sample_fraction="$fraction" \
+    --set data.classes_per_client="$classes" --set federation.rounds="$rounds" \
+    --set federation.eval_every="$every" "${TUNED[@]}" --target "$target" --out "runs/compare-$name"
+  cp "runs/compare-$name/accuracy_per_round.png" "docs/figures/$name-accuracy-per-round.png"
+  cp "runs/compare-$name/accuracy_vs_megabytes.png" "docs/figures/$name-accuracy-vs-megabytes.png"
+}
+
+if [[ $# -eq 0 ]]; then
+  search
+  for name in n100-c10-k5-tuned n100-c10-k2 n50-c20-k5 n50-c20-k2 n10-c100-k5 n10-c100-k2; do
+    comparison "$name"
+  done
+else
+  for name in "$@"; do
+    [[ -v "SETTINGS[$name]" ]] || { echo "unknown setting $name; known: ${!SETTINGS[*]}" >&2; exit 2; }
+    comparison "$name"
+  done
+fi
