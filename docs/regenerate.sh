@@ -51,8 +51,9 @@ comparison() {
     --set federation.num_clients="$clients" --set federation.sample_fraction="$fraction" \
     --set data.classes_per_client="$classes" --set federation.rounds="$rounds" \
     --set federation.eval_every="$every" "${TUNED[@]}" --target "$target" --out "runs/compare-$name"
-  cp "runs/compare-$name/accuracy_per_round.png" "docs/figures/$name-accuracy-per-round.png"
-  cp "runs/compare-$name/accuracy_vs_megabytes.png" "docs/figures/$name-accuracy-vs-megabytes.png"
+  for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
+    cp "runs/compare-$name/$plot.png" "docs/figures/$name-${plot//_/-}.png"
+  done
 }
 
 if [[ $# -eq 0 ]]; then

@@ -1,4 +1,5 @@
-"""PNG plots of finished runs: mean accuracy per round, and against cumulative megabytes sent."""
+"""PNG plots of finished runs: mean accuracy per round, against cumulative megabytes sent, and against
+cumulative client training FLOPs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _plot(runs: Sequence[Run], x_key: str, scale: float, xlabel: str, title: str
 
 
 def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write ``accuracy_per_round.png`` and ``accuracy_vs_megabytes.png`` into ``out_dir``."""
+    """Write ``accuracy_per_round.png``, ``accuracy_vs_megabytes.png`` and ``accuracy_vs_tflops.png``
+    into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [
@@ -48,5 +50,13 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             "cumulative megabytes sent (down + up, all clients)",
             "Mean accuracy against communication",
             out / "accuracy_vs_megabytes.png",
+        ),
+        _plot(
+            runs,
+            "cumulative_train_flops",
+            1e12,
+            "cumulative client training TFLOPs (all clients)",
+            "Mean accuracy against computation",
+            out / "accuracy_vs_tflops.png",
         ),
     ]

@@ -39,7 +39,7 @@ def test_report_prints_and_plots(tmp_path, tiny_data):
     assert result.exit_code == 0, result.output
     assert "run-alpha" in result.output and "run-beta" in result.output
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert pngs == ["accuracy_per_round.png", "accuracy_vs_megabytes.png"]
+    assert pngs == ["accuracy_per_round.png", "accuracy_vs_megabytes.png", "accuracy_vs_tflops.png"]
     assert all((tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
 
 

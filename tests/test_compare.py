@@ -81,7 +81,8 @@ def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
     results = run_comparison(variants, tmp_path)
     paths = write_comparison(results, tmp_path)
     assert {p.name for p in paths} == {
-        "comparison.md", "comparison.csv", "accuracy_per_round.png", "accuracy_vs_megabytes.png"
+        "comparison.md", "comparison.csv", "accuracy_per_round.png", "accuracy_vs_megabytes.png",
+        "accuracy_vs_tflops.png",
     }  # fmt: skip
     rows = list(csv.reader((tmp_path / "comparison.csv").open()))
     assert rows[0][0] == "method" and [r[0] for r in rows[1:]] == ["pfedlora-branch", "standalone"]
