@@ -224,7 +224,7 @@ def comparison_rows(results: Sequence[Result]) -> list[list[str]]:
 
 
 def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Path]:
-    """Write ``comparison.md``, ``comparison.csv`` and the two plots with every variant on one figure."""
+    """Write ``comparison.md``, ``comparison.csv`` and the plots of :func:`plot_runs` (all variants)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(results)
