@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pfedlora.config import load_config
 from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
@@ -167,7 +168,12 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
     }
 
     simulated = tmp_path / "simulated"
-    run_experiment(load_config(None, OVERRIDES.split()), simulated, dataset=fashion_mnist)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes (OMP_NUM_THREADS=1): the same float summation order
+    try:
+        run_experiment(load_config(None, OVERRIDES.split()), simulated, dataset=fashion_mnist)
+    finally:
+        torch.set_num_threads(threads)
     (flower_records, flower_summary), (sim_records, sim_summary) = read_run(out), read_run(simulated)
     strip = lambda record: {k: v for k, v in record.items() if k not in TIMING_KEYS}  # noqa: E731
     assert [strip(r) for r in flower_records] == [strip(r) for r in sim_records]
