@@ -1,11 +1,16 @@
-"""The ``pfedlora`` command line: run an experiment, report on finished runs, list what is available."""
+"""The ``pfedlora`` command line: ``run`` (and ``run --resume``) an experiment, ``report`` on finished runs,
+``compare`` several methods, ``tune`` hyperparameters on a validation split, ``list`` what is available.
+
+Library errors (:class:`~pfedlora.errors.PfedloraError`) become one line on stderr and exit status 2;
+``-v`` logs at INFO level.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +20,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -22,6 +28,10 @@ from rich.progress import (
 from rich.table import Table
 
 from pfedlora.errors import ConfigError, PfedloraError
+
+if TYPE_CHECKING:
+    from pfedlora.compare import Variant
+    from pfedlora.simulation import RoundRecord, Summary
 
 app = typer.Typer(
     add_completion=False,
@@ -55,7 +65,7 @@ def _round_progress(quiet: bool) -> Progress:
     )
 
 
-def _summary_cells(s: dict[str, Any]) -> dict[str, str]:
+def _summary_cells(s: Summary) -> dict[str, str]:
     """The headline figures of one run summary, formatted for people."""
     target = s.get("target_round")
     reach = f"round {target}" if target else "not reached"
@@ -74,7 +84,7 @@ def _summary_cells(s: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _summary_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> Table:
+def _summary_table(rows: list[tuple[str, Summary]], title: str) -> Table:
     """One column per run when several are compared; one run reads best as a list of figures."""
     cells = [(label, _summary_cells(summary)) for label, summary in rows]
     table = Table(title=title)
@@ -139,13 +149,9 @@ def run(
             f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=cfg.federation.rounds, accuracy="–"
         )
 
-        def on_round(record: dict[str, Any]) -> None:
-            fields = {}
-            if "mean_accuracy" in record:
-                fields["accuracy"] = f"{100 * record['mean_accuracy']:.2f}%"
-            progress.update(
-                task, advance=1, description=f"{cfg.algorithm} on {cfg.data.dataset}: round", **fields
-            )
+        def on_round(record: RoundRecord) -> None:
+            _show_accuracy(progress, task, record)
+            progress.update(task, advance=1, description=f"{cfg.algorithm} on {cfg.data.dataset}: round")
 
         try:
             if resume is not None:
@@ -157,6 +163,12 @@ def run(
             raise _fail(error) from None
     console.print(_summary_table([(str(out_dir), summary)], title=f"{cfg.algorithm} on {cfg.data.dataset}"))
     console.print(f"results written to [bold]{out_dir}[/]")
+
+
+def _show_accuracy(progress: Progress, task: TaskID, record: RoundRecord) -> None:
+    """Put an evaluated round's mean accuracy in the progress bar (other rounds keep the last one)."""
+    if "mean_accuracy" in record:
+        progress.update(task, accuracy=f"{100 * record['mean_accuracy']:.2f}%")
 
 
 def _run_label(path: Path, all_paths: list[Path]) -> str:
@@ -211,24 +223,25 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _run_variants(quiet: bool, work: Callable[[Callable[..., None], Callable[..., None]], T]) -> T:
+def _run_variants(
+    quiet: bool,
+    work: Callable[[Callable[[Variant, bool], None], Callable[[RoundRecord], None]], T],
+) -> T:
     """Run ``work(on_start, on_round)`` under one progress bar that restarts for every run it starts."""
     progress = _round_progress(quiet)
     with progress:
         task = progress.add_task("", total=1, accuracy="–")
 
-        def on_start(variant: Any, reused: bool) -> None:
+        def on_start(variant: Variant, reused: bool) -> None:
             state = "finished earlier, reused" if reused else "running"
             progress.reset(task, total=variant.config.federation.rounds, accuracy="–")
             progress.update(task, description=f"{variant.label} ({state})")
             if reused:
                 progress.update(task, completed=variant.config.federation.rounds)
 
-        def on_round(record: dict[str, Any]) -> None:
-            fields = (
-                {"accuracy": f"{100 * record['mean_accuracy']:.2f}%"} if "mean_accuracy" in record else {}
-            )
-            progress.update(task, advance=1, **fields)
+        def on_round(record: RoundRecord) -> None:
+            _show_accuracy(progress, task, record)
+            progress.update(task, advance=1)
 
         try:
             return work(on_start, on_round)
@@ -328,32 +341,25 @@ def tune(
 @app.command("list")
 def list_available() -> None:
     """Show the algorithms, models, datasets, partitions and adapter placements."""
-    from pfedlora.algorithms import IMPLEMENTATIONS, algorithm_class
-    from pfedlora.config import DATASETS, PARTITIONS, PLACEMENTS
-    from pfedlora.data import search_paths
-    from pfedlora.models import ARCHITECTURES, build_model
+    from pfedlora.algorithms import ALGORITHMS
+    from pfedlora.data import DATASETS, PARTITIONS, search_paths
+    from pfedlora.models import MODELS, PLACEMENTS, build_model
     from pfedlora.seeding import torch_generator
 
     table = Table(title="algorithms", show_header=False)
-    for name in IMPLEMENTATIONS:
-        table.add_row(name, (algorithm_class(name).__doc__ or "").strip().splitlines()[0])
+    for name, cls in ALGORITHMS.items():
+        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
     console.print(table)
 
     table = Table(title="models (client i gets architectures[i mod n])")
-    for column in (
-        "name",
-        "conv2 out",
-        "fc1 out",
-        "params 1×28×28, 10 classes",
-        "params 3×32×32, 10 classes",
-    ):
+    for column in ("name", "params 1×28×28, 10 classes", "params 3×32×32, 10 classes"):
         table.add_column(column)
-    for arch, (conv2, fc1) in ARCHITECTURES.items():
+    for arch in MODELS:
         counts = [
             sum(p.numel() for p in build_model(arch, shape, 10, torch_generator(0, arch)).parameters())
             for shape in ((1, 28, 28), (3, 32, 32))
         ]
-        table.add_row(arch, str(conv2), str(fc1), *(f"{c / 1e6:.2f}M" for c in counts))
+        table.add_row(arch, *(f"{c / 1e6:.2f}M" for c in counts))
     console.print(table)
 
     console.print(f"[bold]datasets:[/] {', '.join(DATASETS)}")

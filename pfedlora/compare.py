@@ -15,15 +15,16 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pfedlora.algorithms import algorithm_class
-from pfedlora.config import PLACEMENTS, ExperimentConfig, load_config
+from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import Dataset, load_dataset
 from pfedlora.errors import ConfigError
-from pfedlora.metrics import progress_to_target
+from pfedlora.models import PLACEMENTS
 from pfedlora.plots import plot_runs
 from pfedlora.simulation import read_run, resume_run, run_experiment
+from pfedlora.simulation.loop import RoundCallback
+from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, progress_to_target
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
 
 
-Result = tuple[str, list[dict[str, Any]], dict[str, Any]]
+Result = tuple[str, list[RoundRecord], Summary]
 """One variant's label, per-round records and summary."""
 
 
@@ -74,15 +75,13 @@ def plan_variants(
     if not algorithms:
         raise ConfigError("compare needs at least one algorithm")
     for placement in placements:
-        if placement not in PLACEMENTS:
-            raise ConfigError(f"placement: unknown value {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+        PLACEMENTS.get(placement, "placement")
     shared, scoped = split_scoped(overrides)
     planned: list[tuple[str, str, list[str]]] = []
     for name in dict.fromkeys(algorithms):
-        algorithm_class(name)  # unknown names fail here, before anything runs
-        if name == "pfedlora":
+        if algorithm_class(name).adapter_placements:  # unknown names fail here, before anything runs
             for placement in dict.fromkeys(placements):
-                planned.append((name, f"pfedlora-{placement}", [f"adapter.placement={placement}"]))
+                planned.append((name, f"{name}-{placement}", [f"adapter.placement={placement}"]))
         else:
             planned.append((name, name, []))
     labels = {label for _, label, _ in planned} | {name for name, _, _ in planned}
@@ -104,7 +103,7 @@ def run_comparison(
     variants: Sequence[Variant],
     out_dir: str | Path,
     on_start: Callable[[Variant, bool], None] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: RoundCallback | None = None,
 ) -> list[Result]:
     """Run (or resume) every variant into ``out_dir/<label>``; returns (label, records, summary) per variant.
 
@@ -187,11 +186,9 @@ COLUMNS = (
 )
 
 
-def accuracy_within_flops(records: Sequence[dict[str, Any]], budget: float) -> float | None:
+def accuracy_within_flops(records: Sequence[RoundRecord], budget: float) -> float | None:
     """Mean accuracy at the last evaluated round whose cumulative client FLOPs stay within ``budget``."""
-    within = [
-        r for r in records if "mean_accuracy" in r and r["cumulative_train_flops"] <= budget * (1 + 1e-9)
-    ]
+    within = [r for r in records if is_evaluated(r) and r["cumulative_train_flops"] <= budget * (1 + 1e-9)]
     return within[-1]["mean_accuracy"] if within else None
 
 

@@ -1,8 +1,10 @@
 """Experiment configuration: frozen dataclasses, loaded from TOML and ``key=value`` overrides.
 
-A configuration is a tree of sections (``[data]``, ``[federation]``, ``[train]``, ``[adapter]``) under a few
-top-level keys. Every value is validated once, here, and an error names the bad key, the bad value and what
-is allowed; nothing downstream re-checks or copies these values onto objects.
+A configuration is a tree of sections (``[data]``, ``[federation]``, ``[train]``, ``[adapter]``,
+``[baselines]``, ``[privacy]``) under a few top-level keys (``algorithm``, ``seed``, ``device``). Every value
+is validated once, here, and an error names the bad key, the bad value and what is allowed; names of
+algorithms, datasets, partitions, models and adapter placements are checked against their registries
+(:mod:`pfedlora.registry`). Nothing downstream re-checks or copies these values onto objects.
 """
 
 from __future__ import annotations
@@ -13,27 +15,15 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import tomli_w
 
 from pfedlora.errors import ConfigError
 
-ALGORITHMS: tuple[str, ...] = (
-    "pfedlora",
-    "standalone",
-    "lg-fedavg",
-    "fml",
-    "fedkd",
-    "fedgh",
-    "fedapen",
-    "fedproto",
-    "fedavg",
-)
-DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
-PARTITIONS: tuple[str, ...] = ("pathological", "dirichlet", "iid")
-ARCHITECTURES: tuple[str, ...] = ("cnn1", "cnn2", "cnn3", "cnn4", "cnn5")
-PLACEMENTS: tuple[str, ...] = ("layers", "branch")
+if TYPE_CHECKING:
+    from pfedlora.registry import Registry
+
 PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
@@ -64,7 +54,7 @@ class FederationConfig:
     sample_fraction: float = 0.1
     rounds: int = 80
     eval_every: int = 10
-    architectures: tuple[str, ...] = ARCHITECTURES
+    architectures: tuple[str, ...] = ("cnn1", "cnn2", "cnn3", "cnn4", "cnn5")
     """Client i gets architectures[i mod len(architectures)] (the paper: cnn{(i mod 5)+1})."""
     target_accuracy: float = 0.8
     """Mean accuracy whose first crossing is reported with the rounds, bytes and FLOPs it took."""
@@ -165,22 +155,38 @@ class ExperimentConfig:
     def adapter_lr(self) -> float:
         return self.adapter.lr if self.adapter.lr > 0 else self.train.lr
 
+    @property
+    def eval_split(self) -> Literal["validation", "test"]:
+        """The split clients are evaluated on: validation when one is carved, else test."""
+        return "validation" if self.data.validation_fraction > 0 else "test"
+
 
 # Allowed values and ranges, checked after parsing. Ranges are (low, high, low_inclusive).
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "algorithm": ALGORITHMS,
     "device": DEVICES,
-    "data.dataset": DATASETS,
-    "data.partition": PARTITIONS,
     "data.augment": ("auto", "on", "off"),
-    "adapter.placement": PLACEMENTS,
     "adapter.phase_order": PHASE_ORDERS,
-    "baselines.shared_arch": ARCHITECTURES,
     "baselines.kl_reduction": ("batchmean", "mean"),
 }
-_MEMBER_CHOICES: dict[str, tuple[str, ...]] = {
-    "federation.architectures": ARCHITECTURES,
-}
+
+
+def _registries() -> dict[str, Registry[Any]]:
+    """Config key -> the registry its value (or, for a list, each member) must be in."""
+    # Imported here, not at the top: the registered modules themselves import this one.
+    from pfedlora.algorithms import ALGORITHMS
+    from pfedlora.data import DATASETS, PARTITIONS
+    from pfedlora.models import MODELS, PLACEMENTS
+
+    return {
+        "algorithm": ALGORITHMS,
+        "data.dataset": DATASETS,
+        "data.partition": PARTITIONS,
+        "federation.architectures": MODELS,
+        "adapter.placement": PLACEMENTS,
+        "baselines.shared_arch": MODELS,
+    }
+
+
 _INF = float("inf")
 _RANGES: dict[str, tuple[float, float, bool]] = {
     "seed": (0, 2**63 - 1, True),
@@ -294,12 +300,16 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: unknown value {flat[key]!r}; allowed: {', '.join(allowed)}")
-    for key, allowed in _MEMBER_CHOICES.items():
-        if not flat[key]:
-            raise ConfigError(f"{key}: must not be empty; allowed members: {', '.join(allowed)}")
-        for item in flat[key]:
-            if item not in allowed:
-                raise ConfigError(f"{key}: unknown value {item!r}; allowed: {', '.join(allowed)}")
+    registries = _registries()
+    for key, registry in registries.items():
+        value = flat[key]
+        if isinstance(value, tuple):
+            if not value:
+                raise ConfigError(f"{key}: must not be empty; allowed members: {', '.join(registry)}")
+            for item in value:
+                registry.get(item, key)
+        else:
+            registry.get(value, key)
     for key, (low, high, low_inclusive) in _RANGES.items():
         value = flat[key]
         too_low = value < low if low_inclusive else value <= low
@@ -307,10 +317,13 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             lower = "[" if low_inclusive else "("
             upper = "inf)" if high == _INF else f"{high:g}]"
             raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
-    if config.adapter.placement == "branch" and config.adapter.targets:
+    placements = registries["adapter.placement"]
+    if config.adapter.targets and not placements[config.adapter.placement].takes_targets:
+        with_targets = " or ".join(repr(name) for name, p in placements.items() if p.takes_targets)
         raise ConfigError(
-            "adapter.targets applies only to adapter.placement = 'layers' (the branch adapts no layer); "
-            f"got targets {list(config.adapter.targets)} with placement 'branch'"
+            f"adapter.targets applies only to adapter.placement = {with_targets} (placement "
+            f"{config.adapter.placement!r} adapts no layer); got targets {list(config.adapter.targets)} "
+            f"with placement {config.adapter.placement!r}"
         )
     if config.baselines.fedkd_energy_start > config.baselines.fedkd_energy_end:
         raise ConfigError(
@@ -372,8 +385,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(tree)
 
 
-def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """Nested plain-data form of ``config`` (tuples as lists), the inverse of :func:`config_from_dict`."""
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain-data form of ``config`` (an ExperimentConfig or one of its sections; tuples as lists),
+    the inverse of :func:`config_from_dict`."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
@@ -398,12 +412,7 @@ def replace(config: ExperimentConfig, **sections: Any) -> ExperimentConfig:
 
 
 __all__ = [
-    "ALGORITHMS",
-    "ARCHITECTURES",
-    "DATASETS",
-    "PARTITIONS",
     "PHASE_ORDERS",
-    "PLACEMENTS",
     "AdapterConfig",
     "BaselineConfig",
     "DataConfig",

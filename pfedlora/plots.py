@@ -5,23 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-Run = tuple[str, list[dict[str, Any]]]
+from pfedlora.simulation.records import RoundRecord, is_evaluated
+
+Run = tuple[str, list[RoundRecord]]
 """A label and the run's per-round records."""
+XKey = Literal["round", "cumulative_bytes", "cumulative_train_flops"]
 
 
-def _curve(records: list[dict[str, Any]], x_key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
-    evaluated = [r for r in records if "mean_accuracy" in r]
+def _curve(records: list[RoundRecord], x_key: XKey, scale: float = 1.0) -> tuple[list[float], list[float]]:
+    evaluated = [r for r in records if is_evaluated(r)]
     return [r[x_key] / scale for r in evaluated], [100 * r["mean_accuracy"] for r in evaluated]
 
 
-def _plot(runs: Sequence[Run], x_key: str, scale: float, xlabel: str, title: str, path: Path) -> Path:
+def _plot(runs: Sequence[Run], x_key: XKey, scale: float, xlabel: str, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for label, records in runs:
         xs, ys = _curve(records, x_key, scale)

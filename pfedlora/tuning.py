@@ -15,16 +15,17 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Final
 
 import tomli_w
 
 from pfedlora.compare import Variant, plan_variants, run_comparison, split_scoped
 from pfedlora.config import load_config
 from pfedlora.errors import ConfigError
+from pfedlora.simulation.loop import RoundCallback
 from pfedlora.simulation.results import write_atomic
 
-SELECTION_METRIC = "mean_accuracy_last"
+SELECTION_METRIC: Final = "mean_accuracy_last"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def coordinate_search(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
     on_start: Callable[[Variant, bool], None] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: RoundCallback | None = None,
 ) -> tuple[list[Trial], dict[str, dict[str, str]]]:
     """Search every variant's axes on validation data; returns all trials and each variant's best settings.
 

@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 
 from pfedlora.cli import app
 from pfedlora.data import datasets
-from pfedlora.simulation import loop
+from pfedlora.simulation import federation
 
 runner = CliRunner()
 
@@ -18,7 +18,7 @@ TINY = [
 
 @pytest.fixture
 def tiny_data(monkeypatch, tiny_dataset):
-    monkeypatch.setattr(loop, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    monkeypatch.setattr(federation, "load_dataset", lambda *args, **kwargs: tiny_dataset)
 
 
 def test_run_writes_results_and_prints_the_table(tmp_path, tiny_data):

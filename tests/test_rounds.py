@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from pfedlora.algorithms import Upload, create_algorithm, weighted_average
-from pfedlora.algorithms.screening import Reply
+from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update
 from pfedlora.errors import ConfigError
-from pfedlora.privacy import add_gaussian_noise, clip_update
-from pfedlora.rounds import server_update
 from pfedlora.simulation import build_federation, run_federation
+from pfedlora.simulation.rounds import server_update
+from pfedlora.simulation.screening import Reply
 
 
 def _replies(federation):

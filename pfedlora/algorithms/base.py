@@ -1,10 +1,11 @@
-"""The contract between the one round loop and an algorithm.
+"""The contract between the one round loop and an algorithm, and the registry of algorithms.
 
-An algorithm says what it shares (:meth:`Algorithm.is_shared`, a predicate over the client state's keys),
-how a client trains on what the server sent (:meth:`Algorithm.train`), how the server combines uploads
-(:meth:`Algorithm.aggregate`) and how a client predicts (:meth:`Algorithm.predict`). A client's private
-state is an ``nn.Module`` owned by the round loop and passed in explicitly; the algorithm object itself
-holds only frozen configuration, so the same instance serves the simulator and Flower alike.
+An algorithm says what it shares (:meth:`Algorithm.is_shared`, a predicate over the names of the tensors
+that travel), how a client trains on what the server sent (:meth:`Algorithm.train`), how the server
+combines uploads (:meth:`Algorithm.aggregate`) and how a client predicts (:meth:`Algorithm.predict`). A
+client's private state is an ``nn.Module`` of the algorithm's own type (the type parameter ``ClientT``),
+owned by the round loop and passed in explicitly; the algorithm object itself holds only frozen
+configuration, so the same instance serves the simulator and Flower alike.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
-from pfedlora.algorithms.aggregate import weighted_average
-from pfedlora.algorithms.screening import check_schema
+from pfedlora.algorithms.state import State, check_schema, weighted_average
 from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
+from pfedlora.registry import Registry
 
-State = dict[str, torch.Tensor]
+ClientT = TypeVar("ClientT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,15 @@ class ClientContext:
     meter: FlopMeter
 
 
-class Algorithm(ABC):
+class Algorithm(ABC, Generic[ClientT]):
     """One federated algorithm; subclasses override the hooks below and nothing else."""
 
     name: ClassVar[str]
     uploads_global_state: ClassVar[bool] = False
     """True where a client uploads tensors of the broadcast global state's schema and the server averages
     them (so privacy clipping of upload − received, and Gaussian noise on the mean, apply)."""
+    adapter_placements: ClassVar[bool] = False
+    """True where ``adapter.placement`` changes the algorithm (``compare`` runs one variant per placement)."""
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
         self.config = config
@@ -61,22 +64,27 @@ class Algorithm(ABC):
         self.num_classes = num_classes
 
     @abstractmethod
-    def create_client(self, arch: str, generator: torch.Generator) -> nn.Module:
+    def create_client(self, arch: str, generator: torch.Generator) -> ClientT:
         """A fresh private client state for architecture ``arch``, initialised from ``generator``."""
 
     @abstractmethod
     def is_shared(self, key: str) -> bool:
-        """Whether the client-state tensor ``key`` is shared with the server (and thus sent)."""
+        """Whether a tensor named ``key`` may travel between the server and a client (either direction).
+
+        This one predicate is what the channel carries: the round loop sends nothing else, screening
+        refuses uploads that hold anything else, and the client-state tensors it selects are the ones that
+        travel as they are (:meth:`shared_state`).
+        """
 
     @abstractmethod
-    def train(self, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
+    def train(self, client: ClientT, message: State, ctx: ClientContext) -> Upload:
         """Train ``client`` in place for one round, starting from the server's ``message``."""
 
-    def shared_state(self, client: nn.Module) -> State:
-        """The tensors of ``client`` that :meth:`is_shared` selects, detached."""
+    def shared_state(self, client: ClientT) -> State:
+        """The tensors of ``client``'s state that :meth:`is_shared` selects, detached."""
         return {k: v.detach() for k, v in client.state_dict().items() if self.is_shared(k)}
 
-    def initial_server_state(self, template: nn.Module) -> State:
+    def initial_server_state(self, template: ClientT) -> State:
         """The global state before round 1, taken from a freshly initialised template client."""
         return {k: v.clone() for k, v in self.shared_state(template).items()}
 
@@ -97,6 +105,22 @@ class Algorithm(ABC):
         """
         check_schema(tensors, server_state)
 
-    def predict(self, client: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, client: ClientT, x: torch.Tensor) -> torch.Tensor:
         """Class scores of the client's personalized predictor for a batch ``x``."""
-        return client(x)
+        scores: torch.Tensor = client(x)
+        return scores
+
+
+AnyAlgorithm = Algorithm[Any]
+"""An algorithm whatever its client type (what the round loop holds)."""
+
+ALGORITHMS: Registry[type[AnyAlgorithm]] = Registry("algorithm")
+"""Every algorithm, by name; an algorithm class joins with :func:`register_algorithm`."""
+
+A = TypeVar("A", bound=type[AnyAlgorithm])
+
+
+def register_algorithm(cls: A) -> A:
+    """Class decorator: register ``cls`` under its ``name``."""
+    ALGORITHMS.add(cls.name, cls)
+    return cls

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from pfedlora.algorithms.base import Algorithm, ClientContext
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig, TrainConfig
 from pfedlora.data import ClientData
-from pfedlora.models import HeteroCNN, build_model
+from pfedlora.models import FeatureClassifier, build_model
 
 KL_REDUCTIONS: tuple[str, ...] = ("batchmean", "mean")
 
@@ -52,7 +53,7 @@ class ModelPair(nn.Module):
     Calling the pair runs ``local`` (the prediction of FML and FedKD); subclasses add private parameters.
     """
 
-    def __init__(self, local: HeteroCNN, shared: HeteroCNN) -> None:
+    def __init__(self, local: FeatureClassifier, shared: FeatureClassifier) -> None:
         super().__init__()
         self.local = local
         self.shared = shared
@@ -67,7 +68,7 @@ def build_pair(
     input_shape: tuple[int, int, int],
     num_classes: int,
     generator: torch.Generator,
-) -> tuple[HeteroCNN, HeteroCNN]:
+) -> tuple[FeatureClassifier, FeatureClassifier]:
     """A private model of architecture ``arch`` and a ``baselines.shared_arch`` model, from ``generator``."""
     local = build_model(arch, input_shape, num_classes, generator)
     shared = build_model(config.baselines.shared_arch, input_shape, num_classes, generator)
@@ -110,7 +111,10 @@ def mutual_sgd(
     train_on_client_data(pair, parameters, ctx, train, phase=phase, loss_fn=loss, data=data)
 
 
-class SharedModelAlgorithm(Algorithm):
+PairT = TypeVar("PairT", bound=ModelPair)
+
+
+class SharedModelAlgorithm(Algorithm[PairT]):
     """Base of FML, FedKD and FedAPEN: the shared small model (``shared.*``) is what travels, and each
     batch trains the private and the shared model together on the pair of losses of :meth:`losses`."""
 
@@ -118,13 +122,11 @@ class SharedModelAlgorithm(Algorithm):
         return key.startswith(SHARED_PREFIX)
 
     @abstractmethod
-    def losses(
-        self, client: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(self, client: PairT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_local, loss_shared)`` of one batch, each reaching only its own model's parameters."""
 
     def train_mutually(
-        self, client: nn.Module, parameters: Sequence[nn.Parameter], ctx: ClientContext, data: ClientData
+        self, client: PairT, parameters: Sequence[nn.Parameter], ctx: ClientContext, data: ClientData
     ) -> None:
         """:func:`mutual_sgd` on ``parameters`` over ``data`` for ``train.local_epochs``."""
         mutual_sgd(

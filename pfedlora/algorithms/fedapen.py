@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.distillation import (
     ModelPair,
     SharedModelAlgorithm,
@@ -38,9 +38,10 @@ from pfedlora.algorithms.distillation import (
     kl_divergence,
     load_shared_,
 )
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.data import ClientData
-from pfedlora.models import HeteroCNN
+from pfedlora.models import FeatureClassifier
 from pfedlora.seeding import torch_generator
 
 INITIAL_MIXING_WEIGHT = 0.5
@@ -49,7 +50,7 @@ INITIAL_MIXING_WEIGHT = 0.5
 class MixedPair(ModelPair):
     """The FedAPEN client: private ``local`` (p), ``shared`` (s) and λ (``mixing_weight``)."""
 
-    def __init__(self, local: HeteroCNN, shared: HeteroCNN) -> None:
+    def __init__(self, local: FeatureClassifier, shared: FeatureClassifier) -> None:
         super().__init__(local, shared)
         self.mixing_weight = nn.Parameter(torch.tensor(INITIAL_MIXING_WEIGHT))  # λ, a scalar
 
@@ -78,7 +79,8 @@ def split_holdout(
     return rest, holdout
 
 
-class FedAPEN(SharedModelAlgorithm):
+@register_algorithm
+class FedAPEN(SharedModelAlgorithm[MixedPair]):
     """Mutual learning of the private model and a shared small model, mixed by a learned weight λ."""
 
     name = "fedapen"

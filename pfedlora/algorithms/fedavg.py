@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
 from pfedlora.errors import ConfigError
-from pfedlora.models import HeteroCNN, build_model
+from pfedlora.models import FeatureClassifier, build_model
+from pfedlora.seeding import torch_generator
 
 
-class FedAvg(Algorithm):
+@register_algorithm
+class FedAvg(Algorithm[FeatureClassifier]):
     """Whole-model FedAvg; needs one architecture for every client."""
 
     name = "fedavg"
@@ -36,14 +39,17 @@ class FedAvg(Algorithm):
                 f'federation.architectures=["{architectures[0]}"]'
             )
         super().__init__(config, input_shape, num_classes)
+        probe = build_model(architectures[0], input_shape, num_classes, torch_generator(config.seed, "probe"))
+        self.model_keys = frozenset(probe.state_dict())
 
-    def create_client(self, arch: str, generator: torch.Generator) -> HeteroCNN:
+    def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
         return build_model(arch, self.input_shape, self.num_classes, generator)
 
     def is_shared(self, key: str) -> bool:
-        return True
+        """Every tensor of the model."""
+        return key in self.model_keys
 
-    def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
+    def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
         client.load_state_dict(message)  # strict: exactly the model's keys and shapes
         train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")
         return Upload(self.shared_state(client), ctx.data.num_train)

@@ -8,9 +8,9 @@ class means. The server trains the global header with cross-entropy on the (clas
 all uploads (``baselines.fedgh_server_epochs`` epochs of plain SGD, lr ``baselines.fedgh_server_lr``, all
 pairs in one batch per epoch) and broadcasts it. Prediction: the local model with its own head.
 
-Shared: down, the global header (``fc3.weight``, ``fc3.bias``); up, ``prototype.<c>`` (500,) for each
-class the client holds. Private: the whole local model; no sample counts are sent (the server does not
-weight the pairs).
+Shared (:meth:`FedGH.is_shared`): down, the global header (``fc3.weight``, ``fc3.bias``); up,
+``prototype.<c>`` (500,) for each class the client holds. Private: the whole local model; no sample counts
+are sent (the server does not weight the pairs).
 """
 
 from __future__ import annotations
@@ -22,26 +22,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.lg_fedavg import HEAD_PREFIX, LGFedAvg
-from pfedlora.algorithms.prototypes import check_prototype_upload, prototype_upload, read_prototypes
+from pfedlora.algorithms.prototypes import (
+    PROTOTYPE_PREFIX,
+    check_prototype_upload,
+    prototype_upload,
+    read_prototypes,
+)
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import run_sgd
 from pfedlora.config import TrainConfig
 from pfedlora.metrics import FlopMeter
-from pfedlora.models import HeteroCNN
+from pfedlora.models import FeatureClassifier
 
 WEIGHT, BIAS = f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"
 PLAIN_SGD = TrainConfig(momentum=0.0, weight_decay=0.0, grad_clip=math.inf)
 """The server's optimiser settings: plain SGD (run_sgd takes its lr separately)."""
 
 
+@register_algorithm
 class FedGH(LGFedAvg):
     """Global header trained by the server on uploaded class-mean features."""
 
     name = "fedgh"
     uploads_global_state = False  # prototypes go up, the header comes down
 
-    def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
+    def is_shared(self, key: str) -> bool:
+        """The header (down; also the client state's tensors that the header overwrites) and the class
+        prototypes (up)."""
+        return key in (WEIGHT, BIAS) or key.startswith(PROTOTYPE_PREFIX)
+
+    def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
         self.load_head(client, message)
         self.train_whole_model(client, ctx)
         return prototype_upload(

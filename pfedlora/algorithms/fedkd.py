@@ -27,7 +27,8 @@ itself re-compressed with the round's T, so what a client receives is a lossy co
 factors are the smaller form. (Weights near their random initialisation have flat spectra: 95% of the
 energy of cnn5's fc1/fc2 takes rank ~300 of 500, above the break-even rank ~250, so those travel whole.)
 
-Shared: the mentee S (state-dict keys ``shared.*``; it travels only in the compressed form above).
+Shared: the mentee S (state-dict keys ``shared.*``; it travels only in the compressed form above, whose
+keys ``shared.<param>`` and ``shared.<param>.U/.S/.V`` are what :meth:`FedKD.is_shared` admits).
 Private: the mentor M (``local.*``) and W (``projection.weight``).
 """
 
@@ -39,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.aggregate import weighted_average
-from pfedlora.algorithms.base import ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.distillation import (
     ModelPair,
     SharedModelAlgorithm,
@@ -48,8 +48,8 @@ from pfedlora.algorithms.distillation import (
     kl_divergence,
     load_shared_,
 )
-from pfedlora.algorithms.screening import check_dtypes
-from pfedlora.models import HeteroCNN, init_parameters_
+from pfedlora.algorithms.state import State, check_dtypes, weighted_average
+from pfedlora.models import FeatureClassifier, HeteroCNN, init_parameters_
 
 FACTOR_SUFFIXES: tuple[str, ...] = (".U", ".S", ".V")
 """Key suffixes of a factorised matrix: left singular vectors, singular values, right singular vectors."""
@@ -101,6 +101,7 @@ def decompress(payload: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.S
     """The tensors of ``shapes`` rebuilt from their wire form; missing or unexpected keys raise KeyError."""
     out: State = {}
     used: set[str] = set()
+    names: tuple[str, ...]
     for key, shape in shapes.items():
         if key in payload:
             tensor, names = payload[key], (key,)
@@ -127,12 +128,13 @@ class MentorMentee(ModelPair):
     Calling it runs the mentor (the prediction).
     """
 
-    def __init__(self, local: HeteroCNN, shared: HeteroCNN, projection: nn.Linear) -> None:
+    def __init__(self, local: FeatureClassifier, shared: FeatureClassifier, projection: nn.Linear) -> None:
         super().__init__(local, shared)
         self.projection = projection
 
 
-class FedKD(SharedModelAlgorithm):
+@register_algorithm
+class FedKD(SharedModelAlgorithm[MentorMentee]):
     """Adaptive mutual distillation with a shared small mentee sent as truncated SVD factors."""
 
     name = "fedkd"

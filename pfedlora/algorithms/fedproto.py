@@ -22,15 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.prototypes import (
+    COUNT_PREFIX,
     PROTOTYPE_PREFIX,
     check_prototype_upload,
     prototype_upload,
     read_prototypes,
 )
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
-from pfedlora.models import HeteroCNN, build_model
+from pfedlora.models import FeatureClassifier, HeteroCNN, build_model
 
 PROTOTYPES, PRESENT = "prototypes", "present"
 """Server-state keys: every class's global prototype (C, 500) and whether it exists yet (C,), 0/1."""
@@ -42,7 +44,7 @@ class PrototypeClient(nn.Module):
     global_prototypes: torch.Tensor  # (C, 500)
     prototype_mask: torch.Tensor  # (C,) bool: which classes have a global prototype
 
-    def __init__(self, model: HeteroCNN, num_classes: int) -> None:
+    def __init__(self, model: FeatureClassifier, num_classes: int) -> None:
         super().__init__()
         self.model = model
         device = next(model.parameters()).device
@@ -94,7 +96,8 @@ def prototype_loss(
     return F.cross_entropy(logits, labels) + lam * error.square().mean()
 
 
-class FedProto(Algorithm):
+@register_algorithm
+class FedProto(Algorithm[PrototypeClient]):
     """Class prototypes shared and averaged; local training pulls features to them."""
 
     name = "fedproto"
@@ -105,9 +108,10 @@ class FedProto(Algorithm):
         )
 
     def is_shared(self, key: str) -> bool:
-        return False  # no client tensor travels as is: prototypes are computed for each upload
+        """Prototypes (both ways) and their counts (up); no client-state tensor travels as it is."""
+        return key.startswith((PROTOTYPE_PREFIX, COUNT_PREFIX))
 
-    def initial_server_state(self, template: nn.Module) -> State:
+    def initial_server_state(self, template: PrototypeClient) -> State:
         device = template.global_prototypes.device
         return {
             PROTOTYPES: torch.zeros(self.num_classes, HeteroCNN.FEATURE_DIM, device=device),

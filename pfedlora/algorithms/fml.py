@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.base import ClientContext, State, Upload
+from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.distillation import (
     ModelPair,
     SharedModelAlgorithm,
@@ -26,9 +26,11 @@ from pfedlora.algorithms.distillation import (
     kl_divergence,
     load_shared_,
 )
+from pfedlora.algorithms.state import State
 
 
-class FML(SharedModelAlgorithm):
+@register_algorithm
+class FML(SharedModelAlgorithm[ModelPair]):
     """Mutual learning of the private model and a shared small model, FedAvg of the shared one."""
 
     name = "fml"

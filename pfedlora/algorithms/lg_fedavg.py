@@ -14,37 +14,39 @@ from __future__ import annotations
 
 import torch
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
-from pfedlora.models import HeteroCNN, build_model
+from pfedlora.models import FeatureClassifier, HeteroCNN, build_model
 
 HEAD_PREFIX = f"{HeteroCNN.HEAD_NAME}."
 
 
-class LGFedAvg(Algorithm):
+@register_algorithm
+class LGFedAvg(Algorithm[FeatureClassifier]):
     """Global head (fc3) averaged by FedAvg; private heterogeneous bodies."""
 
     name = "lg-fedavg"
     uploads_global_state = True
 
-    def create_client(self, arch: str, generator: torch.Generator) -> HeteroCNN:
+    def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
         return build_model(arch, self.input_shape, self.num_classes, generator)
 
     def is_shared(self, key: str) -> bool:
         return key.startswith(HEAD_PREFIX)
 
-    def train(self, client: HeteroCNN, message: State, ctx: ClientContext) -> Upload:
+    def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
         self.load_head(client, message)
         self.train_whole_model(client, ctx)
         return Upload(self.shared_state(client), ctx.data.num_train)
 
-    def load_head(self, client: HeteroCNN, message: State) -> None:
+    def load_head(self, client: FeatureClassifier, message: State) -> None:
         """Overwrite the client's head with the global one; the message must hold exactly the head."""
         expected = set(self.shared_state(client))
         if set(message) != expected:
             raise ValueError(f"expected the global head {sorted(expected)}, got {sorted(message)}")
         client.load_state_dict(message, strict=False)  # shapes are checked by load_state_dict
 
-    def train_whole_model(self, client: HeteroCNN, ctx: ClientContext) -> None:
+    def train_whole_model(self, client: FeatureClassifier, ctx: ClientContext) -> None:
         """``train.local_epochs`` epochs of SGD on CE, every parameter trainable."""
         train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")

@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
 from pfedlora.models import (
+    PLACEMENTS,
     PersonalizedModel,
     attach_adapter,
     build_model,
@@ -30,11 +32,13 @@ from pfedlora.models import (
 from pfedlora.seeding import torch_generator
 
 
-class PFedLoRA(Algorithm):
+@register_algorithm
+class PFedLoRA(Algorithm[PersonalizedModel]):
     """Alternating local/adapter training with FedAvg of the adapters."""
 
     name = "pfedlora"
     uploads_global_state = True
+    adapter_placements = True
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__(config, input_shape, num_classes)
@@ -42,7 +46,7 @@ class PFedLoRA(Algorithm):
 
     def _resolve_targets(self) -> tuple[str, ...]:
         """Explicit targets, validated, or every layer with one name and shape across the federation."""
-        if self.config.adapter.placement != "layers":
+        if not PLACEMENTS[self.config.adapter.placement].takes_targets:
             return ()
         probe = torch_generator(self.config.seed, "target-probe")
         models = {

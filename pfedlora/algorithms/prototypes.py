@@ -9,21 +9,22 @@ it, ``count.<c>`` (a float32 scalar: its number of samples of class ``c``); abse
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from functools import partial
 
 import torch
 
 from pfedlora.algorithms.base import ClientContext, Upload
-from pfedlora.algorithms.screening import check_dtypes
+from pfedlora.algorithms.state import check_dtypes
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
-from pfedlora.models import HeteroCNN
+from pfedlora.models import FeatureClassifier, HeteroCNN
 
 PROTOTYPE_PREFIX = "prototype."
 COUNT_PREFIX = "count."
 
 
 def class_feature_means(
-    model: HeteroCNN,
+    model: FeatureClassifier,
     data: ClientData,
     num_classes: int,
     batch_size: int,
@@ -50,7 +51,7 @@ def class_feature_means(
 
     try:
         for x, y in data.eval_batches("train", batch_size):
-            meter.run(kind, len(y), lambda x=x, y=y: accumulate(x, y))
+            meter.run(kind, len(y), partial(accumulate, x, y))
     finally:
         model.train(was_training)
     means = sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64)  # (num_classes, 500)
@@ -58,7 +59,7 @@ def class_feature_means(
 
 
 def prototype_upload(
-    model: HeteroCNN, ctx: ClientContext, num_classes: int, batch_size: int, *, with_counts: bool
+    model: FeatureClassifier, ctx: ClientContext, num_classes: int, batch_size: int, *, with_counts: bool
 ) -> Upload:
     """The class means of ``model`` over the client's training data as its upload (:func:`prototype_payload`),
     their forward passes charged to ``ctx.meter`` as the architecture's "prototypes" step."""

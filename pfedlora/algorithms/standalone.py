@@ -7,24 +7,25 @@ baselines it compares against). Shared: nothing. Private: the whole model.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, State, Upload
+from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
-from pfedlora.models import build_model
+from pfedlora.models import FeatureClassifier, build_model
 
 
-class Standalone(Algorithm):
+@register_algorithm
+class Standalone(Algorithm[FeatureClassifier]):
     """Each client trains alone for ``train.local_epochs`` epochs a round."""
 
     name = "standalone"
 
-    def create_client(self, arch: str, generator: torch.Generator) -> nn.Module:
+    def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
         return build_model(arch, self.input_shape, self.num_classes, generator)
 
     def is_shared(self, key: str) -> bool:
         return False
 
-    def train(self, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
+    def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
         train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")
         return Upload({}, ctx.data.num_train)

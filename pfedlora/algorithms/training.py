@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ def run_sgd(
 
     for _ in range(epochs):
         for x, y in batches():
-            meter.run(kind, len(y), lambda x=x, y=y: step(x, y))
+            meter.run(kind, len(y), partial(step, x, y))
 
 
 def train_on_client_data(

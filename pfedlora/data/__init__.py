@@ -1,17 +1,19 @@
-"""Datasets (official formats, verified), client partitions, augmentation and per-client batch iterators."""
+"""Datasets (official formats, verified; registry ``DATASETS``), client partitions (registry ``PARTITIONS``),
+augmentation and per-client batch iterators."""
 
 from pfedlora.data.augment import random_crop_flip
-from pfedlora.data.client_data import ClientData, build_client_data
+from pfedlora.data.client_data import ClientData, Split, build_client_data
 from pfedlora.data.datasets import (
-    DATASET_NAMES,
+    DATASETS,
     Dataset,
+    DatasetSource,
     load_dataset,
     read_cifar,
     read_fashion_mnist,
     search_paths,
 )
 from pfedlora.data.partition import (
-    PARTITION_NAMES,
+    PARTITIONS,
     Partition,
     carve_validation,
     dirichlet,
@@ -21,11 +23,13 @@ from pfedlora.data.partition import (
 )
 
 __all__ = [
-    "DATASET_NAMES",
-    "PARTITION_NAMES",
+    "DATASETS",
+    "PARTITIONS",
     "ClientData",
     "Dataset",
+    "DatasetSource",
     "Partition",
+    "Split",
     "build_client_data",
     "carve_validation",
     "dirichlet",

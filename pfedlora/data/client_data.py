@@ -14,6 +14,9 @@ from pfedlora.data.datasets import Dataset
 from pfedlora.data.partition import Partition
 from pfedlora.errors import ConfigError
 
+Split = Literal["train", "test", "validation"]
+"""A client's data splits: train and validation index the train set, test the test set."""
+
 AUGMENT_PADDING = 4  # CIFAR: random crop with 4-pixel padding and horizontal flip (SPEC §5)
 
 
@@ -58,9 +61,7 @@ class ClientData:
                 x = random_crop_flip(x, AUGMENT_PADDING, generator)
             yield self.dataset.normalize(x), self.dataset.train_y[index]
 
-    def eval_batches(
-        self, split: Literal["test", "validation", "train"], batch_size: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised float32 x, int64 y) batches of ``split`` in index order, never augmented."""
         _check_batch_size(batch_size)
         if split == "train":

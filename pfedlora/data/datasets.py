@@ -8,6 +8,10 @@ verified by the MD5s published with the archives (the constants that torchvision
 Lookup order (SPEC §5): explicit ``data_dir``, ``$PFEDLORA_DATA``, the user cache directory, the system
 dataset directory. If the data is in none of them, the official files are downloaded with checksum
 verification unless downloading is disabled. Whole datasets are returned in memory as uint8 tensors.
+
+Each dataset is a :class:`DatasetSource` registered in ``DATASETS`` under its name: it says how to find its
+files under a lookup root, read them, download them and tell a user how to get them. A new dataset joins
+by registering a source; the lookup itself (:func:`load_dataset`) names no dataset.
 """
 
 from __future__ import annotations
@@ -26,17 +30,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pooch
 import torch
 
 from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError
+from pfedlora.registry import Registry
 
 logger = logging.getLogger(__name__)
-
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
 
 # Lookup roots after the explicit directory and $PFEDLORA_DATA; read at call time, so tests can patch them.
 CACHE_DIR: Path = Path(pooch.os_cache("pfedlora"))
@@ -56,6 +59,8 @@ class Dataset:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    augment_by_default: bool = False
+    """Whether ``data.augment = "auto"`` turns augmentation (random crop + flip) on for this dataset."""
     # mean/std tensors per device, so normalising a batch does not copy them host-to-device every time
     _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
@@ -95,6 +100,7 @@ class Dataset:
             classes=self.classes,
             mean=self.mean,
             std=self.std,
+            augment_by_default=self.augment_by_default,
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,7 +340,7 @@ def read_cifar(path: str | Path, variant: str, checksums: Mapping[str, str] | No
 
     train_x, train_y = split(layout.train_files)
     test_x, test_y = split(layout.test_files)
-    return Dataset(layout.variant, train_x, train_y, test_x, test_y, classes, layout.mean, layout.std)
+    return Dataset(layout.variant, train_x, train_y, test_x, test_y, classes, layout.mean, layout.std, True)
 
 
 def _unpickle(path: Path) -> dict[bytes, Any]:
@@ -406,54 +412,103 @@ def search_paths(data_dir: str | Path | None = None) -> list[Path]:
     return list(dict.fromkeys(roots))  # drop repeats, keep order
 
 
-def _find(name: str, root: Path) -> Path | None:
-    """What to read for ``name`` under ``root``: a folder, a CIFAR archive, or None."""
-    if name == "fashion-mnist":
+class DatasetSource(Protocol):
+    """How one dataset is found, read, downloaded and explained: a ``DATASETS`` entry."""
+
+    looked_for: str
+    """What a lookup root must hold, for the "not found" message (e.g. ``fashion-mnist/ with ...``)."""
+
+    def find(self, root: Path) -> Path | None:
+        """What to read under ``root`` (a folder or an archive), or None when the dataset is not there."""
+        ...
+
+    def read(self, path: Path) -> Dataset:
+        """The dataset from what :meth:`find` or :meth:`download` returned, checksums verified."""
+        ...
+
+    def download(self, target: Path) -> Path:
+        """Download the official files (checksum-verified) into ``target``; what to read."""
+        ...
+
+    def how_to_get(self) -> str:
+        """One or two sentences telling a user how to get the files."""
+        ...
+
+
+DATASETS: Registry[DatasetSource] = Registry("data.dataset")
+"""Every dataset, by name (the ``data.dataset`` values)."""
+
+
+def _progressbar() -> bool:
+    return sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
+
+
+class FashionMnistSource:
+    """Fashion-MNIST: the four IDX files in ``<root>/fashion-mnist/``."""
+
+    looked_for = f"{FASHION_MNIST_DIR}/ with the four IDX files"
+
+    def find(self, root: Path) -> Path | None:
         folder = root / FASHION_MNIST_DIR
         return folder if _has_fashion_mnist(folder) else None
-    layout = CIFAR_LAYOUTS[name]
-    if _has_cifar_folder(root / layout.folder, layout):
-        return root / layout.folder
-    archive = root / layout.archive
-    return archive if archive.is_file() else None
 
-
-def _read(name: str, path: Path) -> Dataset:
-    if name == "fashion-mnist":
+    def read(self, path: Path) -> Dataset:
         return read_fashion_mnist(path, FASHION_MNIST_SHA256)
-    return read_cifar(path, name, _cifar_checksums(name))
 
-
-def _download(name: str, target: Path) -> Path:
-    progressbar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
-    if name == "fashion-mnist":
+    def download(self, target: Path) -> Path:
         folder = target / FASHION_MNIST_DIR
         for fname, md5 in FASHION_MNIST_GZ_MD5.items():
             url = FASHION_MNIST_URL + fname
-            pooch.retrieve(url, known_hash=f"md5:{md5}", fname=fname, path=folder, progressbar=progressbar)
+            pooch.retrieve(url, known_hash=f"md5:{md5}", fname=fname, path=folder, progressbar=_progressbar())
         return folder
-    layout = CIFAR_LAYOUTS[name]
-    md5 = _cifar_checksums(name)[layout.archive]
-    fetched = pooch.retrieve(
-        layout.url, known_hash=f"md5:{md5}", fname=layout.archive, path=target, progressbar=progressbar
-    )
-    return Path(fetched)
 
-
-def _how_to_get(name: str) -> str:
-    if name == "fashion-mnist":
+    def how_to_get(self) -> str:
         files = ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_SHA256)
         return (
             "To get it: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or allow downloading "
             f"(data.download = true), or put the four files ({files}) in <dir>/{FASHION_MNIST_DIR}/ and pass "
             f"--data-dir <dir> or set {ENV_VAR}=<dir>."
         )
-    layout = CIFAR_LAYOUTS[name]
-    return (
-        f"To get it: allow downloading (data.download = true), or place the official archive "
-        f"{layout.archive} ({layout.url}) in one "
-        f"of these directories (or pass --data-dir <dir> / set {ENV_VAR}=<dir>)."
-    )
+
+
+DATASETS.add("fashion-mnist", FashionMnistSource())
+
+
+class CifarSource:
+    """CIFAR-10 or CIFAR-100: the extracted folder or the official archive under a root."""
+
+    def __init__(self, variant: str) -> None:
+        self.layout = _cifar_layout(variant)
+        self.looked_for = f"{self.layout.folder}/ or {self.layout.archive}"
+
+    def find(self, root: Path) -> Path | None:
+        layout = self.layout
+        if _has_cifar_folder(root / layout.folder, layout):
+            return root / layout.folder
+        archive = root / layout.archive
+        return archive if archive.is_file() else None
+
+    def read(self, path: Path) -> Dataset:
+        return read_cifar(path, self.layout.variant, _cifar_checksums(self.layout.variant))
+
+    def download(self, target: Path) -> Path:
+        layout = self.layout
+        md5 = _cifar_checksums(layout.variant)[layout.archive]
+        fetched = pooch.retrieve(
+            layout.url, known_hash=f"md5:{md5}", fname=layout.archive, path=target, progressbar=_progressbar()
+        )
+        return Path(fetched)
+
+    def how_to_get(self) -> str:
+        return (
+            f"To get it: allow downloading (data.download = true), or place the official archive "
+            f"{self.layout.archive} ({self.layout.url}) in one "
+            f"of these directories (or pass --data-dir <dir> / set {ENV_VAR}=<dir>)."
+        )
+
+
+for _variant in CIFAR_LAYOUTS:
+    DATASETS.add(_variant, CifarSource(_variant))
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
@@ -461,29 +516,23 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
 
     Downloads go to ``data_dir`` if given, else to the user cache directory.
     """
-    if name not in DATASET_NAMES:
-        raise ConfigError(f"dataset {name!r} is unknown; allowed: {', '.join(DATASET_NAMES)}")
+    source = DATASETS[name]
     roots = search_paths(data_dir)
     for root in roots:
-        found = _find(name, root)
+        found = source.find(root)
         if found is not None:
             logger.info("reading %s from %s", name, found)
-            return _read(name, found)
+            return source.read(found)
 
-    if name == "fashion-mnist":
-        looked_for = f"{FASHION_MNIST_DIR}/ with the four IDX files"
-    else:
-        layout = CIFAR_LAYOUTS[name]
-        looked_for = f"{layout.folder}/ or {layout.archive}"
     searched = ", ".join(str(root) for root in roots)
-    message = f"dataset {name!r} not found: looked for {looked_for} in {searched}."
+    message = f"dataset {name!r} not found: looked for {source.looked_for} in {searched}."
     if not download:
-        raise DatasetNotFoundError(f"{message} Downloading is disabled. {_how_to_get(name)}")
+        raise DatasetNotFoundError(f"{message} Downloading is disabled. {source.how_to_get()}")
 
     target = Path(data_dir).expanduser() if data_dir is not None else CACHE_DIR
     logger.info("downloading %s into %s", name, target)
     try:
-        fetched = _download(name, target)
+        fetched = source.download(target)
     except Exception as error:  # pooch raises requests/OSError/ValueError alike; report them as one message
-        raise DatasetNotFoundError(f"{message} Downloading failed: {error}. {_how_to_get(name)}") from error
-    return _read(name, fetched)
+        raise DatasetNotFoundError(f"{message} Downloading failed: {error}. {source.how_to_get()}") from error
+    return source.read(fetched)

@@ -6,13 +6,13 @@ so a client's test data follows its own label distribution (pFedLoRA, Yi et al.,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from pfedlora.errors import ConfigError
-
-PARTITION_NAMES: tuple[str, ...] = ("pathological", "dirichlet", "iid")
+from pfedlora.registry import Registry
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,6 +256,36 @@ def carve_validation(partition: Partition, fraction: float, rng: np.random.Gener
     return Partition(tuple(train), partition.test, tuple(validation))
 
 
+@dataclass(frozen=True)
+class PartitionSettings:
+    """The settings a partition may use (each uses its own and ignores the rest)."""
+
+    classes_per_client: int
+    alpha: float
+    min_train_samples: int
+
+
+Partitioner = Callable[[np.ndarray, np.ndarray, int, np.random.Generator, PartitionSettings], Partition]
+"""(train labels, test labels, number of clients, rng, settings) -> the partition."""
+
+PARTITIONS: Registry[Partitioner] = Registry("data.partition")
+"""Every partition, by name (the ``data.partition`` values)."""
+
+PARTITIONS.add(
+    "pathological",
+    lambda train, test, clients, rng, settings: pathological(
+        train, test, clients, rng, settings.classes_per_client
+    ),
+)
+PARTITIONS.add(
+    "dirichlet",
+    lambda train, test, clients, rng, settings: dirichlet(
+        train, test, clients, rng, settings.alpha, settings.min_train_samples
+    ),
+)
+PARTITIONS.add("iid", lambda train, test, clients, rng, settings: iid(train, test, clients, rng))
+
+
 def make_partition(
     name: str,
     train_labels: np.ndarray,
@@ -267,11 +297,6 @@ def make_partition(
     alpha: float,
     min_train_samples: int,
 ) -> Partition:
-    """Partition by ``name`` (one of ``PARTITION_NAMES``); settings a partition does not use are ignored."""
-    if name == "pathological":
-        return pathological(train_labels, test_labels, num_clients, rng, classes_per_client)
-    if name == "dirichlet":
-        return dirichlet(train_labels, test_labels, num_clients, rng, alpha, min_train_samples)
-    if name == "iid":
-        return iid(train_labels, test_labels, num_clients, rng)
-    raise ConfigError(f"partition {name!r} is unknown; allowed: {', '.join(PARTITION_NAMES)}")
+    """Partition by ``name`` (a ``PARTITIONS`` entry); settings a partition does not use are ignored."""
+    settings = PartitionSettings(classes_per_client, alpha, min_train_samples)
+    return PARTITIONS[name](train_labels, test_labels, num_clients, rng, settings)

@@ -20,7 +20,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from pfedlora.config import load_config
 from pfedlora.flower.node import Node, NodeSettings
-from pfedlora.flower.records import METRICS, SETTINGS, TENSORS, config_from_text, from_record, to_record
+from pfedlora.flower.records import (
+    METRICS,
+    SETTINGS,
+    TENSORS,
+    config_from_text,
+    from_record,
+    read_int,
+    to_record,
+)
 from pfedlora.flower.server import run_server
 
 logger = logging.getLogger(__name__)
@@ -48,7 +56,7 @@ def serve(grid: Grid, context: Context) -> None:
 
 
 def _node(message: Message, context: Context) -> Node:
-    settings = message.content[SETTINGS]
+    settings = message.content.config_records[SETTINGS]
     return Node(
         config_from_text(str(settings["config"])),
         NodeSettings.from_node_config(context.node_config),
@@ -75,11 +83,11 @@ def identify(message: Message, context: Context) -> Message:
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """One round of the algorithm's client training (or, told to drop out, no reply at all)."""
-    settings = message.content[SETTINGS]
+    settings = message.content.config_records[SETTINGS]
     if bool(settings["drop"]):
         raise RuntimeError("dropped out of this round (federation.drop_rate)")  # Flower replies with an error
     node = _node(message, context)
-    result = node.train(from_record(message.content[TENSORS]), int(settings["round"]))
+    result = node.train(from_record(message.content.array_records[TENSORS]), read_int(settings, "round"))
     metrics = MetricRecord(
         {
             "num-examples": result.upload.num_examples,

@@ -19,22 +19,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pfedlora.algorithms import Algorithm, ClientContext, State, create_algorithm
-from pfedlora.config import ARCHITECTURES, ExperimentConfig
+from pfedlora.algorithms import AnyAlgorithm, ClientContext, State, create_algorithm
+from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData, Dataset, load_dataset
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
-from pfedlora.rounds import client_update
+from pfedlora.models import MODELS
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation.checkpoint import save_atomic
-from pfedlora.simulation.loop import (
-    ClientResult,
-    build_clients,
-    client_accuracy,
-    create_client_state,
-    eval_split,
-    resolve_device,
-)
+from pfedlora.simulation.federation import build_clients, create_client_state, resolve_device
+from pfedlora.simulation.local import client_accuracy
+from pfedlora.simulation.loop import ClientResult
+from pfedlora.simulation.rounds import client_update
 
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pfedlora" / "flower"
 
@@ -56,18 +52,25 @@ class NodeSettings:
         if "partition-id" not in node_config:
             raise ConfigError("node config lacks partition-id (the stable client id of this node)")
         arch = node_config.get("arch")
-        if arch is not None and arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"node config arch: unknown value {arch!r}; allowed: {', '.join(ARCHITECTURES)}"
-            )
+        if arch is not None:
+            MODELS.get(str(arch), "node config arch")
         total = node_config.get("num-partitions")
         return cls(
-            client_id=int(node_config["partition-id"]),  # type: ignore[arg-type]
-            num_clients=int(total) if total is not None else None,  # type: ignore[arg-type]
+            client_id=_integer(node_config["partition-id"], "partition-id"),
+            num_clients=_integer(total, "num-partitions") if total is not None else None,
             arch=str(arch) if arch is not None else None,
             data_dir=str(node_config["data-dir"]) if "data-dir" in node_config else None,
             state_dir=Path(str(node_config.get("state-dir", DEFAULT_STATE_DIR))),
         )
+
+
+def _integer(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"node config {key}: expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"node config {key}: expected an integer, got {value!r}") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,7 +98,7 @@ class Node:
         dataset = _dataset(config.data.dataset, data_dir, config.data.download)
         self.input_shape, self.num_classes = dataset.input_shape, dataset.num_classes
         self.data: ClientData = build_clients(config, dataset, self.device)[self.client_id]
-        self.algorithm: Algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
+        self.algorithm: AnyAlgorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
         self.checkpoint = settings.state_dir / experiment / f"client-{self.client_id}.safetensors"
 
     def load_state(self) -> nn.Module:
@@ -123,7 +126,7 @@ class Node:
 
     def evaluate(self) -> tuple[int, int]:
         """(correct, total) of the personalized predictor on this client's evaluation split."""
-        return client_accuracy(self.algorithm, self.load_state(), self.data, eval_split(self.config))
+        return client_accuracy(self.algorithm, self.load_state(), self.data, self.config.eval_split)
 
 
 def release_memory() -> None:

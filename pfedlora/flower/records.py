@@ -8,13 +8,15 @@ exactly the server's configuration.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecordValues
 
+from pfedlora.algorithms import State
 from pfedlora.config import ExperimentConfig, config_from_dict
 
-State = dict[str, torch.Tensor]
+ConfigValue = ConfigRecordValues
 
 TENSORS = "tensors"
 """RecordDict key of the ArrayRecord carrying a payload (broadcast or upload)."""
@@ -32,6 +34,22 @@ def to_record(state: State) -> ArrayRecord:
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> State:
     """The tensors of ``record``, on ``device``."""
     return {key: value.to(device) for key, value in record.to_torch_state_dict().items()}
+
+
+def read_int(record: Mapping[str, object], key: str) -> int:
+    """``record[key]`` as an int; ValueError unless it is a whole number (bools refused)."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"{key} is {value!r}, not a whole number")
+    return int(value)
+
+
+def read_float(record: Mapping[str, object], key: str) -> float:
+    """``record[key]`` as a float; ValueError unless it is a number (bools refused)."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} is {value!r}, not a number")
+    return float(value)
 
 
 def config_from_text(text: str) -> ExperimentConfig:

@@ -14,24 +14,28 @@ import time
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from pfedlora.algorithms import Algorithm, State, Upload, create_algorithm
+from pfedlora.algorithms import AnyAlgorithm, State, Upload, create_algorithm
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import PfedloraError
-from pfedlora.flower.records import METRICS, SETTINGS, TENSORS, from_record, to_record
-from pfedlora.metrics import AccuracyReport
-from pfedlora.simulation.loop import (
-    ClientResult,
-    create_client_state,
-    initial_global_state,
-    run_rounds,
-    summarize_records,
+from pfedlora.flower.records import (
+    METRICS,
+    SETTINGS,
+    TENSORS,
+    ConfigValue,
+    from_record,
+    read_float,
+    read_int,
+    to_record,
 )
+from pfedlora.metrics import AccuracyReport
+from pfedlora.simulation.federation import create_client_state, initial_global_state
+from pfedlora.simulation.loop import ClientResult, run_rounds
+from pfedlora.simulation.records import Summary, summarize_records
 from pfedlora.simulation.results import RunWriter
 
 logger = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ class FlowerServer:
     """The server's side of a run: what :func:`run_rounds` reads and updates."""
 
     config: ExperimentConfig
-    algorithm: Algorithm
+    algorithm: AnyAlgorithm
     server_state: State
 
 
@@ -55,7 +59,7 @@ class GridClients:
 
     def __init__(self, grid: Grid, config: ExperimentConfig, experiment: str, timeout: float) -> None:
         self.grid, self.config, self.experiment, self.timeout = grid, config, experiment, timeout
-        self.settings = {"config": config_to_toml(config), "experiment": experiment}
+        self.settings: dict[str, ConfigValue] = {"config": config_to_toml(config), "experiment": experiment}
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.client_of_node: dict[int, int] = {}  # node id -> client id
         self.declared: dict[int, int] = {}
@@ -75,15 +79,18 @@ class GridClients:
             if reply.has_error():
                 logger.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error)
                 continue
-            about = reply.content[METRICS]
-            client_id = int(about["client-id"])
+            about = reply.content.config_records[METRICS]
+            client_id = read_int(about, "client-id")
             if client_id in self.nodes:
                 raise FederationError(f"two nodes claim client id {client_id}")
             self.nodes[client_id] = reply.metadata.src_node_id
-            self.declared[client_id] = int(about["num-train"])
-            channels, height, width = (int(v) for v in about["input-shape"])
+            self.declared[client_id] = read_int(about, "num-train")
+            shape = about["input-shape"]
+            if not isinstance(shape, list) or len(shape) != 3:
+                raise FederationError(f"client {client_id} declared input shape {shape!r}, not (C, H, W)")
+            channels, height, width = (int(v) for v in shape)
             self.input_shape = (channels, height, width)
-            self.num_classes = int(about["num-classes"])
+            self.num_classes = read_int(about, "num-classes")
         self.client_of_node = {node: client_id for client_id, node in self.nodes.items()}
         expected = set(range(self.config.federation.num_clients))
         missing = sorted(expected - set(self.nodes))
@@ -96,7 +103,7 @@ class GridClients:
     def declared_examples(self) -> Mapping[int, int]:
         return self.declared
 
-    def _instruction(self, server_round: int, **extra: Any) -> ConfigRecord:
+    def _instruction(self, server_round: int, **extra: ConfigValue) -> ConfigRecord:
         return ConfigRecord({**self.settings, "round": server_round, **extra})
 
     def train(
@@ -124,10 +131,12 @@ class GridClients:
                     "round %d: client %d did not reply: %s", server_round, client_id, reply.error.reason
                 )
                 continue
-            metrics = reply.content[METRICS]
-            upload = Upload(from_record(reply.content[TENSORS]), metrics["num-examples"])
+            metrics = reply.content.metric_records[METRICS]
+            tensors = reply.content.array_records[TENSORS]
+            num_examples = metrics["num-examples"]  # screened as it came: a bad count is refused, not raised
+            upload = Upload(from_record(tensors), num_examples)  # type: ignore[arg-type]
             results[client_id] = ClientResult(
-                upload, float(metrics["train-flops"]), int(metrics["train-samples"])
+                upload, read_float(metrics, "train-flops"), read_int(metrics, "train-samples")
             )
         return results
 
@@ -145,10 +154,10 @@ class GridClients:
         counts: dict[int, tuple[int, int]] = {}
         for reply in self._send(outgoing):
             if not reply.has_error():
-                metrics = reply.content[METRICS]
+                metrics = reply.content.metric_records[METRICS]
                 counts[self.client_of_node[reply.metadata.src_node_id]] = (
-                    int(metrics["correct"]),
-                    int(metrics["total"]),
+                    read_int(metrics, "correct"),
+                    read_int(metrics, "total"),
                 )
         missing = [client_id for client_id in clients if client_id not in counts]
         if missing:
@@ -162,7 +171,7 @@ class GridClients:
 
 def run_server(
     grid: Grid, config: ExperimentConfig, out_dir: str | Path, experiment: str, timeout: float = 600.0
-) -> dict[str, Any]:
+) -> Summary:
     """Run ``config`` over the nodes of ``grid`` and write the run directory; returns the summary."""
     started = time.perf_counter()
     clients = GridClients(grid, config, experiment, timeout)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,16 @@ class AccuracyReport:
         return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def summarize_curve(rounds: Sequence[int], means: Sequence[float]) -> dict[str, float | int]:
+class CurveSummary(TypedDict):
+    """Best (and its round), last, and last-10% mean of a mean-accuracy curve."""
+
+    mean_accuracy_best: float
+    best_round: int
+    mean_accuracy_last: float
+    mean_accuracy_last10pct: float
+
+
+def summarize_curve(rounds: Sequence[int], means: Sequence[float]) -> CurveSummary:
     """Best, last, and mean of the last 10% of evaluated rounds (at least one) of a mean-accuracy curve."""
     if not means:
         raise ValueError("no evaluated rounds to summarize")
@@ -48,16 +57,4 @@ def summarize_curve(rounds: Sequence[int], means: Sequence[float]) -> dict[str, 
         "best_round": rounds[best],
         "mean_accuracy_last": means[-1],
         "mean_accuracy_last10pct": sum(means[-tail:]) / tail,
-    }
-
-
-def progress_to_target(records: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
-    """The first evaluated round whose mean accuracy reaches ``target``, with the bytes and client training
-    FLOPs spent by then (``None`` each if no round reaches it)."""
-    reached = next((r for r in records if "mean_accuracy" in r and r["mean_accuracy"] >= target), None)
-    return {
-        "target_accuracy": target,
-        "target_round": reached["round"] if reached else None,
-        "bytes_to_target": reached["cumulative_bytes"] if reached else None,
-        "train_flops_to_target": reached["cumulative_train_flops"] if reached else None,
     }

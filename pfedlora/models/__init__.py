@@ -1,16 +1,21 @@
-"""Models: the heterogeneous CNN family, LoRA layers and the homogeneous adapter placements."""
+"""Models: the architectures clients run (registry ``MODELS``; the paper's CNN family), LoRA layers and the
+homogeneous adapter placements (registry ``PLACEMENTS``)."""
 
 from pfedlora.models.adapters import (
     PLACEMENTS,
+    BranchModel,
+    LayersModel,
     LoRABranch,
     PersonalizedModel,
+    Placement,
     adaptable_layers,
     attach_adapter,
     check_homogeneous,
     homogeneous_targets,
     validate_targets,
 )
-from pfedlora.models.cnn import ARCHITECTURES, HeteroCNN, build_model, init_parameters_
+from pfedlora.models.base import FeatureClassifier
+from pfedlora.models.cnn import ARCHITECTURES, HeteroCNN, init_parameters_
 from pfedlora.models.lora import (
     ADAPTER_PREFIX,
     LoRAConv2d,
@@ -24,17 +29,24 @@ from pfedlora.models.lora import (
     save_adapter,
     unmerge_adapters,
 )
+from pfedlora.models.registry import MODELS, ModelBuilder, build_model
 
 __all__ = [
     "ADAPTER_PREFIX",
     "ARCHITECTURES",
+    "MODELS",
     "PLACEMENTS",
+    "BranchModel",
+    "FeatureClassifier",
     "HeteroCNN",
+    "LayersModel",
     "LoRABranch",
     "LoRAConv2d",
     "LoRALayer",
     "LoRALinear",
+    "ModelBuilder",
     "PersonalizedModel",
+    "Placement",
     "adaptable_layers",
     "adapter_state_dict",
     "attach_adapter",

@@ -13,17 +13,18 @@ so the server can average adapters across architectures.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.errors import AdapterMismatchError, ConfigError
+from pfedlora.models.base import FeatureClassifier
 from pfedlora.models.cnn import HeteroCNN, check_input_shape, conv_pool_side, init_parameters_
 from pfedlora.models.lora import LoRAConv2d, LoRALayer, LoRALinear, _check_rank_alpha, is_adapter_key
-
-PLACEMENTS = ("layers", "branch")
+from pfedlora.registry import Registry
 
 _BRANCH_CHANNELS = 16
 _BRANCH_KERNEL = 5
@@ -135,70 +136,31 @@ class LoRABranch(nn.Module):
 
 class PersonalizedModel(nn.Module):
     """Private local model + homogeneous adapter: F(x; ω, θ). Attribute ``local`` is the (possibly
-    LoRA-wrapped) HeteroCNN; ``lora_branch`` is the branch network for placement "branch", else None.
+    LoRA-wrapped) HeteroCNN; each placement (``PLACEMENTS``) is a subclass that says where θ sits.
 
     Build it with :func:`attach_adapter`.
     """
 
     placement: str
 
-    def __init__(
-        self,
-        local: HeteroCNN,
-        *,
-        placement: str,
-        rank: int,
-        alpha: float,
-        targets: Sequence[str] = (),
-        lora_branch: LoRABranch | None = None,
-    ) -> None:
+    def __init__(self, local: FeatureClassifier, *, rank: int, alpha: float) -> None:
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ConfigError(f"unknown adapter placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
-        if (placement == "branch") != (lora_branch is not None):
-            raise ConfigError("placement 'branch' needs a lora_branch and placement 'layers' takes none")
         self.local = local
-        self.lora_branch = lora_branch
-        self.placement = placement
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
-        self.targets = tuple(targets)
-        head = HeteroCNN.HEAD_NAME
-        self._head_only = placement == "layers" and all(
-            t == head or t.startswith(head + ".") for t in self.targets
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits F(x; ω, θ)."""
-        logits = self.local(x)  # (B, num_classes)
-        if self.lora_branch is None:
-            return logits
-        return logits + self.scaling * self.lora_branch(x)  # (B, num_classes)
+        return self.forward_from_prefix(None, x)
 
     def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
-        """What does not depend on adapter parameters, computed without gradients; None if nothing does.
-
-        Branch: the local logits. LoRA only on the head: the 500-d features. LoRA elsewhere (e.g. conv1):
-        None, since the adapter's gradient needs the whole network.
-        """
-        if self.placement == "branch":
-            with torch.no_grad():
-                return self.local(x)  # (B, num_classes)
-        if self._head_only:
-            with torch.no_grad():
-                return self.local.features(x)  # (B, 500)
+        """What does not depend on adapter parameters, computed without gradients; None if nothing does."""
         return None
 
     def forward_from_prefix(self, prefix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """Logits given ``frozen_prefix(x)``; equal to ``forward(x)`` (with prefix None it is forward(x))."""
-        if prefix is None:
-            return self.forward(x)
-        if self.lora_branch is not None:
-            return prefix + self.scaling * self.lora_branch(x)  # (B, num_classes)
-        if self._head_only:
-            return self.local.head(prefix)  # (B, num_classes)
-        raise ValueError("this model has no frozen prefix (frozen_prefix returns None); pass prefix=None")
+        raise NotImplementedError
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Parameters whose names satisfy ``is_adapter_key`` (θ)."""
@@ -209,8 +171,118 @@ class PersonalizedModel(nn.Module):
         return [p for name, p in self.named_parameters() if not is_adapter_key(name)]
 
 
+class BranchModel(PersonalizedModel):
+    """Placement "branch": ``F(x) = f_local(x) + (alpha/r) · g(x)`` with g the :class:`LoRABranch`."""
+
+    placement = "branch"
+
+    def __init__(self, local: FeatureClassifier, lora_branch: LoRABranch, *, rank: int, alpha: float) -> None:
+        super().__init__(local, rank=rank, alpha=alpha)
+        self.lora_branch = lora_branch
+
+    def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The local logits: the branch's gradient never needs the local model's."""
+        with torch.no_grad():
+            logits: torch.Tensor = self.local(x)  # (B, num_classes)
+        return logits
+
+    def forward_from_prefix(self, prefix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        logits = self.local(x) if prefix is None else prefix  # (B, num_classes)
+        return logits + self.scaling * self.lora_branch(x)  # (B, num_classes)
+
+
+class LayersModel(PersonalizedModel):
+    """Placement "layers": LoRA wrappers on ``targets`` inside the local model."""
+
+    placement = "layers"
+
+    def __init__(self, local: FeatureClassifier, targets: Sequence[str], *, rank: int, alpha: float) -> None:
+        super().__init__(local, rank=rank, alpha=alpha)
+        self.targets = tuple(targets)
+        head = HeteroCNN.HEAD_NAME
+        self._head_only = all(t == head or t.startswith(head + ".") for t in self.targets)
+
+    def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
+        """LoRA only on the head: the 500-d features. LoRA elsewhere (e.g. conv1): None, since the
+        adapter's gradient needs the whole network."""
+        if not self._head_only:
+            return None
+        with torch.no_grad():
+            return self.local.features(x)  # (B, 500)
+
+    def forward_from_prefix(self, prefix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if prefix is None:
+            logits: torch.Tensor = self.local(x)  # (B, num_classes)
+            return logits
+        if not self._head_only:
+            raise ValueError("this model has no frozen prefix (frozen_prefix returns None); pass prefix=None")
+        return self.local.head(prefix)  # (B, num_classes)
+
+
+Attach = Callable[
+    [FeatureClassifier, int, float, Sequence[str], tuple[int, int, int], int, torch.Generator],
+    PersonalizedModel,
+]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One way of attaching the adapter: a ``PLACEMENTS`` entry."""
+
+    attach: Attach
+    """(model, rank, alpha, targets, input_shape, num_classes, generator) -> the personalized model."""
+    takes_targets: bool
+    """Whether ``adapter.targets`` names layers for it (else targets are refused)."""
+
+
+PLACEMENTS: Registry[Placement] = Registry("adapter.placement")
+"""Every adapter placement, by name (the ``adapter.placement`` values)."""
+
+
+def _attach_layers(
+    model: FeatureClassifier,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    generator: torch.Generator,
+) -> LayersModel:
+    """Wrap each of ``targets`` in LoRALinear / LoRAConv2d *in place*, in module order."""
+    targets = validate_targets({"the local model": model}, targets)
+    order = list(adaptable_layers(model))
+    wrappers: dict[str, LoRALayer] = {}
+    for name in sorted(targets, key=order.index):  # module order, whatever order targets came in
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Conv2d):
+            wrappers[name] = LoRAConv2d(layer, rank, alpha, generator)
+        elif isinstance(layer, nn.Linear):
+            wrappers[name] = LoRALinear(layer, rank, alpha, generator)
+    for name, wrapper in wrappers.items():  # swap only once every wrapper was built
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrapper)
+    return LayersModel(model, targets, rank=rank, alpha=alpha)
+
+
+def _attach_branch(
+    model: FeatureClassifier,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    generator: torch.Generator,
+) -> BranchModel:
+    """Leave ``model`` as it is and build a :class:`LoRABranch` beside it (``targets`` ignored)."""
+    return BranchModel(model, LoRABranch(input_shape, num_classes, rank, generator), rank=rank, alpha=alpha)
+
+
+PLACEMENTS.add("layers", Placement(_attach_layers, takes_targets=True))
+PLACEMENTS.add("branch", Placement(_attach_branch, takes_targets=False))
+
+
 def attach_adapter(
-    model: HeteroCNN,
+    model: FeatureClassifier,
     *,
     placement: str,
     rank: int,
@@ -220,41 +292,24 @@ def attach_adapter(
     num_classes: int,
     generator: torch.Generator,
 ) -> PersonalizedModel:
-    """Give ``model`` an adapter and return the personalized model around it.
+    """Give ``model`` an adapter at ``placement`` (a ``PLACEMENTS`` name) and return the personalized model.
 
     "layers" wraps each of ``targets`` in LoRALinear / LoRAConv2d *in place* (in module order, drawing the A
     factors from ``generator``); check the targets across the federation's architectures with
     :func:`validate_targets` first. "branch" leaves ``model`` unwrapped, builds a :class:`LoRABranch` for
     (``input_shape``, ``num_classes``, ``rank``) and ignores ``targets``.
     """
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"unknown adapter placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+    chosen = PLACEMENTS[placement]
     _check_rank_alpha(rank, alpha)
-    input_shape = check_input_shape(input_shape)
-    if model.input_shape != input_shape or model.num_classes != num_classes:
+    shape = check_input_shape(input_shape)
+    if model.input_shape != shape or model.num_classes != num_classes:
         raise ConfigError(
             f"model was built for input_shape {model.input_shape} and {model.num_classes} classes, "
-            f"not {input_shape} and {num_classes}"
+            f"not {shape} and {num_classes}"
         )
     if any(isinstance(module, LoRALayer) for module in model.modules()):
         raise ConfigError("model already carries LoRA layers")
-    if placement == "branch":
-        branch = LoRABranch(input_shape, num_classes, rank, generator)
-        return PersonalizedModel(model, placement=placement, rank=rank, alpha=alpha, lora_branch=branch)
-
-    targets = validate_targets({"the local model": model}, targets)
-    order = list(adaptable_layers(model))
-    wrappers: dict[str, LoRALayer] = {}
-    for name in sorted(targets, key=order.index):  # module order, whatever order targets came in
-        layer = model.get_submodule(name)
-        if isinstance(layer, nn.Conv2d):
-            wrappers[name] = LoRAConv2d(layer, rank, alpha, generator)
-        else:
-            wrappers[name] = LoRALinear(layer, rank, alpha, generator)
-    for name, wrapper in wrappers.items():  # swap only once every wrapper was built
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, wrapper)
-    return PersonalizedModel(model, placement=placement, rank=rank, alpha=alpha, targets=targets)
+    return chosen.attach(model, rank, alpha, targets, shape, num_classes, generator)
 
 
 def _shape_or_none(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...] | None:

@@ -16,8 +16,10 @@ from torch import nn
 
 from pfedlora.errors import ConfigError
 from pfedlora.models._init import default_bound, kaiming_uniform_, uniform_
+from pfedlora.models.base import FeatureClassifier
+from pfedlora.models.registry import MODELS, ModelBuilder
 
-# name -> (conv2 out channels, fc1 out features)
+# name -> (conv2 out channels, fc1 out features); each registers in MODELS (bottom of this module)
 ARCHITECTURES: dict[str, tuple[int, int]] = {
     "cnn1": (32, 2000),
     "cnn2": (16, 2000),
@@ -36,7 +38,7 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ConfigError(f"input_shape must be (channels, height, width) of positive ints, got {shape}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def conv_pool_side(side: int) -> int:
@@ -58,7 +60,7 @@ def init_parameters_(module: nn.Module, generator: torch.Generator) -> None:
                 uniform_(layer.bias, default_bound(layer.weight.shape), generator)
 
 
-class HeteroCNN(nn.Module):
+class HeteroCNN(FeatureClassifier):
     """One member of the CNN family: ``features`` gives the 500-d representation, ``head`` is fc3.
 
     Layers are created without drawing from the global RNG and initialised from ``generator``; without
@@ -116,21 +118,13 @@ class HeteroCNN(nn.Module):
         x = F.relu(self.fc1(x))  # (B, fc1_features)
         return F.relu(self.fc2(x))  # (B, 500)
 
-    @property
-    def head(self) -> nn.Module:
-        """Whatever module currently sits at fc3 (a plain Linear, or a LoRA wrapper around it)."""
-        return self.fc3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``head(features(x))``."""
-        return self.head(self.features(x))  # (B, num_classes)
+def _cnn(conv2_channels: int, fc1_features: int) -> ModelBuilder:
+    def build(input_shape: Sequence[int], num_classes: int, generator: torch.Generator) -> FeatureClassifier:
+        return HeteroCNN(conv2_channels, fc1_features, input_shape, num_classes, generator=generator)
+
+    return build
 
 
-def build_model(
-    arch: str, input_shape: Sequence[int], num_classes: int, generator: torch.Generator
-) -> HeteroCNN:
-    """The architecture named ``arch`` (``cnn1`` .. ``cnn5``), initialised from ``generator``."""
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
-    conv2_channels, fc1_features = ARCHITECTURES[arch]
-    return HeteroCNN(conv2_channels, fc1_features, input_shape, num_classes, generator=generator)
+for _arch, (_conv2_channels, _fc1_features) in ARCHITECTURES.items():
+    MODELS.add(_arch, _cnn(_conv2_channels, _fc1_features))

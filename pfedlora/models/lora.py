@@ -120,6 +120,8 @@ class LoRAConv2d(LoRALayer):
     :meth:`merge` adds.
     """
 
+    base_layer: nn.Conv2d
+
     def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator) -> None:
         if not isinstance(base_layer, nn.Conv2d):
             raise ConfigError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base_layer).__name__}")

@@ -12,24 +12,36 @@ Clients never trained since the start are rebuilt from their seeded initialisati
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TypedDict
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pfedlora.algorithms.state import check_schema
 from pfedlora.errors import ConfigError
+from pfedlora.simulation.federation import Federation, resolve_device
+from pfedlora.simulation.records import RoundRecord
 from pfedlora.simulation.results import write_atomic
-
-if TYPE_CHECKING:
-    from pfedlora.simulation.loop import Federation
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 
 
-def save_atomic(tensors: dict[str, Any], path: Path) -> None:
+class Manifest(TypedDict):
+    """``manifest.json``: the round of the last complete checkpoint and the files that hold it."""
+
+    round: int
+    server: str
+    clients: dict[str, str]
+    """Client id (as text) -> the file of its private state, for every client trained so far."""
+    rng: str
+    wall_seconds: float
+
+
+def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` to a safetensors file so that readers see either the old or the whole new file."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
@@ -45,7 +57,7 @@ class Checkpointer:
         self.clients: dict[str, str] = dict(manifest["clients"]) if manifest else {}
 
     def save(
-        self, federation: Federation, server_round: int, records: Sequence[dict[str, Any]], seconds: float
+        self, federation: Federation, server_round: int, records: Sequence[RoundRecord], seconds: float
     ) -> None:
         """Checkpoint ``federation`` after ``server_round``; ``records`` are all rounds so far, ``seconds``
         the wall time spent on them."""
@@ -62,7 +74,7 @@ class Checkpointer:
             self.clients[str(client_id)] = name
         server = f"server-r{server_round}.safetensors"
         save_atomic(federation.server_state, self.path / server)
-        manifest = {
+        manifest: Manifest = {
             "round": server_round,
             "server": server,
             "clients": self.clients,
@@ -77,25 +89,32 @@ class Checkpointer:
                 path.unlink()
 
 
-def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
+def read_manifest(run_dir: str | Path) -> Manifest | None:
     """The last complete checkpoint's manifest, or None when there is none."""
     path = Path(run_dir) / CHECKPOINT_DIR / MANIFEST
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    manifest: Manifest = json.loads(path.read_text(encoding="utf-8"))
+    return manifest
 
 
-def restore(federation: Federation, run_dir: str | Path, device: torch.device) -> dict[str, Any] | None:
-    """Load the last checkpoint of ``run_dir`` into ``federation``; returns its manifest (None: none)."""
+def restore(federation: Federation, run_dir: str | Path) -> Manifest | None:
+    """Load the last checkpoint of ``run_dir`` into ``federation``; returns its manifest (None: none).
+
+    The global state must have exactly the keys, shapes and dtypes of the federation's own, and every
+    client state those of the client's module (``load_state_dict`` is strict); else ConfigError.
+    """
+    device = resolve_device(federation.config.device)
     manifest = read_manifest(run_dir)
     if manifest is None:
         return None
     folder = Path(run_dir) / CHECKPOINT_DIR
     try:
         server = load_file(str(folder / manifest["server"]))
+        check_schema(server, federation.server_state)
         federation.server_state = {key: value.to(device) for key, value in server.items()}
         for client_id, name in manifest["clients"].items():
             federation.client_states[int(client_id)].load_state_dict(load_file(str(folder / name)))
-    except (OSError, RuntimeError, KeyError) as error:
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
         raise ConfigError(f"checkpoint in {folder} cannot be loaded: {error}") from error
     return manifest

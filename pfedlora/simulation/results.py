@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import ConfigError
+from pfedlora.simulation.records import RoundRecord, Summary
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -49,7 +49,7 @@ class RunWriter:
         self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
 
     @classmethod
-    def reopen(cls, path: str | Path, records: Sequence[Mapping[str, Any]]) -> RunWriter:
+    def reopen(cls, path: str | Path, records: Sequence[RoundRecord]) -> RunWriter:
         """An existing run directory whose metrics log is rewritten (atomically) to hold ``records``."""
         writer = cls.__new__(cls)
         writer.path = Path(path)
@@ -57,23 +57,23 @@ class RunWriter:
         writer._metrics = open(writer.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         return writer
 
-    def append_round(self, record: Mapping[str, Any]) -> None:
+    def append_round(self, record: RoundRecord) -> None:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
 
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
+    def write_summary(self, summary: Summary) -> None:
         write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:
         self._metrics.close()
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path) -> list[RoundRecord]:
     """The per-round records logged in run directory ``path``, skipping a last line cut off by a crash."""
     metrics_path = Path(path) / METRICS_FILE
     if not metrics_path.is_file():
         return []
-    records = []
+    records: list[RoundRecord] = []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
         try:
             records.append(json.loads(line))
@@ -82,7 +82,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_run(path: str | Path) -> tuple[list[RoundRecord], Summary]:
     """The per-round records and the summary of a finished run directory."""
     path = Path(path)
     summary_path, metrics_path = path / SUMMARY_FILE, path / METRICS_FILE
@@ -90,5 +90,7 @@ def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise ConfigError(
             f"{str(path)!r} is not a finished run directory (no {SUMMARY_FILE} or {METRICS_FILE})"
         )
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line]
-    return records, json.loads(summary_path.read_text(encoding="utf-8"))
+    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    records: list[RoundRecord] = [json.loads(line) for line in lines if line]
+    summary: Summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return records, summary

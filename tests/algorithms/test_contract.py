@@ -6,15 +6,16 @@ import math
 import pytest
 import torch
 
-from pfedlora.algorithms import IMPLEMENTATIONS, Upload
-from pfedlora.algorithms.screening import upload_problem
+from pfedlora.algorithms import ALGORITHMS as REGISTRY
+from pfedlora.algorithms import Upload
 from pfedlora.metrics import Channel, FlopMeter, payload_bytes
-from pfedlora.rounds import client_update
 from pfedlora.simulation import TIMING_KEYS, LocalClients, build_federation, run_federation, run_round
+from pfedlora.simulation.rounds import client_update
+from pfedlora.simulation.screening import upload_problem
 
 from .helpers import client_context
 
-ALGORITHMS = sorted(IMPLEMENTATIONS)
+ALGORITHMS = sorted(REGISTRY)
 
 
 def _config(tiny_config, name, *extra):
@@ -126,3 +127,40 @@ def test_real_uploads_pass_screening_and_corrupted_ones_do_not(tiny_dataset, tin
     if upload.tensors:
         key = next(iter(upload.tensors))
         assert "NaN" in problem({**upload.tensors, key: torch.full_like(upload.tensors[key], float("nan"))})
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_what_travels_is_exactly_what_the_algorithm_declares_shared(tiny_dataset, tiny_config, name):
+    federation = build_federation(_config(tiny_config, name), tiny_dataset)
+    algorithm, channel = federation.algorithm, RecordingChannel()
+    for server_round in (1, 2):
+        run_round(federation, LocalClients(federation, FlopMeter()), server_round, channel)
+    carried = {
+        key for direction in ("down", "up") for _, payload in channel.sent[direction] for key in payload
+    }
+    assert all(algorithm.is_shared(key) for key in carried), f"{name} sent undeclared tensors"
+    if algorithm.uploads_global_state:  # the shared part of the client state is what goes up and comes down
+        shared = set(algorithm.shared_state(federation.client_states[0]))
+        assert shared and all(set(p) == shared for _, p in channel.sent["up"] + channel.sent["down"])
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_undeclared_tensors_are_never_sent_nor_accepted(tiny_dataset, tiny_config, name, monkeypatch):
+    federation = build_federation(_config(tiny_config, name), tiny_dataset)
+    algorithm = federation.algorithm
+    ctx = client_context(federation, client_id=1)
+    upload = client_update(
+        algorithm, federation.client_states[1], algorithm.broadcast(federation.server_state, 1, 1), ctx
+    )
+    smuggled = Upload({**upload.tensors, "private.weights": torch.zeros(2)}, upload.num_examples)
+    reason = upload_problem(algorithm, federation.server_state, smuggled, federation.clients[1].num_train)
+    assert reason is not None and "not shared" in reason and "private.weights" in reason
+
+    original = type(algorithm).broadcast
+    monkeypatch.setattr(
+        type(algorithm),
+        "broadcast",
+        lambda self, state, cid, rnd: {**original(self, state, cid, rnd), "private.weights": torch.zeros(2)},
+    )
+    with pytest.raises(RuntimeError, match=r"does not share: private\.weights"):
+        run_round(federation, LocalClients(federation, FlopMeter()), 1, Channel())

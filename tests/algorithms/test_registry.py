@@ -1,15 +1,18 @@
 import pytest
 
-from pfedlora.algorithms import IMPLEMENTATIONS, Algorithm, algorithm_class
-from pfedlora.config import ALGORITHMS
+from pfedlora.algorithms import ALGORITHMS, Algorithm, algorithm_class
+from pfedlora.config import load_config
 from pfedlora.errors import ConfigError
 
 
-def test_config_and_registry_name_the_same_algorithms():
-    assert set(IMPLEMENTATIONS) == set(ALGORITHMS)
+def test_the_configuration_accepts_exactly_the_registered_algorithms():
+    for name in ALGORITHMS:
+        assert load_config(None, [f"algorithm={name}"]).algorithm == name
+    with pytest.raises(ConfigError, match=f"allowed: {', '.join(ALGORITHMS)}$"):
+        load_config(None, ["algorithm=fedfoo"])
 
 
-@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_registered_algorithm_imports_and_knows_its_name(name):
     cls = algorithm_class(name)
     assert issubclass(cls, Algorithm)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pfedlora.data.partition import (
-    PARTITION_NAMES,
+    PARTITIONS,
     Partition,
     carve_validation,
     dirichlet,
@@ -290,7 +290,7 @@ def test_carve_validation_is_deterministic_and_refuses_bad_fractions() -> None:
 # --- make_partition ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", PARTITION_NAMES)
+@pytest.mark.parametrize("name", list(PARTITIONS))
 def test_make_partition_dispatches(name: str) -> None:
     train_labels, test_labels = labels(0, 10, 30, 40), labels(1, 10, 10, 12)
     settings_ = {"classes_per_client": 2, "alpha": 0.5, "min_train_samples": 5}

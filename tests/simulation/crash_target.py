@@ -14,13 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_tiny_dataset
 
 from pfedlora import cli
-from pfedlora.simulation import loop
+from pfedlora.simulation import federation, local
 
-loop.load_dataset = lambda *args, **kwargs: make_tiny_dataset()
+federation.load_dataset = lambda *args, **kwargs: make_tiny_dataset()
 pause = os.environ.get("PAUSE_AT")
 if pause:
     pause_round, marker = pause.split(":", 1)
-    original, calls = loop.client_update, []
+    original, calls = local.client_update, []
 
     def client_update(algorithm, client, message, ctx):
         if ctx.server_round == int(pause_round):
@@ -30,7 +30,7 @@ if pause:
                 time.sleep(600)
         return original(algorithm, client, message, ctx)
 
-    loop.client_update = client_update
+    local.client_update = client_update
 
 sys.argv = ["pfedlora", *sys.argv[1:]]
 cli.main()

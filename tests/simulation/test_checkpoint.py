@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import TIMING_KEYS, read_run, resume_run, run_experiment
@@ -93,3 +94,25 @@ def test_resume_without_checkpoint_starts_over(tmp_path, tiny_dataset, tiny_conf
     resume_run(tmp_path / "a", dataset=tiny_dataset)
     run_experiment(config, tmp_path / "b", dataset=tiny_dataset)
     assert _strip(read_run(tmp_path / "a")[0]) == _strip(read_run(tmp_path / "b")[0])
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda state: {**state, next(iter(state)): state[next(iter(state))][..., :1].clone()}, "has shape"),
+        (lambda state: {k: v.double() for k, v in state.items()}, "has dtype"),
+        (lambda state: {**state, "shared.smuggled": state[next(iter(state))].clone()}, "unexpected tensors"),
+        (lambda state: dict(list(state.items())[1:]), "missing tensors"),
+    ],
+    ids=["shape", "dtype", "extra", "missing"],
+)
+def test_restore_checks_the_global_state_like_every_other_load(
+    tmp_path, tiny_dataset, tiny_config, tamper, reason
+):
+    config = tiny_config(*CRASH)
+    run_experiment(config, tmp_path, dataset=tiny_dataset)
+    (tmp_path / "summary.json").unlink()
+    server_file = tmp_path / CHECKPOINT_DIR / read_manifest(tmp_path)["server"]
+    save_file(tamper(load_file(str(server_file))), str(server_file))
+    with pytest.raises(ConfigError, match=f"cannot be loaded: .*{reason}"):
+        resume_run(tmp_path, dataset=tiny_dataset)

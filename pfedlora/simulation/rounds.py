@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pfedlora.algorithms import Algorithm, ClientContext, State, Upload
-from pfedlora.algorithms.screening import Refusal, Reply, screen_uploads
+from pfedlora.algorithms import AnyAlgorithm, ClientContext, State, Upload
+from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update
 from pfedlora.config import ExperimentConfig
-from pfedlora.privacy import add_gaussian_noise, clip_update
 from pfedlora.seeding import numpy_generator, torch_generator
+from pfedlora.simulation.screening import Refusal, Reply, screen_uploads
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def drops_out(config: ExperimentConfig, client_id: int, server_round: int) -> bo
     return rate > 0 and numpy_generator(config.seed, "dropout", server_round, client_id).random() < rate
 
 
-def client_update(algorithm: Algorithm, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
+def client_update(algorithm: AnyAlgorithm, client: nn.Module, message: State, ctx: ClientContext) -> Upload:
     """Train ``client`` on the server's ``message``; with privacy on, clip the update before it leaves."""
     client.train()
     upload = algorithm.train(client, message, ctx)
@@ -48,7 +48,7 @@ class RoundOutcome:
 
 
 def server_update(
-    algorithm: Algorithm,
+    algorithm: AnyAlgorithm,
     server_state: State,
     replies: Sequence[Reply],
     declared_examples: Mapping[int, int],

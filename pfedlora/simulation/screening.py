@@ -1,8 +1,9 @@
 """Checks on what a client uploads, so that one bad update cannot corrupt the global state.
 
 The server runs :func:`screen_uploads` on every round's replies in both runtimes (simulator and Flower):
-an upload with missing or extra tensors, wrong shapes or dtypes, NaN or Inf values, or a sample count that
-is not positive or exceeds what the client declared is refused, with the client id and the reason.
+an upload holding tensors the algorithm does not declare shared, missing or extra tensors, wrong shapes or
+dtypes, NaN or Inf values, or a sample count that is not positive or exceeds what the client declared is
+refused, with the client id and the reason.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from pfedlora.algorithms.base import Algorithm, State, Upload
+from pfedlora.algorithms import AnyAlgorithm, State, Upload
 
 logger = logging.getLogger(__name__)
 
@@ -30,35 +29,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class Refusal:
+    """An upload the server refused: whose, and why."""
+
     client_id: int
     reason: str
 
 
-def check_schema(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    """Raise ValueError unless ``tensors`` has exactly the keys, shapes and dtypes of ``expected``."""
-    missing = [key for key in expected if key not in tensors]
-    extra = [key for key in tensors if key not in expected]
-    if missing:
-        raise ValueError(f"missing tensors: {', '.join(missing)}")
-    if extra:
-        raise ValueError(f"unexpected tensors: {', '.join(extra)}")
-    for key, reference in expected.items():
-        value = tensors[key]
-        if value.shape != reference.shape:
-            raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
-        if value.dtype != reference.dtype:
-            raise ValueError(f"{key} has dtype {value.dtype}, expected {reference.dtype}")
-
-
-def check_dtypes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Raise ValueError unless every tensor has ``dtype``."""
-    for key, value in tensors.items():
-        if value.dtype != dtype:
-            raise ValueError(f"{key} has dtype {value.dtype}, expected {dtype}")
-
-
 def upload_problem(
-    algorithm: Algorithm, server_state: State, upload: Upload, declared_examples: int
+    algorithm: AnyAlgorithm, server_state: State, upload: Upload, declared_examples: int
 ) -> str | None:
     """Why ``upload`` must be refused, or None when it is valid."""
     count = upload.num_examples
@@ -66,6 +44,9 @@ def upload_problem(
         return f"sample count {count!r} is not a positive integer"
     if count > declared_examples:
         return f"sample count {count} exceeds the {declared_examples} training samples the client declared"
+    undeclared = [key for key in upload.tensors if not algorithm.is_shared(key)]
+    if undeclared:
+        return f"unexpected tensors (not shared by {algorithm.name}): {', '.join(undeclared)}"
     try:
         algorithm.check_upload(server_state, upload.tensors)
     except ValueError as error:
@@ -77,7 +58,7 @@ def upload_problem(
 
 
 def screen_uploads(
-    algorithm: Algorithm,
+    algorithm: AnyAlgorithm,
     server_state: State,
     replies: Sequence[Reply],
     declared_examples: Mapping[int, int],

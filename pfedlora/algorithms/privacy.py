@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-State = dict[str, torch.Tensor]
+from pfedlora.algorithms.state import State
 
 
 def clip_update(received: State, uploaded: State, clip_norm: float) -> State:

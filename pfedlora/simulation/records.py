@@ -1,0 +1,158 @@
+"""What a run records, typed: one record per round (``metrics.jsonl``) and the run summary
+(``summary.json``). This module is the one place that defines their keys; both runtimes write them, and
+``report``, ``compare`` and ``tune`` read them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NotRequired, TypedDict
+
+from pfedlora.config import ExperimentConfig
+from pfedlora.metrics import summarize_curve
+
+TIMING_KEYS = frozenset({"wall_seconds", "train_samples_per_second", "round_seconds"})
+"""Record and summary keys that measure the clock; everything else is identical for identical seeds."""
+
+
+class ClientCost(TypedDict):
+    """One client's share of a round: what it trained on and what it cost."""
+
+    client_id: int
+    num_examples: int
+    bytes_down: int
+    bytes_up: int
+    train_flops: float
+
+
+class RefusalRecord(TypedDict):
+    """An upload the server refused, and why."""
+
+    client_id: int
+    reason: str
+
+
+class RoundResult(TypedDict):
+    """What one round of training and aggregation did and cost (:func:`~pfedlora.simulation.run_round`)."""
+
+    round: int
+    sampled: list[int]
+    dropped: list[int]
+    refused: list[RefusalRecord]
+    aggregated: list[int]
+    bytes_down: int
+    bytes_up: int
+    train_flops: float
+    train_samples: int
+    clients: list[ClientCost]
+
+
+class RoundRecord(RoundResult):
+    """One line of ``metrics.jsonl``: the round's result, running totals, its clock time and, on evaluated
+    rounds, the accuracies."""
+
+    cumulative_bytes: int
+    cumulative_train_flops: float
+    round_seconds: float
+    train_samples_per_second: float
+    mean_accuracy: NotRequired[float]
+    """Unweighted mean over clients (the paper's "mean test accuracy"); present on evaluated rounds."""
+    weighted_accuracy: NotRequired[float]
+    std_accuracy: NotRequired[float]
+    client_accuracies: NotRequired[list[float]]
+
+
+class TargetProgress(TypedDict):
+    """The first evaluated round whose mean accuracy reaches the target, and what it took (None: never)."""
+
+    target_accuracy: float
+    target_round: int | None
+    bytes_to_target: int | None
+    train_flops_to_target: float | None
+
+
+class Summary(TypedDict):
+    """``summary.json``: a finished run's headline figures."""
+
+    algorithm: str
+    dataset: str
+    partition: str
+    num_clients: int
+    sample_fraction: float
+    rounds: int
+    seed: int
+    eval_split: str
+    mean_accuracy_best: float
+    best_round: int
+    mean_accuracy_last: float
+    mean_accuracy_last10pct: float
+    weighted_accuracy_last: float
+    std_accuracy_last: float
+    shared_parameters: int
+    bytes_down_total: int
+    bytes_up_total: int
+    bytes_total: int
+    train_flops_total: float
+    train_samples_total: int
+    target_accuracy: float
+    target_round: int | None
+    bytes_to_target: int | None
+    train_flops_to_target: float | None
+    wall_seconds: float
+    train_samples_per_second: float
+
+
+def is_evaluated(record: RoundRecord) -> bool:
+    """Whether every client was evaluated after this round."""
+    return "mean_accuracy" in record
+
+
+def progress_to_target(records: Sequence[RoundRecord], target: float) -> TargetProgress:
+    """The first evaluated round whose mean accuracy reaches ``target``, with the bytes and client training
+    FLOPs spent by then (``None`` each if no round reaches it)."""
+    reached = next((r for r in records if is_evaluated(r) and r["mean_accuracy"] >= target), None)
+    return {
+        "target_accuracy": target,
+        "target_round": reached["round"] if reached else None,
+        "bytes_to_target": reached["cumulative_bytes"] if reached else None,
+        "train_flops_to_target": reached["cumulative_train_flops"] if reached else None,
+    }
+
+
+def summarize_records(
+    config: ExperimentConfig, records: Sequence[RoundRecord], wall_seconds: float, shared_parameters: int
+) -> Summary:
+    """The run's headline figures from its configuration and records (see the README for each key)."""
+    evaluated = [r for r in records if is_evaluated(r)]
+    curve = summarize_curve([r["round"] for r in evaluated], [r["mean_accuracy"] for r in evaluated])
+    last = evaluated[-1]
+    train_samples = sum(r["train_samples"] for r in records)
+    target = progress_to_target(records, config.federation.target_accuracy)
+    return {
+        "algorithm": config.algorithm,
+        "dataset": config.data.dataset,
+        "partition": config.data.partition,
+        "num_clients": config.federation.num_clients,
+        "sample_fraction": config.federation.sample_fraction,
+        "rounds": config.federation.rounds,
+        "seed": config.seed,
+        "eval_split": config.eval_split,
+        "mean_accuracy_best": curve["mean_accuracy_best"],
+        "best_round": curve["best_round"],
+        "mean_accuracy_last": curve["mean_accuracy_last"],
+        "mean_accuracy_last10pct": curve["mean_accuracy_last10pct"],
+        "weighted_accuracy_last": last["weighted_accuracy"],
+        "std_accuracy_last": last["std_accuracy"],
+        "shared_parameters": shared_parameters,
+        "bytes_down_total": sum(r["bytes_down"] for r in records),
+        "bytes_up_total": sum(r["bytes_up"] for r in records),
+        "bytes_total": records[-1]["cumulative_bytes"],
+        "train_flops_total": records[-1]["cumulative_train_flops"],
+        "train_samples_total": train_samples,
+        "target_accuracy": target["target_accuracy"],
+        "target_round": target["target_round"],
+        "bytes_to_target": target["bytes_to_target"],
+        "train_flops_to_target": target["train_flops_to_target"],
+        "wall_seconds": wall_seconds,
+        "train_samples_per_second": train_samples / wall_seconds if wall_seconds > 0 else 0.0,
+    }
