@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(BIN)/.installed $(FASHION_MNIST)
 setup-test: $(BIN)/.installed-test $(FASHION_MNIST)
 
-# The library alone for `make run`; the test extra (pytest, ruff, Flower) for `make test`.
+# The library alone for `make run`; the test extra (pytest, ruff, mypy, Flower) for `make test`.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
@@ -31,6 +31,7 @@ run: setup
 lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
