@@ -96,6 +96,20 @@ def _summary_table(rows: list[tuple[str, Summary]], title: str) -> Table:
     return table
 
 
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        "-w",
+        min=0,
+        help="Worker processes training clients in parallel, one intra-op thread each (default: the usable "
+        "cores on CPU, $PFEDLORA_WORKERS if set; 0: every client in this process, all threads). Results are "
+        "the same for any number of workers from 1 up.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def run(
     config: Annotated[
@@ -120,6 +134,7 @@ def run(
             help="Continue this unfinished run directory from its last checkpoint (its own config).",
         ),
     ] = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory.
 
@@ -155,9 +170,9 @@ def run(
 
         try:
             if resume is not None:
-                summary = resume_run(resume, on_round=on_round)
+                summary = resume_run(resume, on_round=on_round, workers=workers)
             else:
-                summary = run_experiment(cfg, out_dir, on_round=on_round)
+                summary = run_experiment(cfg, out_dir, on_round=on_round, workers=workers)
         except PfedloraError as error:
             progress.stop()
             raise _fail(error) from None
@@ -217,6 +232,16 @@ SetOption = Annotated[
     ),
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+JobsOption = Annotated[
+    int,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Runs side by side, each in its own process; the usable cores are divided among them (each "
+        "gets cores/jobs workers unless --workers says otherwise). Results are the same as one by one.",
+    ),
+]
 
 
 def _split(text: str) -> list[str]:
@@ -225,23 +250,24 @@ def _split(text: str) -> list[str]:
 
 def _run_variants(
     quiet: bool,
-    work: Callable[[Callable[[Variant, bool], None], Callable[[RoundRecord], None]], T],
+    work: Callable[[Callable[[Variant, bool], None], Callable[[str, RoundRecord], None]], T],
 ) -> T:
-    """Run ``work(on_start, on_round)`` under one progress bar that restarts for every run it starts."""
+    """Run ``work(on_start, on_round)`` with a progress bar for every variant it starts (several at once
+    with --jobs)."""
     progress = _round_progress(quiet)
     with progress:
-        task = progress.add_task("", total=1, accuracy="–")
+        tasks: dict[str, TaskID] = {}
 
         def on_start(variant: Variant, reused: bool) -> None:
             state = "finished earlier, reused" if reused else "running"
-            progress.reset(task, total=variant.config.federation.rounds, accuracy="–")
-            progress.update(task, description=f"{variant.label} ({state})")
-            if reused:
-                progress.update(task, completed=variant.config.federation.rounds)
+            rounds = variant.config.federation.rounds
+            tasks[variant.label] = progress.add_task(
+                f"{variant.label} ({state})", total=rounds, completed=rounds if reused else 0, accuracy="–"
+            )
 
-        def on_round(record: RoundRecord) -> None:
-            _show_accuracy(progress, task, record)
-            progress.update(task, advance=1)
+        def on_round(label: str, record: RoundRecord) -> None:
+            _show_accuracy(progress, tasks[label], record)
+            progress.update(tasks[label], advance=1)
 
         try:
             return work(on_start, on_round)
@@ -267,6 +293,8 @@ def compare(
         ),
     ] = None,
     quiet: QuietOption = False,
+    jobs: JobsOption = 1,
+    workers: WorkersOption = None,
 ) -> None:
     """Run several algorithms on the same data, partition and seed; write a table (Markdown, CSV) and plots.
 
@@ -281,7 +309,8 @@ def compare(
     except PfedloraError as error:
         raise _fail(error) from None
     results = _run_variants(
-        quiet, lambda on_start, on_round: run_comparison(variants, out, on_start, on_round)
+        quiet,
+        lambda on_start, on_round: run_comparison(variants, out, on_start, on_round, jobs, workers),
     )
     if target is not None:
         results = retarget(results, target)
@@ -308,6 +337,8 @@ def tune(
         "runs/tune"
     ),
     quiet: QuietOption = False,
+    jobs: JobsOption = 1,
+    workers: WorkersOption = None,
 ) -> None:
     """Coordinate search of hyperparameters on a validation split (never the test split), per variant.
 
@@ -322,7 +353,16 @@ def tune(
     trials, best = _run_variants(
         quiet,
         lambda on_start, on_round: coordinate_search(
-            _split(algorithms), _split(placements), parsed, out, config, overrides or (), on_start, on_round
+            _split(algorithms),
+            _split(placements),
+            parsed,
+            out,
+            config,
+            overrides or (),
+            on_start,
+            on_round,
+            jobs,
+            workers,
         ),
     )
     table = Table(title="search (validation accuracy at the last round)")

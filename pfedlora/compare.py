@@ -11,21 +11,29 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import queue
 import shutil
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as torch_mp
 
 from pfedlora.algorithms import algorithm_class
 from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import Dataset, load_dataset
-from pfedlora.errors import ConfigError
+from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.models import PLACEMENTS
 from pfedlora.plots import plot_runs
 from pfedlora.simulation import read_run, resume_run, run_experiment
 from pfedlora.simulation.loop import RoundCallback
 from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, progress_to_target
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
+from pfedlora.simulation.workers import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -99,52 +107,161 @@ def plan_variants(
     return variants
 
 
+VariantRound = Callable[[str, RoundRecord], None]
+"""Told every finished round of a variant: its label and the round's record."""
+
+
 def run_comparison(
     variants: Sequence[Variant],
     out_dir: str | Path,
     on_start: Callable[[Variant, bool], None] | None = None,
-    on_round: RoundCallback | None = None,
+    on_round: VariantRound | None = None,
+    jobs: int = 1,
+    workers: int | None = None,
+    dataset: Dataset | None = None,
 ) -> list[Result]:
     """Run (or resume) every variant into ``out_dir/<label>``; returns (label, records, summary) per variant.
 
-    ``on_start(variant, reused)`` is told before each variant whether its finished run is being reused.
+    ``on_start(variant, reused)`` is told before each variant starts whether its finished run is being
+    reused. ``jobs`` > 1 runs that many variants at a time, each in its own process with ``workers`` worker
+    processes (default: the usable cores divided among the jobs, at least one), so the cores are shared out,
+    not oversubscribed; since results do not depend on the number of workers, they are those of one run
+    after another with workers. ``dataset``, if given, serves every variant instead of the one it names.
     """
+    if jobs < 1:
+        raise ConfigError(f"jobs: {jobs} is out of range; allowed: 1 or more")
     out = Path(out_dir)
     datasets: dict[tuple[str, str, bool], Dataset] = {}
+    if dataset is not None:
+        datasets.update({_dataset_key(v): dataset for v in variants})
     for variant in variants:  # every configuration must be valid for its algorithm before anything runs
-        data = variant.config.data
-        key = (data.dataset, data.data_dir, data.download)
-        if key not in datasets:
-            datasets[key] = load_dataset(data.dataset, data.data_dir or None, download=data.download)
-        dataset = datasets[key]
-        algorithm_class(variant.config.algorithm)(variant.config, dataset.input_shape, dataset.num_classes)
-
-    results = []
+        shape = _dataset_of(variant, datasets)
+        algorithm_class(variant.config.algorithm)(variant.config, shape.input_shape, shape.num_classes)
     for variant in variants:
         run_dir = out / variant.label
-        finished = (run_dir / SUMMARY_FILE).is_file()
-        started = (run_dir / CONFIG_FILE).is_file()
-        if started and load_config(run_dir / CONFIG_FILE) != variant.config:
+        if (run_dir / CONFIG_FILE).is_file() and load_config(run_dir / CONFIG_FILE) != variant.config:
             raise ConfigError(
                 f"{run_dir} holds a run of another configuration than {variant.label!r} now has; "
                 "choose another comparison directory or delete that run"
             )
-        if on_start is not None:
-            on_start(variant, finished)
-        data = variant.config.data
-        dataset = datasets[(data.dataset, data.data_dir, data.download)]
-        if started and not finished:
-            logger.warning(
-                "%s: resuming the unfinished run in %s from its last checkpoint", variant.label, run_dir
-            )
-            resume_run(run_dir, on_round=on_round, dataset=dataset)
-        elif not finished:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
-            run_experiment(variant.config, run_dir, on_round=on_round, dataset=dataset)
-        records, summary = read_run(run_dir)
+
+    pending = []
+    for variant in variants:
+        finished = (out / variant.label / SUMMARY_FILE).is_file()
+        if finished and on_start is not None:
+            on_start(variant, True)
+        if not finished:
+            pending.append(variant)
+    if jobs == 1 or len(pending) < 2:
+        for variant in pending:
+            if on_start is not None:
+                on_start(variant, False)
+            tell = partial(on_round, variant.label) if on_round is not None else None
+            _run_variant(variant, out / variant.label, _dataset_of(variant, datasets), workers, tell)
+    else:
+        per_job = workers if workers is not None else max(1, usable_cores() // jobs)
+        _run_in_parallel(pending, out, datasets, jobs, per_job, on_start, on_round)
+    results = []
+    for variant in variants:
+        records, summary = read_run(out / variant.label)
         results.append((variant.label, records, summary))
     return results
+
+
+def _dataset_of(variant: Variant, datasets: dict[tuple[str, str, bool], Dataset]) -> Dataset:
+    """The variant's dataset, loaded once per (name, directory, download) for the whole comparison."""
+    key = _dataset_key(variant)
+    if key not in datasets:
+        data = variant.config.data
+        datasets[key] = load_dataset(data.dataset, data.data_dir or None, download=data.download)
+    return datasets[key]
+
+
+def _dataset_key(variant: Variant) -> tuple[str, str, bool]:
+    data = variant.config.data
+    return (data.dataset, data.data_dir, data.download)
+
+
+def _run_variant(
+    variant: Variant,
+    run_dir: Path,
+    dataset: Dataset,
+    workers: int | None,
+    on_round: RoundCallback | None,
+) -> None:
+    """Run the variant into ``run_dir``, or resume it there from its last checkpoint."""
+    if (run_dir / CONFIG_FILE).is_file():
+        logger.warning(
+            "%s: resuming the unfinished run in %s from its last checkpoint", variant.label, run_dir
+        )
+        resume_run(run_dir, on_round=on_round, dataset=dataset, workers=workers)
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
+    run_experiment(variant.config, run_dir, on_round=on_round, dataset=dataset, workers=workers)
+
+
+def _run_in_parallel(
+    variants: Sequence[Variant],
+    out: Path,
+    datasets: dict[tuple[str, str, bool], Dataset],
+    jobs: int,
+    workers: int,
+    on_start: Callable[[Variant, bool], None] | None,
+    on_round: VariantRound | None,
+) -> None:
+    """Run ``variants`` ``jobs`` at a time, each in a process of its own; the first failure stops them all."""
+    context = torch_mp.get_context("forkserver")
+    events = context.Queue()
+    waiting = list(variants)
+    running: dict[str, BaseProcess] = {}
+    failure: str | None = None
+    try:
+        while (waiting or running) and failure is None:
+            while waiting and len(running) < jobs:
+                variant = waiting.pop(0)
+                if on_start is not None:
+                    on_start(variant, False)
+                dataset = _dataset_of(variant, datasets).share_memory()
+                process = context.Process(
+                    target=_job,
+                    args=(variant, out / variant.label, dataset, workers, events),
+                    name=f"pfedlora-job-{variant.label}",
+                )
+                process.start()
+                running[variant.label] = process
+            try:
+                kind, label, payload = events.get(timeout=1.0)
+            except queue.Empty:
+                for label, job in list(running.items()):
+                    if not job.is_alive():  # died without a word (killed)
+                        failure = f"{label}: its process exited with code {job.exitcode}"
+                continue
+            if kind == "round" and on_round is not None:
+                on_round(label, payload)
+            elif kind in ("done", "error"):
+                running.pop(label).join()
+                if kind == "error":
+                    failure = f"{label}: {payload}"
+    finally:
+        for job in running.values():
+            job.terminate()
+            job.join()
+    if failure is not None:
+        raise ConfigError(f"the comparison stopped: {failure}")
+
+
+def _job(variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events: Any) -> None:
+    """One variant in a process of its own; reports its rounds and its end on ``events``."""
+    try:
+        _run_variant(
+            variant, run_dir, dataset, workers, lambda record: events.put(("round", variant.label, record))
+        )
+        events.put(("done", variant.label, None))
+    except PfedloraError as error:
+        events.put(("error", variant.label, str(error)))
+    except BaseException:
+        events.put(("error", variant.label, traceback.format_exc()))
 
 
 def check_target(target: float) -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class TrainConfig:
     weight_decay: float = 1e-3
     grad_clip: float = 50.0
     local_epochs: int = 1
+    precision: str = "fp32"
+    """"fp32", or "bf16": forward passes and losses under bfloat16 autocast (weights, updates stay fp32)."""
+    channels_last: bool = True
+    """Images and convolution weights in the channels-last memory format (faster pooling and convolutions on
+    CPU); false keeps PyTorch's default (NCHW) layout."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "data.augment": ("auto", "on", "off"),
     "adapter.phase_order": PHASE_ORDERS,
+    "train.precision": PRECISIONS,
     "baselines.kl_reduction": ("batchmean", "mean"),
 }
 

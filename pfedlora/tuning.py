@@ -19,13 +19,14 @@ from typing import Final
 
 import tomli_w
 
-from pfedlora.compare import Variant, plan_variants, run_comparison, split_scoped
+from pfedlora.compare import Variant, VariantRound, plan_variants, run_comparison, split_scoped
 from pfedlora.config import load_config
 from pfedlora.errors import ConfigError
-from pfedlora.simulation.loop import RoundCallback
 from pfedlora.simulation.results import write_atomic
 
 SELECTION_METRIC: Final = "mean_accuracy_last"
+Settings = tuple[tuple[str, str], ...]
+"""Axis values of one trial, as (key, value) pairs in axis order."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,14 @@ def coordinate_search(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
     on_start: Callable[[Variant, bool], None] | None = None,
-    on_round: RoundCallback | None = None,
+    on_round: VariantRound | None = None,
+    jobs: int = 1,
+    workers: int | None = None,
 ) -> tuple[list[Trial], dict[str, dict[str, str]]]:
     """Search every variant's axes on validation data; returns all trials and each variant's best settings.
 
-    Trials run into ``out_dir/<label>/<axis values>``; finished ones are reused.
+    Trials run into ``out_dir/<label>/<axis values>``; finished ones are reused. The trials of one axis are
+    independent, so ``jobs`` > 1 runs them side by side (see :func:`~pfedlora.compare.run_comparison`).
     """
     base = plan_variants(algorithms, placements, config_file, overrides)
     for variant in base:
@@ -97,24 +101,36 @@ def coordinate_search(
     best: dict[str, dict[str, str]] = {}
     for variant in base:
 
-        def score(settings: tuple[tuple[str, str], ...], variant: Variant = variant) -> float:
-            name = _trial_name(settings)
+        def trial_of(settings: Settings, variant: Variant = variant) -> Variant:
             assignments = (*variant.overrides, *(f"{key}={value}" for key, value in settings))
-            trial = Variant(f"{variant.label}/{name}", load_config(config_file, assignments), assignments)
-            [(_, _, summary)] = run_comparison([trial], out, on_start, on_round)
+            label = f"{variant.label}/{_trial_name(settings)}"
+            return Variant(label, load_config(config_file, assignments), assignments)
+
+        def prepare(candidates: Sequence[Settings]) -> None:
+            run_comparison([trial_of(s) for s in candidates], out, on_start, on_round, jobs, workers)
+
+        def score(settings: Settings, variant: Variant = variant) -> float:
+            trial = trial_of(settings)
+            [(_, _, summary)] = run_comparison([trial], out, on_start, on_round, workers=workers)
             trials.append(Trial(variant.label, settings, summary[SELECTION_METRIC], out / trial.label))
             return summary[SELECTION_METRIC]
 
-        best[variant.label] = _coordinate_ascent([a for a in axes if a.applies_to(variant)], score)
+        best[variant.label] = _coordinate_ascent([a for a in axes if a.applies_to(variant)], score, prepare)
     return trials, best
 
 
 def _coordinate_ascent(
-    axes: Sequence[Axis], score: Callable[[tuple[tuple[str, str], ...]], float]
+    axes: Sequence[Axis],
+    score: Callable[[Settings], float],
+    prepare: Callable[[Sequence[Settings]], None] | None = None,
 ) -> dict[str, str]:
-    """Each axis in turn, the value that scores best with the others fixed; each setting scored once."""
+    """Each axis in turn, the value that scores best with the others fixed; each setting scored once.
+
+    ``prepare``, if given, is first handed the settings of an axis not scored yet, all together (so that
+    their runs can go side by side; :func:`score` then reads them).
+    """
     current = {axis.key: axis.values[0] for axis in axes}
-    scores: dict[tuple[tuple[str, str], ...], float] = {}
+    scores: dict[Settings, float] = {}
 
     def cached(settings: dict[str, str]) -> float:
         key = tuple(settings.items())
@@ -125,7 +141,11 @@ def _coordinate_ascent(
     if not axes:
         cached(current)
     for axis in axes:
-        results = [cached({**current, axis.key: value}) for value in axis.values]
+        candidates = [{**current, axis.key: value} for value in axis.values]
+        fresh = [tuple(c.items()) for c in candidates if tuple(c.items()) not in scores]
+        if prepare is not None and len(fresh) > 1:
+            prepare(fresh)
+        results = [cached(c) for c in candidates]
         current[axis.key] = axis.values[results.index(max(results))]  # first of equals wins
     return current
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 
 from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import Dataset
+
+# Runs train their clients in this process unless a test asks for worker processes (spawning them costs
+# seconds a run, and tests compare runs with in-process references).
+os.environ.setdefault("PFEDLORA_WORKERS", "0")
 
 
 def make_tiny_dataset(

@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 
 from pfedlora.cli import app
 from pfedlora.data import datasets
-from pfedlora.simulation import federation
+from pfedlora.simulation import TIMING_KEYS, federation, read_run
 
 runner = CliRunner()
 
@@ -27,6 +27,18 @@ def test_run_writes_results_and_prints_the_table(tmp_path, tiny_data):
     assert result.exit_code == 0, result.output
     assert "best mean acc" in result.output and "results written to" in result.output
     assert {p.name for p in out.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json"}
+
+
+def test_workers_option_trains_in_worker_processes_with_the_same_results(tmp_path, tiny_data):
+    for workers in ("1", "2"):
+        result = runner.invoke(app, ["run", *TINY, "--workers", workers, "--out", str(tmp_path / workers)])
+        assert result.exit_code == 0, result.output
+    (one, _), (two, _) = read_run(tmp_path / "1"), read_run(tmp_path / "2")
+    assert [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in one] == [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in two
+    ]
+    refused = runner.invoke(app, ["run", *TINY, "--workers", "-1", "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_report_prints_and_plots(tmp_path, tiny_data):

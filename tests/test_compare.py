@@ -154,3 +154,29 @@ def test_compare_command(tmp_path, tiny_data):
     assert f"Target accuracy: {100 * target:g}%" in (tmp_path / "comparison.md").read_text()
     rows = {row[0]: row for row in csv.reader((tmp_path / "comparison.csv").open())}
     assert rows["standalone"][rows["method"].index("rounds to target")] == str(summary["best_round"])
+
+
+def test_parallel_jobs_give_the_results_of_one_run_after_another(tmp_path, tiny_data):
+    variants = plan_variants(["pfedlora", "standalone", "fedapen"], ["branch"], None, TINY)
+    rounds = []
+    parallel = run_comparison(
+        variants, tmp_path / "parallel", on_round=lambda label, r: rounds.append(label), jobs=2, workers=1
+    )
+    serial = run_comparison(variants, tmp_path / "serial", jobs=1, workers=1)
+
+    def strip(results):
+        return [
+            (label, [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records])
+            for label, records, _ in results
+        ]
+
+    assert strip(parallel) == strip(serial)
+    assert sorted(rounds) == sorted(label for label in ["pfedlora-branch", "standalone", "fedapen"] * 2)
+
+
+def test_a_failing_job_stops_the_comparison_with_its_message(tmp_path, tiny_data):
+    variants = plan_variants(["pfedlora", "standalone"], ["branch"], None, TINY)
+    (tmp_path / "standalone").mkdir()
+    (tmp_path / "standalone" / "config.toml").write_text("not toml at all [")  # an unreadable run directory
+    with pytest.raises(ConfigError, match="standalone"):
+        run_comparison(variants, tmp_path, jobs=2, workers=1)

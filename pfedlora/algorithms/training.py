@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 
 import torch
@@ -16,6 +16,19 @@ from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def autocast(train: TrainConfig, device: torch.device) -> AbstractContextManager[object]:
+    """bfloat16 autocast on ``device`` when ``train.precision`` is "bf16"; otherwise a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+
+
+def sgd(parameters: Sequence[nn.Parameter], lr: float, train: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, updating all parameters in one multi-tensor (foreach) pass:
+    the same update as the per-parameter loop, with fewer kernel launches."""
+    return torch.optim.SGD(
+        parameters, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay, foreach=True
+    )
 
 
 @contextmanager
@@ -51,12 +64,15 @@ def run_sgd(
     """
     if epochs == 0 or not parameters:
         return
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    optimizer = sgd(parameters, lr, train)
+    device = parameters[0].device
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(x, y).backward()
-        torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
+        with autocast(train, device):
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip, foreach=True)
         optimizer.step()
         if after_step is not None:
             after_step()

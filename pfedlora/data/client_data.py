@@ -29,6 +29,8 @@ class ClientData:
     test_indices: torch.Tensor
     validation_indices: torch.Tensor
     augment: bool
+    channels_last: bool = False
+    """Whether batches come in the channels-last memory format (same values, other strides)."""
 
     @property
     def num_train(self) -> int:
@@ -59,7 +61,7 @@ class ClientData:
             x = self.dataset.train_x[index]  # (B, C, H, W) uint8
             if self.augment:
                 x = random_crop_flip(x, AUGMENT_PADDING, generator)
-            yield self.dataset.normalize(x), self.dataset.train_y[index]
+            yield self._layout(self.dataset.normalize(x)), self.dataset.train_y[index]
 
     def eval_batches(self, split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised float32 x, int64 y) batches of ``split`` in index order, never augmented."""
@@ -74,7 +76,10 @@ class ClientData:
             raise ConfigError(f"split {split!r} is unknown; allowed: train, test, validation")
         for start in range(0, indices.numel(), batch_size):
             index = indices[start : start + batch_size]
-            yield self.dataset.normalize(images[index]), labels[index]
+            yield self._layout(self.dataset.normalize(images[index])), labels[index]
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -82,7 +87,9 @@ def _check_batch_size(batch_size: int) -> None:
         raise ConfigError(f"batch_size={batch_size} is invalid; it must be at least 1")
 
 
-def build_client_data(dataset: Dataset, partition: Partition, augment: bool) -> list[ClientData]:
+def build_client_data(
+    dataset: Dataset, partition: Partition, augment: bool, channels_last: bool = False
+) -> list[ClientData]:
     """One ``ClientData`` per client of ``partition``, with index tensors on ``dataset``'s device."""
     device = dataset.train_x.device
     num_train, num_test = dataset.train_y.numel(), dataset.test_y.numel()
@@ -99,6 +106,7 @@ def build_client_data(dataset: Dataset, partition: Partition, augment: bool) -> 
             test_indices=tensor(test, num_test, "test"),
             validation_indices=tensor(validation, num_train, "validation"),
             augment=augment,
+            channels_last=channels_last,
         )
         for train, test, validation in zip(partition.train, partition.test, partition.validation, strict=True)
     ]

@@ -103,6 +103,13 @@ class Dataset:
             augment_by_default=self.augment_by_default,
         )
 
+    def share_memory(self) -> Dataset:
+        """This dataset with its tensors moved into shared memory (in place), so that worker processes map
+        it instead of copying it."""
+        for tensor in (self.train_x, self.train_y, self.test_x, self.test_y):
+            tensor.share_memory_()
+        return self
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel values (B, C, H, W) in 0..255 -> float32 ``(x / 255 - mean) / std`` per channel."""
         stats = self._stats.get(x.device)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Set
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from pfedlora.algorithms import AnyAlgorithm, State, Upload, create_algorithm
+from pfedlora.algorithms import State, Upload, create_algorithm
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import PfedloraError
 from pfedlora.flower.records import (
@@ -34,7 +33,7 @@ from pfedlora.flower.records import (
 )
 from pfedlora.metrics import AccuracyReport
 from pfedlora.simulation.federation import create_client_state, initial_global_state
-from pfedlora.simulation.loop import ClientResult, run_rounds
+from pfedlora.simulation.loop import ClientResult, Server, run_rounds
 from pfedlora.simulation.records import Summary, summarize_records
 from pfedlora.simulation.results import RunWriter
 
@@ -43,15 +42,6 @@ logger = logging.getLogger(__name__)
 
 class FederationError(PfedloraError):
     """The Flower federation does not match the configuration (missing or duplicate clients)."""
-
-
-@dataclass
-class FlowerServer:
-    """The server's side of a run: what :func:`run_rounds` reads and updates."""
-
-    config: ExperimentConfig
-    algorithm: AnyAlgorithm
-    server_state: State
 
 
 class GridClients:
@@ -177,7 +167,7 @@ def run_server(
     clients = GridClients(grid, config, experiment, timeout)
     algorithm = create_algorithm(config, clients.input_shape, clients.num_classes)
     cpu = torch.device("cpu")  # the server only averages: its state stays on the CPU
-    server = FlowerServer(config, algorithm, initial_global_state(algorithm, cpu))
+    server = Server(config, algorithm, initial_global_state(algorithm, cpu))
     shared = algorithm.shared_state(create_client_state(algorithm, 0, cpu))
     writer = RunWriter(out_dir, config)
     try:

@@ -129,7 +129,7 @@ class LoRABranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Branch logits g(x)."""
         x = self.conv_B(self.conv_A(x))  # (B, r, H-4, W-4) -> (B, 16, H-4, W-4)
-        x = F.max_pool2d(F.relu(x), 2)  # (B, 16, h, w)
+        x = F.relu(F.max_pool2d(x, 2))  # (B, 16, h, w): = max_pool(relu(x)), on a quarter of the elements
         x = self.fc_A(torch.flatten(x, 1))  # (B, r)
         return self.fc_B(x)  # (B, num_classes)
 

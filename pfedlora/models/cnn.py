@@ -112,8 +112,10 @@ class HeteroCNN(FeatureClassifier):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The 500-d representation (after fc2 and its ReLU)."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 16, h1, w1)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, conv2_channels, h2, w2)
+        # relu(max_pool(x)) is max_pool(relu(x)), values and gradients alike (ReLU is monotone and zeroes
+        # the gradient wherever the window's maximum is not positive), on a quarter of the elements.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 16, h1, w1)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, conv2_channels, h2, w2)
         x = torch.flatten(x, 1)  # (B, flat_features)
         x = F.relu(self.fc1(x))  # (B, fc1_features)
         return F.relu(self.fc2(x))  # (B, 500)

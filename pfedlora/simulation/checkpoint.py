@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from pfedlora.algorithms.state import check_schema
 from pfedlora.errors import ConfigError
-from pfedlora.simulation.federation import Federation, resolve_device
+from pfedlora.simulation.federation import resolve_device
+from pfedlora.simulation.loop import ServerSide, StatefulPool
 from pfedlora.simulation.records import RoundRecord
 from pfedlora.simulation.results import write_atomic
 
@@ -57,10 +58,15 @@ class Checkpointer:
         self.clients: dict[str, str] = dict(manifest["clients"]) if manifest else {}
 
     def save(
-        self, federation: Federation, server_round: int, records: Sequence[RoundRecord], seconds: float
+        self,
+        server: ServerSide,
+        clients: StatefulPool,
+        server_round: int,
+        records: Sequence[RoundRecord],
+        seconds: float,
     ) -> None:
-        """Checkpoint ``federation`` after ``server_round``; ``records`` are all rounds so far, ``seconds``
-        the wall time spent on them."""
+        """Checkpoint the run after ``server_round``; ``records`` are all rounds so far, ``seconds`` the
+        wall time spent on them."""
         self.path.mkdir(parents=True, exist_ok=True)
         trained = {
             client["client_id"]
@@ -68,22 +74,22 @@ class Checkpointer:
             if record["round"] > self.round
             for client in record["clients"]
         }
-        for client_id in sorted(trained):
+        for client_id, state in sorted(clients.state_dicts(trained).items()):
             name = f"client-{client_id}-r{server_round}.safetensors"
-            save_atomic(federation.client_states[client_id].state_dict(), self.path / name)
+            save_atomic(state, self.path / name)
             self.clients[str(client_id)] = name
-        server = f"server-r{server_round}.safetensors"
-        save_atomic(federation.server_state, self.path / server)
+        server_file = f"server-r{server_round}.safetensors"
+        save_atomic(server.server_state, self.path / server_file)
         manifest: Manifest = {
             "round": server_round,
-            "server": server,
+            "server": server_file,
             "clients": self.clients,
-            "rng": f"every stream derived from seed {federation.config.seed} and (purpose, round, client)",
+            "rng": f"every stream derived from seed {server.config.seed} and (purpose, round, client)",
             "wall_seconds": seconds,
         }
         write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         self.round = server_round
-        keep = {MANIFEST, server, *self.clients.values()}
+        keep = {MANIFEST, server_file, *self.clients.values()}
         for path in self.path.iterdir():
             if path.name not in keep:
                 path.unlink()
@@ -98,23 +104,25 @@ def read_manifest(run_dir: str | Path) -> Manifest | None:
     return manifest
 
 
-def restore(federation: Federation, run_dir: str | Path) -> Manifest | None:
-    """Load the last checkpoint of ``run_dir`` into ``federation``; returns its manifest (None: none).
+def restore(run_dir: str | Path, server: ServerSide, clients: StatefulPool) -> Manifest | None:
+    """Load the last checkpoint of ``run_dir`` into ``server`` and ``clients``; returns its manifest (None:
+    none).
 
-    The global state must have exactly the keys, shapes and dtypes of the federation's own, and every
+    The global state must have exactly the keys, shapes and dtypes of the server's initial one, and every
     client state those of the client's module (``load_state_dict`` is strict); else ConfigError.
     """
-    device = resolve_device(federation.config.device)
+    device = resolve_device(server.config.device)
     manifest = read_manifest(run_dir)
     if manifest is None:
         return None
     folder = Path(run_dir) / CHECKPOINT_DIR
     try:
-        server = load_file(str(folder / manifest["server"]))
-        check_schema(server, federation.server_state)
-        federation.server_state = {key: value.to(device) for key, value in server.items()}
-        for client_id, name in manifest["clients"].items():
-            federation.client_states[int(client_id)].load_state_dict(load_file(str(folder / name)))
+        server_state = load_file(str(folder / manifest["server"]))
+        check_schema(server_state, server.server_state)
+        server.server_state = {key: value.to(device) for key, value in server_state.items()}
+        clients.load_state_dicts(
+            {int(client_id): load_file(str(folder / name)) for client_id, name in manifest["clients"].items()}
+        )
     except (OSError, RuntimeError, KeyError, ValueError) as error:
         raise ConfigError(f"checkpoint in {folder} cannot be loaded: {error}") from error
     return manifest

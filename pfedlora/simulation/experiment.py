@@ -1,53 +1,110 @@
-"""A simulated run from configuration to run directory: build the federation, run every round in this
-process, checkpoint as it goes, write the records and the summary; and resuming an interrupted run."""
+"""A simulated run from configuration to run directory: set up the server and the clients (in this process,
+or in a pool of worker processes), run every round, checkpoint as it goes, write the records and the
+summary; and resuming an interrupted run."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+from pfedlora.algorithms import create_algorithm
 from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
 from pfedlora.simulation.checkpoint import Checkpointer, restore
-from pfedlora.simulation.federation import Federation, build_federation
+from pfedlora.simulation.federation import (
+    Federation,
+    build_federation,
+    create_client_state,
+    initial_global_state,
+    load_run_dataset,
+    resolve_device,
+)
 from pfedlora.simulation.local import LocalClients
-from pfedlora.simulation.loop import RoundCallback, run_rounds
+from pfedlora.simulation.loop import RoundCallback, Server, ServerSide, StatefulPool, run_rounds
 from pfedlora.simulation.records import RoundRecord, Summary, summarize_records
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, read_records
+from pfedlora.simulation.workers import WorkerPool, usable_cores
 
 logger = logging.getLogger(__name__)
+
+
+WORKERS_ENV = "PFEDLORA_WORKERS"
+
+
+def default_workers(config: ExperimentConfig) -> int:
+    """Worker processes when none are asked for: ``$PFEDLORA_WORKERS`` if set, else one per usable core on
+    the CPU and none (this process) on CUDA."""
+    if os.environ.get(WORKERS_ENV):
+        try:
+            return int(os.environ[WORKERS_ENV])
+        except ValueError:
+            raise ConfigError(f"${WORKERS_ENV}={os.environ[WORKERS_ENV]!r} is not a whole number") from None
+    return 0 if resolve_device(config.device).type == "cuda" else usable_cores()
+
+
+@contextmanager
+def open_run(
+    config: ExperimentConfig, dataset: Dataset | None = None, workers: int | None = None
+) -> Iterator[tuple[ServerSide, StatefulPool]]:
+    """The server side and the client pool of a run (``workers`` None: :func:`default_workers`).
+
+    - 0: every client lives and trains in this process (a :class:`Federation`), with PyTorch's intra-op
+      threads (all cores unless set otherwise);
+    - 1: the same with one intra-op thread (set for the block, then restored);
+    - N > 1: the clients live in N worker processes of one intra-op thread each, stopped when the block
+      ends.
+
+    Every N >= 1 computes the same numbers: each client trains on one thread, wherever it lives.
+    """
+    if dataset is None:
+        dataset = load_run_dataset(config)
+    workers = default_workers(config) if workers is None else workers
+    if workers < 0:
+        raise ConfigError(f"workers: {workers} is out of range; allowed: 0 (this process) or more")
+    if workers <= 1:
+        federation = build_federation(config, dataset)
+        with intra_op_threads(1 if workers == 1 else torch.get_num_threads()):
+            yield federation, LocalClients(federation, FlopMeter())
+        return
+    algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
+    server = Server(config, algorithm, initial_global_state(algorithm, resolve_device(config.device)))
+    with WorkerPool(config, dataset, workers) as pool:
+        yield server, pool
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``threads`` within the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_federation(
     federation: Federation,
     on_round: RoundCallback | None = None,
     done: Sequence[RoundRecord] = (),
-    checkpointer: Checkpointer | None = None,
-    seconds_before: float = 0.0,
 ) -> list[RoundRecord]:
-    """:func:`~pfedlora.simulation.loop.run_rounds` in this process; with a ``checkpointer``, the run is
-    checkpointed every ``federation.checkpoint_every`` rounds (not after the last)."""
-    fed_cfg = federation.config.federation
-    started = time.perf_counter()
-
-    def checkpoint(server_round: int, records: list[RoundRecord]) -> None:
-        every = fed_cfg.checkpoint_every
-        if checkpointer is not None and every and server_round % every == 0 and server_round < fed_cfg.rounds:
-            elapsed = seconds_before + time.perf_counter() - started
-            checkpointer.save(federation, server_round, records, elapsed)
-
-    return run_rounds(federation, LocalClients(federation, FlopMeter()), on_round, done, checkpoint)
+    """Every round (after those in ``done``) of ``federation``, its clients trained in this process."""
+    return run_rounds(federation, LocalClients(federation, FlopMeter()), on_round, done)
 
 
-def summarize(federation: Federation, records: Sequence[RoundRecord], wall_seconds: float) -> Summary:
+def summarize(server: ServerSide, records: Sequence[RoundRecord], wall_seconds: float) -> Summary:
     """The run's headline figures (see the README for each key)."""
-    shared = federation.algorithm.shared_state(federation.client_states[0])
-    shared_parameters = sum(t.numel() for t in shared.values())
-    return summarize_records(federation.config, records, wall_seconds, shared_parameters)
+    template = create_client_state(server.algorithm, 0, resolve_device(server.config.device))
+    shared_parameters = sum(t.numel() for t in server.algorithm.shared_state(template).values())
+    return summarize_records(server.config, records, wall_seconds, shared_parameters)
 
 
 def run_experiment(
@@ -55,23 +112,28 @@ def run_experiment(
     out_dir: str | Path | None = None,
     on_round: RoundCallback | None = None,
     dataset: Dataset | None = None,
+    workers: int | None = None,
 ) -> Summary:
-    """Build the federation, run every round, and (if ``out_dir``) write the run directory.
+    """Set up the run (see :func:`open_run` for ``workers``), run every round, and (if ``out_dir``) write
+    the run directory.
 
     The directory is created only once the data and the federation are known to be valid, so bad input
     never leaves a half-written one behind; it is checkpointed as the run goes (see :func:`resume_run`).
     Returns the summary.
     """
     started = time.perf_counter()
-    federation = build_federation(config, dataset)
-    if out_dir is None:
-        records = run_federation(federation, on_round)
-        return summarize(federation, records, time.perf_counter() - started)
-    return _finish(federation, RunWriter(out_dir, config), on_round, (), started, 0.0)
+    with open_run(config, dataset, workers) as (server, clients):
+        if out_dir is None:
+            records = run_rounds(server, clients, on_round)
+            return summarize(server, records, time.perf_counter() - started)
+        return _finish(server, clients, RunWriter(out_dir, config), on_round, (), started, 0.0)
 
 
 def resume_run(
-    run_dir: str | Path, on_round: RoundCallback | None = None, dataset: Dataset | None = None
+    run_dir: str | Path,
+    on_round: RoundCallback | None = None,
+    dataset: Dataset | None = None,
+    workers: int | None = None,
 ) -> Summary:
     """Continue the run in ``run_dir`` from its last checkpoint (from round 1 if it has none).
 
@@ -86,35 +148,47 @@ def resume_run(
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
     config = load_config(run_dir / CONFIG_FILE)
-    federation = build_federation(config, dataset)
-    manifest = restore(federation, run_dir)
-    last = manifest["round"] if manifest else 0
-    done = [record for record in read_records(run_dir) if record["round"] <= last]
-    logger.info("resuming %s after round %d", run_dir, last)
-    writer = RunWriter.reopen(run_dir, done)
-    if on_round is not None:
-        for record in done:
-            on_round(record)
-    return _finish(federation, writer, on_round, done, started, manifest["wall_seconds"] if manifest else 0.0)
+    with open_run(config, dataset, workers) as (server, clients):
+        manifest = restore(run_dir, server, clients)
+        last = manifest["round"] if manifest else 0
+        done = [record for record in read_records(run_dir) if record["round"] <= last]
+        logger.info("resuming %s after round %d", run_dir, last)
+        writer = RunWriter.reopen(run_dir, done)
+        if on_round is not None:
+            for record in done:
+                on_round(record)
+        seconds_before = manifest["wall_seconds"] if manifest else 0.0
+        return _finish(server, clients, writer, on_round, done, started, seconds_before)
 
 
 def _finish(
-    federation: Federation,
+    server: ServerSide,
+    clients: StatefulPool,
     writer: RunWriter,
     on_round: RoundCallback | None,
     done: Sequence[RoundRecord],
     started: float,
     seconds_before: float,
 ) -> Summary:
+    """Run the rounds after ``done`` into ``writer``'s directory, checkpointing every
+    ``federation.checkpoint_every`` rounds (not after the last), then write the summary."""
+    fed_cfg = server.config.federation
+    checkpointer = Checkpointer(writer.path)
+
     def on_record(record: RoundRecord) -> None:
         writer.append_round(record)
         if on_round is not None:
             on_round(record)
 
+    def checkpoint(server_round: int, records: list[RoundRecord]) -> None:
+        every = fed_cfg.checkpoint_every
+        if every and server_round % every == 0 and server_round < fed_cfg.rounds:
+            elapsed = seconds_before + time.perf_counter() - started
+            checkpointer.save(server, clients, server_round, records, elapsed)
+
     try:
-        checkpointer = Checkpointer(writer.path)
-        records = run_federation(federation, on_record, done, checkpointer, seconds_before)
-        summary = summarize(federation, records, seconds_before + time.perf_counter() - started)
+        records = run_rounds(server, clients, on_record, done, checkpoint)
+        summary = summarize(server, records, seconds_before + time.perf_counter() - started)
         writer.write_summary(summary)
     finally:
         writer.close()

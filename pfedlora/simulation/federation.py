@@ -7,6 +7,7 @@ own client, the Flower server for the global state.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from pfedlora.config import ExperimentConfig
 from pfedlora.data import (
     ClientData,
     Dataset,
+    Partition,
     build_client_data,
     carve_validation,
     load_dataset,
@@ -35,7 +37,10 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Federation:
-    """Everything a run works on: the algorithm, each client's data and private state, the global state."""
+    """Everything a run works on: the algorithm, each client's data and private state, the global state.
+
+    ``client_states`` may hold only some clients (a worker process holds its share).
+    """
 
     config: ExperimentConfig
     algorithm: AnyAlgorithm
@@ -44,8 +49,14 @@ class Federation:
     server_state: State
 
 
-def build_clients(config: ExperimentConfig, dataset: Dataset, device: torch.device) -> list[ClientData]:
-    """Every client's data (index views of ``dataset`` on ``device``), partitioned from the seed."""
+def load_run_dataset(config: ExperimentConfig) -> Dataset:
+    """The dataset ``config`` names, from the first lookup location that holds it (or downloaded)."""
+    data = config.data
+    return load_dataset(data.dataset, data.data_dir or None, download=data.download)
+
+
+def partition_clients(config: ExperimentConfig, dataset: Dataset) -> Partition:
+    """Every client's train/test/validation indices, from the seed."""
     data_cfg, fed_cfg = config.data, config.federation
     partition = make_partition(
         data_cfg.partition,
@@ -61,8 +72,24 @@ def build_clients(config: ExperimentConfig, dataset: Dataset, device: torch.devi
         partition = carve_validation(
             partition, data_cfg.validation_fraction, numpy_generator(config.seed, "validation")
         )
+    return partition
+
+
+def client_counts(config: ExperimentConfig, dataset: Dataset) -> dict[int, int]:
+    """Each client's number of training samples (what it declares to the server)."""
+    return {cid: len(indices) for cid, indices in enumerate(partition_clients(config, dataset).train)}
+
+
+def build_clients(config: ExperimentConfig, dataset: Dataset, device: torch.device) -> list[ClientData]:
+    """Every client's data (index views of ``dataset`` on ``device``), partitioned from the seed."""
+    data_cfg = config.data
     augment = data_cfg.augment == "on" or (data_cfg.augment == "auto" and dataset.augment_by_default)
-    return build_client_data(dataset.to(device), partition, augment=augment)
+    return build_client_data(
+        dataset.to(device),
+        partition_clients(config, dataset),
+        augment=augment,
+        channels_last=config.train.channels_last,
+    )
 
 
 def create_client_state(
@@ -73,7 +100,15 @@ def create_client_state(
     config = algorithm.config
     arch = arch or config.architecture_of(client_id)
     state: nn.Module = algorithm.create_client(arch, torch_generator(config.seed, "client-init", client_id))
-    return state.to(device)
+    return to_layout(state.to(device), config)
+
+
+def to_layout(module: nn.Module, config: ExperimentConfig) -> nn.Module:
+    """``module`` with its 4-d weights in the memory format ``train.channels_last`` asks for."""
+    if config.train.channels_last:
+        # documented (nn.Module.to), though absent from torch's type stubs
+        return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module
 
 
 def initial_global_state(algorithm: AnyAlgorithm, device: torch.device) -> State:
@@ -96,21 +131,21 @@ def initial_global_state(algorithm: AnyAlgorithm, device: torch.device) -> State
     return algorithm.initial_server_state(template.to(device))
 
 
-def build_federation(config: ExperimentConfig, dataset: Dataset | None = None) -> Federation:
-    """Load and partition the data, create every client's private state and the initial global state.
+def build_federation(
+    config: ExperimentConfig, dataset: Dataset | None = None, client_ids: Iterable[int] | None = None
+) -> Federation:
+    """Load and partition the data, create the private state of every client (or of ``client_ids``) and
+    the initial global state.
 
     Refuses (AdapterMismatchError) a federation whose shared tensors differ between architectures
     before any training happens.
     """
-    data_cfg = config.data
     if dataset is None:
-        dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None, download=data_cfg.download)
+        dataset = load_run_dataset(config)
     device = resolve_device(config.device)
     clients = build_clients(config, dataset, device)
     algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
     server_state = initial_global_state(algorithm, device)
-    client_states = {
-        client_id: create_client_state(algorithm, client_id, device)
-        for client_id in range(config.federation.num_clients)
-    }
+    owned = range(config.federation.num_clients) if client_ids is None else client_ids
+    client_states = {client_id: create_client_state(algorithm, client_id, device) for client_id in owned}
     return Federation(config, algorithm, clients, client_states, server_state)

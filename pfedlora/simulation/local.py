@@ -1,4 +1,5 @@
-"""The simulator's client pool: every client's data and private state in this process."""
+"""The simulator's client pool in this process: the clients of a :class:`Federation`, trained one after
+another (a worker process of :mod:`pfedlora.simulation.workers` runs one over its share of the clients)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from pfedlora.algorithms import AnyAlgorithm, ClientContext, State
+from pfedlora.algorithms.training import autocast
 from pfedlora.data import ClientData, Split
 from pfedlora.metrics import AccuracyReport, FlopMeter
 from pfedlora.seeding import torch_generator
@@ -23,26 +25,24 @@ def client_accuracy(
 ) -> tuple[int, int]:
     """(correct, total) of one client's personalized predictor on its ``split``."""
     state.eval()
-    hits = count = 0
-    with torch.inference_mode():
+    hits = torch.zeros((), dtype=torch.int64, device=data.train_indices.device)
+    count = 0
+    with torch.inference_mode(), autocast(algorithm.config.train, data.train_indices.device):
         for x, y in data.eval_batches(split, EVAL_BATCH_SIZE):
-            hits += int((algorithm.predict(state, x).argmax(dim=1) == y).sum())
+            hits += (algorithm.predict(state, x).argmax(dim=1) == y).sum()
             count += len(y)
-    return hits, count
+    return int(hits), count  # one device-to-host copy per client, not per batch
 
 
 def evaluate(federation: Federation) -> AccuracyReport:
     """Every client's personalized predictor on its own evaluation split."""
-    split = federation.config.eval_split
-    results = [
-        client_accuracy(federation.algorithm, federation.client_states[cid], data, split)
-        for cid, data in enumerate(federation.clients)
-    ]
-    return AccuracyReport(tuple(h for h, _ in results), tuple(n for _, n in results))
+    counts = LocalClients(federation, FlopMeter()).evaluate_counts()
+    clients = range(len(federation.clients))
+    return AccuracyReport(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
 
 
 class LocalClients:
-    """A :class:`~pfedlora.simulation.loop.ClientPool` whose clients all live in this process."""
+    """A :class:`~pfedlora.simulation.loop.ClientPool` of the clients whose states ``federation`` holds."""
 
     def __init__(self, federation: Federation, meter: FlopMeter) -> None:
         self.federation, self.meter = federation, meter
@@ -73,5 +73,23 @@ class LocalClients:
             results[client_id] = ClientResult(upload, meter.total, meter.samples - samples_before)
         return results
 
+    def evaluate_counts(self) -> dict[int, tuple[int, int]]:
+        """(correct, total) of every held client on its evaluation split."""
+        federation = self.federation
+        split = federation.config.eval_split
+        return {
+            cid: client_accuracy(federation.algorithm, state, federation.clients[cid], split)
+            for cid, state in federation.client_states.items()
+        }
+
     def evaluate(self, server_round: int) -> AccuracyReport:
         return evaluate(self.federation)
+
+    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
+        """The private states of ``client_ids`` (for a checkpoint)."""
+        return {cid: self.federation.client_states[cid].state_dict() for cid in sorted(client_ids)}
+
+    def load_state_dicts(self, states: Mapping[int, State]) -> None:
+        """Overwrite the private states of the clients in ``states`` (resuming from a checkpoint)."""
+        for cid, state in states.items():
+            self.federation.client_states[cid].load_state_dict(state)

@@ -44,6 +44,15 @@ class ServerSide(Protocol):
     server_state: State
 
 
+@dataclass
+class Server:
+    """The server's side of a run whose clients live elsewhere (worker processes, Flower nodes)."""
+
+    config: ExperimentConfig
+    algorithm: AnyAlgorithm
+    server_state: State
+
+
 class ClientPool(Protocol):
     """Where a run's clients live and train: in this process (simulator) or on Flower nodes."""
 
@@ -59,6 +68,18 @@ class ClientPool(Protocol):
 
     def evaluate(self, server_round: int) -> AccuracyReport:
         """Every client's personalized predictor on its own evaluation split."""
+        ...
+
+
+class StatefulPool(ClientPool, Protocol):
+    """A client pool whose private states can be saved and restored (checkpoints)."""
+
+    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
+        """The private states of ``client_ids``."""
+        ...
+
+    def load_state_dicts(self, states: Mapping[int, State]) -> None:
+        """Overwrite the private states of the clients in ``states``."""
         ...
 
 

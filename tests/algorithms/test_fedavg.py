@@ -9,6 +9,7 @@ from pfedlora.metrics import payload_bytes
 from pfedlora.models import build_model
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation import build_federation, run_federation
+from pfedlora.simulation.federation import to_layout
 
 
 def test_one_round_gives_finite_accuracies(tiny_dataset, tiny_config):
@@ -44,7 +45,10 @@ def test_one_client_with_full_participation_is_plain_sgd(tiny_dataset, tiny_conf
     run_federation(federation)
 
     train, data = config.train, federation.clients[0]
-    model = build_model("cnn5", (1, 28, 28), 4, torch_generator(config.seed, "server-init"))
+    # the run's memory layout (channels-last by default), so that the oracle is the same computation
+    model = to_layout(
+        build_model("cnn5", (1, 28, 28), 4, torch_generator(config.seed, "server-init")), config
+    )
     for server_round in (1, 2):
         generator = torch_generator(config.seed, "train", 0, server_round)
         optimizer = torch.optim.SGD(

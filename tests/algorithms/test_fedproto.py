@@ -10,6 +10,7 @@ from pfedlora.algorithms.prototypes import class_feature_means
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 from pfedlora.simulation import build_federation, run_federation
+from pfedlora.simulation.federation import to_layout
 
 from .helpers import client_context as _context
 
@@ -80,7 +81,9 @@ def test_client_keeps_the_received_prototypes_in_its_state(tiny_dataset, tiny_co
     assert state["prototype_mask"].tolist() == [False, True, False, True]
     assert torch.equal(state["global_prototypes"][1], message["prototype.1"])
     assert torch.equal(state["global_prototypes"][0], torch.zeros(500))
-    fresh = federation.algorithm.create_client("cnn1", torch.Generator().manual_seed(9))
+    fresh = to_layout(
+        federation.algorithm.create_client("cnn1", torch.Generator().manual_seed(9)), federation.config
+    )
     fresh.load_state_dict(state)
     x = next(federation.clients[0].eval_batches("test", 8))[0]
     assert torch.equal(federation.algorithm.predict(fresh, x), federation.algorithm.predict(client, x))

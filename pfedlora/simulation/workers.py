@@ -1,0 +1,267 @@
+"""A pool of worker processes that train and evaluate a run's clients in parallel.
+
+Worker ``w`` of ``W`` owns the clients ``c`` with ``c mod W == w`` for the whole run: their data views and
+private states are built in that process and never leave it (a checkpoint asks for the state dicts of the
+clients it saves). Per round only the server's messages go out and the uploads and their costs come back.
+The dataset is put in shared memory once and mapped by every worker. Each worker runs ``threads``
+intra-op threads (one by default), so ``W`` workers on ``W`` cores never oversubscribe them.
+
+Every client trains from its own seeded streams, whichever process holds it, so the metrics are the same
+for any number of workers (as long as the thread count per worker is the same). A worker that dies stops
+the run with :class:`WorkerError`; the run directory's last checkpoint is intact, and ``--resume`` continues
+from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import traceback
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+from typing import Any, TypeVar
+
+import torch
+import torch.multiprocessing as torch_mp
+
+from pfedlora.algorithms import State
+from pfedlora.config import ExperimentConfig
+from pfedlora.data import Dataset
+from pfedlora.errors import PfedloraError
+from pfedlora.metrics import AccuracyReport, FlopMeter
+from pfedlora.simulation.federation import build_federation, client_counts
+from pfedlora.simulation.local import LocalClients
+from pfedlora.simulation.loop import ClientResult
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class WorkerError(PfedloraError):
+    """A worker process died or failed; the run stops (its last checkpoint is intact)."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def owner(client_id: int, workers: int) -> int:
+    """The worker that holds client ``client_id``."""
+    return client_id % workers
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    connection: Connection
+    clients: list[int]
+
+
+class WorkerPool:
+    """A :class:`~pfedlora.simulation.loop.ClientPool` whose clients live in ``workers`` processes.
+
+    Use it as a context manager (or call :meth:`close`): the workers stop when it closes.
+    """
+
+    def __init__(self, config: ExperimentConfig, dataset: Dataset, workers: int, threads: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"a worker pool needs at least one worker, got {workers}")
+        self.config = config
+        self.declared = client_counts(config, dataset)
+        # A fork server that has imported torch and pfedlora once forks every worker: starting one costs
+        # milliseconds instead of the seconds of a fresh interpreter, and nothing forks a process whose
+        # OpenMP threads are running.
+        context = torch_mp.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        shared = dataset.share_memory()
+        num_clients = config.federation.num_clients
+        self.workers: list[_Worker] = []
+        try:
+            for index in range(workers):
+                clients = [c for c in range(num_clients) if owner(c, workers) == index]
+                here, there = context.Pipe()
+                process = context.Process(
+                    target=_serve,
+                    args=(there, config, shared, clients, threads),
+                    name=f"pfedlora-worker-{index}",
+                    daemon=True,
+                )
+                process.start()
+                there.close()
+                self.workers.append(_Worker(index, process, here, clients))
+            for worker in self.workers:
+                self._receive(worker, "start")
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the ClientPool protocol ---------------------------------------------------------------------
+
+    def declared_examples(self) -> Mapping[int, int]:
+        return self.declared
+
+    def train(
+        self, server_round: int, messages: Mapping[int, State], dropping: Set[int]
+    ) -> dict[int, ClientResult]:
+        busy = []
+        for worker in self.workers:
+            share = self._share(worker, messages)
+            if share:
+                self._send(worker, "train", server_round, share, set(dropping) & set(share))
+                busy.append(worker)
+        results: dict[int, ClientResult] = {}
+        for worker in busy:
+            results.update(self._receive(worker, f"round {server_round}"))
+        return {cid: results[cid] for cid in messages if cid in results}
+
+    def evaluate(self, server_round: int) -> AccuracyReport:
+        for worker in self.workers:
+            self._send(worker, "evaluate")
+        counts: dict[int, tuple[int, int]] = {}
+        for worker in self.workers:
+            counts.update(self._receive(worker, f"the evaluation after round {server_round}"))
+        clients = range(self.config.federation.num_clients)
+        return AccuracyReport(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
+
+    def peak_memory(self) -> list[int]:
+        """Each worker's peak resident memory so far, in bytes (pages of the shared dataset included)."""
+        for worker in self.workers:
+            self._send(worker, "peak_memory")
+        return [self._receive(worker, "a memory query") for worker in self.workers]
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
+        """The private states of ``client_ids``, on the CPU (for a checkpoint)."""
+        asked = []
+        for worker in self.workers:
+            share = [cid for cid in worker.clients if cid in client_ids]
+            if share:
+                self._send(worker, "state_dicts", share)
+                asked.append(worker)
+        states: dict[int, State] = {}
+        for worker in asked:
+            states.update(self._receive(worker, "a checkpoint"))
+        return states
+
+    def load_state_dicts(self, states: Mapping[int, State]) -> None:
+        """Overwrite the private states of the clients in ``states`` (resuming from a checkpoint)."""
+        for worker in self.workers:
+            self._send(worker, "load_state_dicts", self._share(worker, states))
+        for worker in self.workers:
+            self._receive(worker, "restoring a checkpoint")
+
+    # --- plumbing --------------------------------------------------------------------------------------
+
+    def _share(self, worker: _Worker, per_client: Mapping[int, T]) -> dict[int, T]:
+        """The entries of ``per_client`` that belong to ``worker``'s clients."""
+        count = len(self.workers)
+        return {cid: value for cid, value in per_client.items() if owner(cid, count) == worker.index}
+
+    def _send(self, worker: _Worker, command: str, *args: Any) -> None:
+        try:
+            worker.connection.send((command, args))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise self._died(worker, command) from None
+
+    def _receive(self, worker: _Worker, during: str) -> Any:
+        ready = wait([worker.connection, worker.process.sentinel])
+        if worker.connection not in ready:
+            raise self._died(worker, during)
+        try:
+            status, payload = worker.connection.recv()
+        except (EOFError, ConnectionResetError):
+            raise self._died(worker, during) from None
+        if status == "error":
+            raise WorkerError(f"worker {worker.index} failed during {during}:\n{payload}")
+        return payload
+
+    def _died(self, worker: _Worker, during: str) -> WorkerError:
+        worker.process.join(timeout=5)
+        code = worker.process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return WorkerError(
+            f"worker {worker.index} (clients {_ids(worker.clients)}) {how} during {during}; the run stopped. "
+            "Its last checkpoint is intact: continue it with `pfedlora run --resume RUN_DIR`."
+        )
+
+    def close(self) -> None:
+        """Stop every worker (politely, then by force)."""
+        for worker in self.workers:
+            if worker.process.is_alive():
+                with contextlib.suppress(OSError):  # it died meanwhile: nothing to tell it
+                    worker.connection.send(("stop", ()))
+        for worker in self.workers:
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.connection.close()
+        self.workers = []
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _ids(clients: list[int]) -> str:
+    shown = ", ".join(map(str, clients[:6]))
+    return f"{shown}, … ({len(clients)} in all)" if len(clients) > 6 else shown
+
+
+def _serve(
+    connection: Connection, config: ExperimentConfig, dataset: Dataset, clients: list[int], threads: int
+) -> None:
+    """A worker's main loop: build the owned clients, then answer commands until told to stop."""
+    torch.set_num_threads(threads)
+    try:
+        federation = build_federation(config, dataset, client_ids=clients)
+        pool = LocalClients(federation, FlopMeter())
+        connection.send(("ok", None))
+    except BaseException:
+        connection.send(("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            command, args = connection.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if command == "stop":
+            return
+        try:
+            if command == "train":
+                reply: Any = pool.train(*args)
+            elif command == "evaluate":
+                reply = pool.evaluate_counts()
+            elif command == "state_dicts":
+                reply = {cid: _cpu(federation.client_states[cid].state_dict()) for cid in args[0]}
+            elif command == "peak_memory":
+                reply = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            elif command == "load_state_dicts":
+                for cid, state in args[0].items():
+                    federation.client_states[cid].load_state_dict(state)
+                reply = None
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            connection.send(("ok", reply))
+        except Exception:
+            connection.send(("error", traceback.format_exc()))
+
+
+def _cpu(state: Mapping[str, torch.Tensor]) -> State:
+    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}

@@ -1,0 +1,67 @@
+"""The pool of worker processes: the same metrics for any number of workers, and a worker that dies."""
+
+import multiprocessing
+import os
+import signal
+
+import pytest
+
+from pfedlora.errors import PfedloraError
+from pfedlora.simulation import TIMING_KEYS, read_run, resume_run, run_experiment
+from pfedlora.simulation.workers import WorkerError, owner
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.mark.parametrize("algorithm", ["pfedlora", "fedapen"])  # fedapen: private model, shared model, λ
+def test_metrics_are_identical_for_one_two_and_three_workers(tmp_path, tiny_dataset, tiny_config, algorithm):
+    config = tiny_config(f"algorithm={algorithm}", "federation.checkpoint_every=2")
+    runs = {}
+    for workers in (1, 2, 3):
+        run_experiment(config, tmp_path / str(workers), dataset=tiny_dataset, workers=workers)
+        records, summary = read_run(tmp_path / str(workers))
+        runs[workers] = (_strip(records), {k: v for k, v in summary.items() if k not in TIMING_KEYS})
+    assert runs[1] == runs[2] == runs[3]
+    assert len(runs[1][0]) == config.federation.rounds and runs[1][0][-1]["train_flops"] > 0
+
+
+def test_every_client_has_one_owner():
+    assert [owner(c, 3) for c in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def _kill_worker_after(server_round, index=0):
+    def on_round(record):
+        if record["round"] == server_round:
+            (victim,) = [p for p in multiprocessing.active_children() if p.name == f"pfedlora-worker-{index}"]
+            os.kill(victim.pid, signal.SIGKILL)
+
+    return on_round
+
+
+def test_a_dead_worker_stops_the_run_with_a_clear_message_and_resume_finishes_it(
+    tmp_path, tiny_dataset, tiny_config
+):
+    config = tiny_config(
+        "algorithm=fedapen",
+        "federation.rounds=5",
+        "federation.checkpoint_every=2",
+        "federation.sample_fraction=1.0",
+    )
+    run_experiment(config, tmp_path / "reference", dataset=tiny_dataset, workers=2)
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(
+        WorkerError, match=r"worker 0 \(clients 0, 2, 4\) was killed by signal 9 during round 4"
+    ):
+        run_experiment(config, crashed, on_round=_kill_worker_after(3), dataset=tiny_dataset, workers=2)
+    assert issubclass(WorkerError, PfedloraError)  # the CLI prints it as one line, exit status 2
+    assert not (crashed / "summary.json").exists()
+
+    resume_run(crashed, dataset=tiny_dataset, workers=1)  # any number of workers continues it
+    (records, summary), (expected, expected_summary) = read_run(crashed), read_run(tmp_path / "reference")
+    assert _strip(records) == _strip(expected)
+    assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in expected_summary.items() if k not in TIMING_KEYS
+    }
