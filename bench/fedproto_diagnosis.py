@@ -5,7 +5,7 @@ test split with (a) the nearest global prototype over all classes (FedProto's pr
 (b) the nearest global prototype among the classes the client holds, and (c) the client's own classifier
 head, and prints the distance of each client's class means to the global prototypes.
 
-    python bench/fedproto_diagnosis.py [--set key=value ...]
+    python bench/fedproto_diagnosis.py [--set key=value ...] [--smoke]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import synthetic_dataset  # bench/common.py
 
 from pfedlora.algorithms.prototypes import class_feature_means
 from pfedlora.config import load_config
@@ -23,9 +24,11 @@ from pfedlora.simulation import build_federation, run_federation
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds on synthetic data: does it run?")
     args = parser.parse_args()
-    config = load_config(None, ["algorithm=fedproto", "federation.eval_every=1000", *args.overrides])
-    federation = build_federation(config)
+    smoke = ["federation.num_clients=4", "federation.rounds=1", "federation.sample_fraction=0.5"] * args.smoke
+    config = load_config(None, ["algorithm=fedproto", "federation.eval_every=1000", *smoke, *args.overrides])
+    federation = build_federation(config, synthetic_dataset() if args.smoke else None)
     records = run_federation(federation)
     accuracy = 100 * records[-1]["mean_accuracy"]
     print(f"FedProto after {len(records)} rounds: mean test accuracy {accuracy:.2f}%")

@@ -6,7 +6,10 @@
    batches and parameter groups, trained by a hand-written loop without sampling, channel copies,
    aggregation or bookkeeping. The difference is what the federated machinery costs.
 
-    python bench/throughput.py [--device cpu|cuda] [--rounds 3] [--clients 20] [--json out.json]
+    python bench/throughput.py [--device cpu|cuda] [--rounds 3] [--clients 20] [--json out.json] [--smoke]
+
+The round loop runs in this process (``LocalClients``, PyTorch's own thread count): this measures the loop's
+overhead, not the worker pool (see ``bench/engine.py``).
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import synthetic_dataset  # bench/common.py
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from pfedlora.algorithms.training import sgd
 from pfedlora.config import load_config
-from pfedlora.data import ClientData, load_dataset
+from pfedlora.data import ClientData, Dataset, load_dataset
 from pfedlora.metrics import Channel, FlopMeter
 from pfedlora.models import ARCHITECTURES, build_model
 from pfedlora.seeding import torch_generator
-from pfedlora.simulation import build_federation, run_round, sample_clients
+from pfedlora.simulation import LocalClients, build_federation, run_round, sample_clients
 
 console = Console()
 
@@ -87,7 +92,7 @@ def plain_training(arch: str, data: ClientData, batch_size: int, steps: int, dev
     }
 
 
-def federated_vs_plain(args: argparse.Namespace, device: torch.device) -> dict:
+def federated_vs_plain(args: argparse.Namespace, device: torch.device, dataset: Dataset) -> dict:
     """Rounds of pFedLoRA through the round loop, then the same work by a plain loop on copies."""
     config = load_config(
         None,
@@ -98,13 +103,13 @@ def federated_vs_plain(args: argparse.Namespace, device: torch.device) -> dict:
             f"federation.rounds={args.rounds}",
         ],
     )
-    federation = build_federation(config)
+    federation = build_federation(config, dataset)
     plain_states = {cid: copy.deepcopy(state) for cid, state in federation.client_states.items()}
     train = config.train
-    channel, meter = Channel(), FlopMeter()
+    channel, clients = Channel(), LocalClients(federation, FlopMeter())
 
     def federated(rounds: range) -> int:
-        return sum(run_round(federation, r, channel, meter)["train_samples"] for r in rounds)
+        return sum(run_round(federation, clients, r, channel)["train_samples"] for r in rounds)
 
     def plain(rounds: range) -> None:
         for server_round in rounds:
@@ -116,13 +121,11 @@ def federated_vs_plain(args: argparse.Namespace, device: torch.device) -> dict:
                         p.requires_grad_(False)
                     for p in params:
                         p.requires_grad_(True)
-                    optimizer = torch.optim.SGD(
-                        params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
-                    )
+                    optimizer = sgd(params, train.lr, train)
                     for x, y in data.train_batches(train.batch_size, generator):
                         optimizer.zero_grad(set_to_none=True)
                         F.cross_entropy(model(x), y).backward()
-                        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(params, train.grad_clip, foreach=True)
                         optimizer.step()
 
     # Round 1 warms both paths up (and lets the FLOP meter count its first step of each kind). Then the two
@@ -165,14 +168,18 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds on synthetic data: does it run?")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.smoke:
+        args.steps, args.clients, args.rounds = 2, 4, 1
 
     console.print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    peak = matmul_gflops(device)
-    console.print(f"dense float32 matmul (2048²): [bold]{peak:.1f} GFLOP/s[/]")
+    peak = matmul_gflops(device, size=256 if args.smoke else 2048, seconds=0.1 if args.smoke else 2.0)
+    console.print(f"dense float32 matmul: [bold]{peak:.1f} GFLOP/s[/]")
 
-    dataset = load_dataset("fashion-mnist").to(device)
+    source = synthetic_dataset() if args.smoke else load_dataset("fashion-mnist")
+    dataset = source.to(device)
     everything = ClientData(
         dataset=dataset,
         train_indices=torch.arange(len(dataset.train_y), device=device),
@@ -183,7 +190,8 @@ def main() -> None:
     table = Table(title=f"plain training on Fashion-MNIST, batch {args.batch_size}")
     for column in ("model", "samples/s", "GFLOP/s", "% of matmul peak", "train MFLOPs/sample"):
         table.add_column(column, justify="right")
-    models = [plain_training(arch, everything, args.batch_size, args.steps, device) for arch in ARCHITECTURES]
+    archs = list(ARCHITECTURES)[:1] if args.smoke else list(ARCHITECTURES)
+    models = [plain_training(arch, everything, args.batch_size, args.steps, device) for arch in archs]
     for row in models:
         table.add_row(
             row["arch"],
@@ -194,7 +202,7 @@ def main() -> None:
         )
     console.print(table)
 
-    rounds = federated_vs_plain(args, device)
+    rounds = federated_vs_plain(args, device, source)
     table = Table(title="pFedLoRA rounds vs plain training on the same samples")
     for column in ("setting", "samples", "federated s", "plain s", "federated samples/s", "overhead"):
         table.add_column(column, justify="right")
