@@ -55,3 +55,15 @@ def test_search_on_validation_data_writes_and_resumes(tmp_path, monkeypatch, tin
 def test_search_refuses_to_tune_on_the_test_split(tmp_path):
     with pytest.raises(ConfigError, match="validation"):
         coordinate_search(["standalone"], ["branch"], [], tmp_path, None, ["data.validation_fraction=0"])
+
+
+def test_trials_of_an_axis_side_by_side_choose_and_score_as_one_by_one(tmp_path, monkeypatch, tiny_dataset):
+    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    axes = [Axis("train.local_epochs", ("1", "2"))]
+
+    def search(out, jobs):
+        return coordinate_search(["standalone"], ["branch"], axes, out, None, TINY, jobs=jobs, workers=1)
+
+    (serial, best_serial), (parallel, best_parallel) = search(tmp_path / "a", 1), search(tmp_path / "b", 2)
+    assert best_parallel == best_serial
+    assert [(t.settings, t.accuracy) for t in parallel] == [(t.settings, t.accuracy) for t in serial]
