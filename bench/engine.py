@@ -2,8 +2,9 @@
 
 1. The default ``pfedlora run`` with today's engine (every client in one process with all cores as intra-op
    threads, NCHW layout; ``--workers 0 --set train.channels_last=false``) and with this one (a worker
-   process per usable core, one thread each, channels-last): wall seconds, their ratio, mean accuracy, and
-   peak resident memory of every process. Each run is a fresh subprocess, the variants alternate.
+   process per usable core, one thread each, channels-last), in fp32 and in bf16: wall seconds (setup and
+   evaluations included), their ratio, mean accuracy, and peak resident memory of every process. Each run
+   is a fresh subprocess; the order of the variants alternates between repeats.
 2. The CNN training step on one core, in fp32 and bf16, against the same-precision dense matmul rate of that
    core (FLOPs from PyTorch's counter).
 3. ``compare`` of the nine methods (N=100, C=10%) one by one on today's engine against ``--jobs`` on this one.
@@ -43,6 +44,8 @@ from pfedlora.simulation.workers import WorkerPool, usable_cores
 console = Console()
 TODAY = ("today's engine", 0, ("train.channels_last=false",))
 THIS = ("this engine", None, ())
+THIS_BF16 = ("this engine, bf16", None, ("train.precision=bf16",))
+ENGINES = (TODAY, THIS, THIS_BF16)
 NINE = ["pfedlora", "standalone", "lg-fedavg", "fml", "fedkd", "fedgh", "fedapen", "fedproto"]
 
 
@@ -55,7 +58,7 @@ def dataset_for(smoke: bool) -> Dataset:
 
 def one_run(args: argparse.Namespace, label: str) -> dict:
     """One run of the default job with the engine named ``label``; its figures."""
-    _, workers, extra = next(v for v in (TODAY, THIS) if v[0] == label)
+    _, workers, extra = next(v for v in ENGINES if v[0] == label)
     overrides = [f"federation.rounds={args.rounds}", *extra, *args.overrides]
     config = load_config(None, overrides)
     dataset = dataset_for(args.smoke)
@@ -77,7 +80,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
 def default_runs(args: argparse.Namespace) -> list[dict]:
     results = []
     for repeat in range(args.repeats):
-        order = (TODAY, THIS) if repeat % 2 == 0 else (THIS, TODAY)
+        order = ENGINES if repeat % 2 == 0 else ENGINES[::-1]
         for label, _, _ in order:
             if args.smoke:  # in this process: the figures mean nothing, the code runs
                 results.append(one_run(args, label))
@@ -104,11 +107,10 @@ def report_default_runs(results: list[dict], rounds: int) -> None:
             f"{workers} MiB" if r["worker_peak_bytes"] else "–",
         )
     console.print(table)
-    seconds = {
-        label: sum(r["seconds"] for r in results if r["engine"] == label) for label, _, _ in (TODAY, THIS)
-    }
+    seconds = {label: sum(r["seconds"] for r in results if r["engine"] == label) for label, _, _ in ENGINES}
     console.print(
-        f"speed-up of this engine: [bold]{seconds[TODAY[0]] / seconds[THIS[0]]:.2f}x[/] (wall time)"
+        f"speed-up of this engine: [bold]{seconds[TODAY[0]] / seconds[THIS[0]]:.2f}x[/] (wall time), "
+        f"with bf16 {seconds[TODAY[0]] / seconds[THIS_BF16[0]]:.2f}x"
     )
 
 
