@@ -37,4 +37,4 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/engine.py
