@@ -41,6 +41,7 @@ from pfedlora.simulation.loop import ClientResult
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+STARTING = "start"
 
 
 class WorkerError(PfedloraError):
@@ -101,7 +102,7 @@ class WorkerPool:
                 there.close()
                 self.workers.append(_Worker(index, process, here, clients))
             for worker in self.workers:
-                self._receive(worker, "start")
+                self._receive(worker, STARTING)
         except BaseException:
             self.close()
             raise
@@ -191,6 +192,12 @@ class WorkerPool:
         worker.process.join(timeout=5)
         code = worker.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        if during == STARTING:
+            return WorkerError(
+                f"worker {worker.index} {how} while starting. Worker processes import the main module: a "
+                'script that starts a run must do so under `if __name__ == "__main__":` (or run its clients '
+                "in one process: workers=0, --workers 0)."
+            )
         return WorkerError(
             f"worker {worker.index} (clients {_ids(worker.clients)}) {how} during {during}; the run stopped. "
             "Its last checkpoint is intact: continue it with `pfedlora run --resume RUN_DIR`."

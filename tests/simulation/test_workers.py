@@ -3,6 +3,9 @@
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,18 @@ def test_a_dead_worker_stops_the_run_with_a_clear_message_and_resume_finishes_it
     assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == {
         k: v for k, v in expected_summary.items() if k not in TIMING_KEYS
     }
+
+
+def test_a_script_without_main_guard_is_told_what_to_do(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from conftest import make_tiny_dataset, TINY_OVERRIDES\n"
+        "from pfedlora.config import load_config\n"
+        "from pfedlora.simulation import run_experiment\n"
+        "run_experiment(load_config(None, TINY_OVERRIDES), dataset=make_tiny_dataset(), workers=2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert 'under `if __name__ == "__main__":`' in done.stderr, done.stderr[-2000:]
