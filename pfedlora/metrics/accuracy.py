@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -14,6 +14,12 @@ class AccuracyReport:
 
     correct: tuple[int, ...]
     totals: tuple[int, ...]
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[int, tuple[int, int]], num_clients: int) -> AccuracyReport:
+        """The report of clients 0..num_clients-1 from their (correct, total) counts."""
+        clients = range(num_clients)
+        return cls(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
 
     @property
     def per_client(self) -> tuple[float, ...]:

@@ -37,8 +37,7 @@ def client_accuracy(
 def evaluate(federation: Federation) -> AccuracyReport:
     """Every client's personalized predictor on its own evaluation split."""
     counts = LocalClients(federation, FlopMeter()).evaluate_counts()
-    clients = range(len(federation.clients))
-    return AccuracyReport(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
+    return AccuracyReport.from_counts(counts, len(federation.clients))
 
 
 class LocalClients:
@@ -83,7 +82,7 @@ class LocalClients:
         }
 
     def evaluate(self, server_round: int) -> AccuracyReport:
-        return evaluate(self.federation)
+        return AccuracyReport.from_counts(self.evaluate_counts(), len(self.federation.clients))
 
     def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
         """The private states of ``client_ids`` (for a checkpoint)."""

@@ -132,8 +132,7 @@ class WorkerPool:
         counts: dict[int, tuple[int, int]] = {}
         for worker in self.workers:
             counts.update(self._receive(worker, f"the evaluation after round {server_round}"))
-        clients = range(self.config.federation.num_clients)
-        return AccuracyReport(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
+        return AccuracyReport.from_counts(counts, self.config.federation.num_clients)
 
     def peak_memory(self) -> list[int]:
         """Each worker's peak resident memory so far, in bytes (pages of the shared dataset included)."""
