@@ -119,7 +119,9 @@ class WorkerPool:
         for worker in self.workers:
             share = self._share(worker, messages)
             if share:
-                self._send(worker, "train", server_round, share, set(dropping) & set(share))
+                self._send(
+                    worker, f"round {server_round}", "train", server_round, share, set(dropping) & set(share)
+                )
                 busy.append(worker)
         results: dict[int, ClientResult] = {}
         for worker in busy:
@@ -128,7 +130,7 @@ class WorkerPool:
 
     def evaluate(self, server_round: int) -> AccuracyReport:
         for worker in self.workers:
-            self._send(worker, "evaluate")
+            self._send(worker, f"the evaluation after round {server_round}", "evaluate")
         counts: dict[int, tuple[int, int]] = {}
         for worker in self.workers:
             counts.update(self._receive(worker, f"the evaluation after round {server_round}"))
@@ -137,7 +139,7 @@ class WorkerPool:
     def peak_memory(self) -> list[int]:
         """Each worker's peak resident memory so far, in bytes (pages of the shared dataset included)."""
         for worker in self.workers:
-            self._send(worker, "peak_memory")
+            self._send(worker, "a memory query", "peak_memory")
         return [self._receive(worker, "a memory query") for worker in self.workers]
 
     # --- checkpoints -----------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class WorkerPool:
         for worker in self.workers:
             share = [cid for cid in worker.clients if cid in client_ids]
             if share:
-                self._send(worker, "state_dicts", share)
+                self._send(worker, "a checkpoint", "state_dicts", share)
                 asked.append(worker)
         states: dict[int, State] = {}
         for worker in asked:
@@ -158,7 +160,7 @@ class WorkerPool:
     def load_state_dicts(self, states: Mapping[int, State]) -> None:
         """Overwrite the private states of the clients in ``states`` (resuming from a checkpoint)."""
         for worker in self.workers:
-            self._send(worker, "load_state_dicts", self._share(worker, states))
+            self._send(worker, "restoring a checkpoint", "load_state_dicts", self._share(worker, states))
         for worker in self.workers:
             self._receive(worker, "restoring a checkpoint")
 
@@ -169,11 +171,12 @@ class WorkerPool:
         count = len(self.workers)
         return {cid: value for cid, value in per_client.items() if owner(cid, count) == worker.index}
 
-    def _send(self, worker: _Worker, command: str, *args: Any) -> None:
+    def _send(self, worker: _Worker, during: str, command: str, *args: Any) -> None:
+        """Send ``command``; a worker found dead is reported as dying ``during`` that step."""
         try:
             worker.connection.send((command, args))
         except (BrokenPipeError, ConnectionResetError, EOFError):
-            raise self._died(worker, command) from None
+            raise self._died(worker, during) from None
 
     def _receive(self, worker: _Worker, during: str) -> Any:
         ready = wait([worker.connection, worker.process.sentinel])
