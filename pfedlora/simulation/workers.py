@@ -1,8 +1,12 @@
 """A pool of worker processes that train and evaluate a run's clients in parallel.
 
-Worker ``w`` of ``W`` owns the clients ``c`` with ``c mod W == w`` for the whole run: their data views and
-private states are built in that process and never leave it (a checkpoint asks for the state dicts of the
-clients it saves). Per round only the server's messages go out and the uploads and their costs come back.
+Worker ``w`` of ``W`` starts owning the clients ``c`` with ``c mod W == w``: their private states are built
+in that process and stay there (a checkpoint asks for the state dicts of the clients it saves). Per round
+only the server's messages go out and the uploads and their costs come back. A round's sampled clients
+rarely split evenly between fixed owners (10 of 100 over 2 workers: 80% of the cores busy on average), so
+before each round the pool moves the few private states that balance the round's estimated work
+(training samples times the FLOPs per sample measured for the client's architecture); a move costs one
+state dict through a pipe, milliseconds against a client's seconds of training.
 The dataset is put in shared memory once and mapped by every worker. Each worker runs ``threads``
 intra-op threads (one by default), so ``W`` workers on ``W`` cores never oversubscribe them.
 
@@ -34,7 +38,12 @@ from pfedlora.config import ExperimentConfig
 from pfedlora.data import Dataset
 from pfedlora.errors import PfedloraError
 from pfedlora.metrics import AccuracyReport, FlopMeter
-from pfedlora.simulation.federation import build_federation, client_counts
+from pfedlora.simulation.federation import (
+    build_federation,
+    client_counts,
+    create_client_state,
+    resolve_device,
+)
 from pfedlora.simulation.local import LocalClients
 from pfedlora.simulation.loop import ClientResult
 
@@ -66,7 +75,32 @@ class _Worker:
     index: int
     process: BaseProcess
     connection: Connection
-    clients: list[int]
+
+
+def balance(owners: Mapping[int, int], work: Mapping[int, float], workers: int) -> dict[int, tuple[int, int]]:
+    """The moves ``{client: (from, to)}`` that even out the ``work`` of one round between ``workers``.
+
+    Greedy and deterministic: while moving one client from the busiest worker to the idlest lowers the
+    busiest worker's load, move the one that leaves the two closest to even.
+    """
+    where = {cid: owners[cid] for cid in work}
+    moves: dict[int, tuple[int, int]] = {}
+    while True:
+        load = [0.0] * workers
+        for cid, cost in work.items():
+            load[where[cid]] += cost
+        busiest = max(range(workers), key=lambda w: (load[w], -w))
+        idlest = min(range(workers), key=lambda w: (load[w], w))
+        gap = load[busiest] - load[idlest]
+        candidates = [cid for cid in sorted(work) if where[cid] == busiest and 0 < work[cid] < gap]
+        if not candidates:
+            return moves
+        chosen = min(candidates, key=lambda cid: abs(gap - 2 * work[cid]))
+        source = moves.get(chosen, (busiest, busiest))[0]
+        where[chosen] = idlest
+        moves[chosen] = (source, idlest)
+        if source == idlest:
+            del moves[chosen]
 
 
 class WorkerPool:
@@ -87,10 +121,12 @@ class WorkerPool:
         context.set_forkserver_preload([__name__])
         shared = dataset.share_memory()
         num_clients = config.federation.num_clients
+        self.owners = {cid: owner(cid, workers) for cid in range(num_clients)}
+        self.flops_per_sample: dict[str, float] = {}  # measured per architecture, for balancing
         self.workers: list[_Worker] = []
         try:
             for index in range(workers):
-                clients = [c for c in range(num_clients) if owner(c, workers) == index]
+                clients = [c for c in range(num_clients) if self.owners[c] == index]
                 here, there = context.Pipe()
                 process = context.Process(
                     target=_serve,
@@ -100,7 +136,7 @@ class WorkerPool:
                 )
                 process.start()
                 there.close()
-                self.workers.append(_Worker(index, process, here, clients))
+                self.workers.append(_Worker(index, process, here))
             for worker in self.workers:
                 self._receive(worker, STARTING)
         except BaseException:
@@ -115,18 +151,44 @@ class WorkerPool:
     def train(
         self, server_round: int, messages: Mapping[int, State], dropping: Set[int]
     ) -> dict[int, ClientResult]:
+        during = f"round {server_round}"
+        self._rebalance([cid for cid in messages if cid not in dropping], during)
         busy = []
         for worker in self.workers:
             share = self._share(worker, messages)
             if share:
-                self._send(
-                    worker, f"round {server_round}", "train", server_round, share, set(dropping) & set(share)
-                )
+                self._send(worker, during, "train", server_round, share, set(dropping) & set(share))
                 busy.append(worker)
         results: dict[int, ClientResult] = {}
         for worker in busy:
-            results.update(self._receive(worker, f"round {server_round}"))
+            results.update(self._receive(worker, during))
+        for cid, result in results.items():
+            if result.train_samples:
+                arch = self.config.architecture_of(cid)
+                self.flops_per_sample[arch] = result.train_flops / result.train_samples
         return {cid: results[cid] for cid in messages if cid in results}
+
+    def _rebalance(self, training: list[int], during: str) -> None:
+        """Move private states between workers so that the clients in ``training`` split their work evenly."""
+        work = {
+            cid: self.declared[cid] * self.flops_per_sample.get(self.config.architecture_of(cid), 1.0)
+            for cid in training
+        }
+        moves = balance(self.owners, work, len(self.workers))
+        if not moves:
+            return
+        states: dict[int, State] = {}
+        for source in sorted({source for source, _ in moves.values()}):
+            leaving = sorted(cid for cid, (src, _) in moves.items() if src == source)
+            self._send(self.workers[source], during, "release", leaving)
+            states.update(self._receive(self.workers[source], during))
+        for target in sorted({target for _, target in moves.values()}):
+            arriving = {cid: states[cid] for cid, (_, dst) in moves.items() if dst == target}
+            self._send(self.workers[target], during, "adopt", arriving)
+        for target in sorted({target for _, target in moves.values()}):
+            self._receive(self.workers[target], during)
+        for cid, (_, target) in moves.items():
+            self.owners[cid] = target
 
     def evaluate(self, server_round: int) -> AccuracyReport:
         for worker in self.workers:
@@ -148,7 +210,7 @@ class WorkerPool:
         """The private states of ``client_ids``, on the CPU (for a checkpoint)."""
         asked = []
         for worker in self.workers:
-            share = [cid for cid in worker.clients if cid in client_ids]
+            share = [cid for cid in sorted(client_ids) if self.owners[cid] == worker.index]
             if share:
                 self._send(worker, "a checkpoint", "state_dicts", share)
                 asked.append(worker)
@@ -168,8 +230,7 @@ class WorkerPool:
 
     def _share(self, worker: _Worker, per_client: Mapping[int, T]) -> dict[int, T]:
         """The entries of ``per_client`` that belong to ``worker``'s clients."""
-        count = len(self.workers)
-        return {cid: value for cid, value in per_client.items() if owner(cid, count) == worker.index}
+        return {cid: value for cid, value in per_client.items() if self.owners[cid] == worker.index}
 
     def _send(self, worker: _Worker, during: str, command: str, *args: Any) -> None:
         """Send ``command``; a worker found dead is reported as dying ``during`` that step."""
@@ -201,9 +262,13 @@ class WorkerPool:
                 "in one process: workers=0, --workers 0)."
             )
         return WorkerError(
-            f"worker {worker.index} (clients {_ids(worker.clients)}) {how} during {during}; the run stopped. "
-            "Its last checkpoint is intact: continue it with `pfedlora run --resume RUN_DIR`."
+            f"worker {worker.index} (clients {_ids(self._clients_of(worker))}) {how} during {during}; "
+            "the run stopped. Its last checkpoint is intact: continue it with "
+            "`pfedlora run --resume RUN_DIR`."
         )
+
+    def _clients_of(self, worker: _Worker) -> list[int]:
+        return [cid for cid, index in sorted(self.owners.items()) if index == worker.index]
 
     def close(self) -> None:
         """Stop every worker (politely, then by force)."""
@@ -261,6 +326,14 @@ def _serve(
                 reply = {cid: _cpu(federation.client_states[cid].state_dict()) for cid in args[0]}
             elif command == "peak_memory":
                 reply = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            elif command == "release":  # hand these clients over to another worker
+                reply = {cid: _cpu(federation.client_states.pop(cid).state_dict()) for cid in args[0]}
+            elif command == "adopt":  # take these clients over from another worker
+                device = resolve_device(config.device)
+                for cid, state in args[0].items():
+                    federation.client_states[cid] = create_client_state(federation.algorithm, cid, device)
+                    federation.client_states[cid].load_state_dict(state)
+                reply = None
             elif command == "load_state_dicts":
                 for cid, state in args[0].items():
                     federation.client_states[cid].load_state_dict(state)

@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pfedlora.errors import PfedloraError
-from pfedlora.simulation import TIMING_KEYS, read_run, resume_run, run_experiment
-from pfedlora.simulation.workers import WorkerError, owner
+from pfedlora.metrics import FlopMeter
+from pfedlora.simulation import TIMING_KEYS, build_federation, read_run, resume_run, run_experiment
+from pfedlora.simulation.local import LocalClients
+from pfedlora.simulation.loop import broadcast
+from pfedlora.simulation.workers import WorkerError, WorkerPool, balance, owner
 
 
 def _strip(records):
@@ -32,6 +36,45 @@ def test_metrics_are_identical_for_one_two_and_three_workers(tmp_path, tiny_data
 
 def test_every_client_has_one_owner():
     assert [owner(c, 3) for c in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_balance_moves_the_fewest_states_that_even_out_a_round():
+    owners = {c: owner(c, 2) for c in range(6)}
+    assert balance(owners, {0: 1.0, 2: 1.0, 4: 1.0}, 2) == {0: (0, 1)}
+    assert balance(owners, {0: 1.0, 2: 1.0, 4: 1.0, 1: 1.0}, 2) == {0: (0, 1)}  # 3 | 1 -> 2 | 2
+    assert balance(owners, {0: 1.0, 2: 1.0, 1: 1.0, 3: 1.0}, 2) == {}  # already even
+    assert balance(owners, {0: 3.0, 2: 1.0, 4: 1.0, 1: 1.0}, 2) == {0: (0, 1), 1: (1, 0)}  # 5 | 1 -> 3 | 3
+    assert balance(owners, {0: 5.0, 1: 1.0}, 2) == {}  # nothing to gain: the big one alone is the floor
+    moves = balance({c: owner(c, 3) for c in range(9)}, {0: 1.0, 3: 1.0, 6: 1.0}, 3)
+    assert sorted(to for _, to in moves.values()) == [1, 2] and all(src == 0 for src, _ in moves.values())
+
+
+def test_clients_moved_to_another_worker_train_and_evaluate_exactly_as_at_home(
+    request, tiny_dataset, tiny_config
+):
+    config = tiny_config("algorithm=fedapen")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker: the same kernels, the same bits
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    home = build_federation(config, tiny_dataset)
+    local = LocalClients(home, FlopMeter())
+    with WorkerPool(config, tiny_dataset, workers=2) as pool:
+        for server_round, sampled in enumerate(([0, 2, 4], [0, 4], [1, 2, 3]), start=1):  # all at worker 0
+            messages = {cid: broadcast(home, cid, server_round) for cid in sampled}
+            there = pool.train(server_round, messages, set())
+            here = local.train(server_round, messages, set())
+            assert there.keys() == here.keys()
+            for cid in sampled:
+                assert there[cid].upload.num_examples == here[cid].upload.num_examples
+                assert all(
+                    there[cid].upload.tensors[key].equal(tensor)
+                    for key, tensor in here[cid].upload.tensors.items()
+                )
+        assert {pool.owners[c] for c in (0, 2, 4)} == {0, 1}  # some of worker 0's clients moved
+        states = pool.state_dicts(set(range(5)))
+        for cid in range(5):
+            assert all(states[cid][k].equal(v) for k, v in home.client_states[cid].state_dict().items())
+        assert pool.evaluate(3).per_client == local.evaluate(3).per_client
 
 
 def _kill_worker_after(server_round, index=0):
@@ -56,7 +99,7 @@ def test_a_dead_worker_stops_the_run_with_a_clear_message_and_resume_finishes_it
 
     crashed = tmp_path / "crashed"
     with pytest.raises(
-        WorkerError, match=r"worker 0 \(clients 0, 2, 4\) was killed by signal 9 during round 4"
+        WorkerError, match=r"worker 0 \(clients 0(, \d)*\) was killed by signal 9 during round 4"
     ):
         run_experiment(config, crashed, on_round=_kill_worker_after(3), dataset=tiny_dataset, workers=2)
     assert issubclass(WorkerError, PfedloraError)  # the CLI prints it as one line, exit status 2
