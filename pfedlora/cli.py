@@ -383,7 +383,7 @@ def list_available() -> None:
     """Show the algorithms, models, datasets, partitions and adapter placements."""
     from pfedlora.algorithms import ALGORITHMS
     from pfedlora.data import DATASETS, PARTITIONS, search_paths
-    from pfedlora.models import MODELS, PLACEMENTS, build_model
+    from pfedlora.models import MODELS, PLACEMENTS, build_model, is_transformer
     from pfedlora.seeding import torch_generator
 
     table = Table(title="algorithms", show_header=False)
@@ -394,13 +394,17 @@ def list_available() -> None:
     table = Table(title="models (client i gets architectures[i mod n])")
     for column in ("name", "params 1×28×28, 10 classes", "params 3×32×32, 10 classes"):
         table.add_column(column)
-    for arch in MODELS:
+    for arch in (name for name in MODELS if not is_transformer(name)):
         counts = [
             sum(p.numel() for p in build_model(arch, shape, 10, torch_generator(0, arch)).parameters())
             for shape in ((1, 28, 28), (3, 32, 32))
         ]
         table.add_row(arch, *(f"{c / 1e6:.2f}M" for c in counts))
     console.print(table)
+    console.print(
+        "[bold]text models[/] (the first k layers of a pretrained transformer, input: text): "
+        "minilm-l1 … minilm-l6 (all-MiniLM-L6-v2 from the `text` extra), hf-l1 … hf-l48 (model.checkpoint)"
+    )
 
     console.print(f"[bold]datasets:[/] {', '.join(DATASETS)}")
     console.print(f"  looked up in: {', '.join(str(p) for p in search_paths())}")

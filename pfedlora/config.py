@@ -1,10 +1,10 @@
 """Experiment configuration: frozen dataclasses, loaded from TOML and ``key=value`` overrides.
 
-A configuration is a tree of sections (``[data]``, ``[federation]``, ``[train]``, ``[adapter]``,
-``[baselines]``, ``[privacy]``) under a few top-level keys (``algorithm``, ``seed``, ``device``). Every value
-is validated once, here, and an error names the bad key, the bad value and what is allowed; names of
-algorithms, datasets, partitions, models and adapter placements are checked against their registries
-(:mod:`pfedlora.registry`). Nothing downstream re-checks or copies these values onto objects.
+A configuration is a tree of sections (``[data]``, ``[federation]``, ``[train]``, ``[model]``,
+``[adapter]``, ``[baselines]``, ``[privacy]``) under a few top-level keys (``algorithm``, ``seed``,
+``device``). Every value is validated once, here, and an error names the bad key, the bad value and what
+is allowed; names of algorithms, datasets, partitions, models and adapter placements are checked against
+their registries (:mod:`pfedlora.registry`). Nothing downstream re-checks or copies these values onto objects.
 """
 
 from __future__ import annotations
@@ -77,11 +77,29 @@ class TrainConfig:
     weight_decay: float = 1e-3
     grad_clip: float = 50.0
     local_epochs: int = 1
+    local_steps: int = 0
+    """When > 0, every private training phase runs exactly this many minibatch steps instead of
+    ``local_epochs`` passes (passes repeat as needed): the cost of a round no longer grows with a client's
+    data, as federated fine-tuning of large models usually runs."""
     precision: str = "fp32"
     """"fp32", or "bf16": forward passes and losses under bfloat16 autocast (weights, updates stay fp32)."""
     channels_last: bool = True
     """Images and convolution weights in the channels-last memory format (faster pooling and convolutions on
     CPU); false keeps PyTorch's default (NCHW) layout."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Settings of the model families beyond the CNNs (transformer clients, SPEC §7)."""
+
+    checkpoint: str = ""
+    """Hugging Face model directory (or hub id, when online) that the ``hf-l<k>`` architectures are cut
+    from; the ``minilm-l<k>`` architectures use the bundled all-MiniLM-L6-v2."""
+    max_length: int = 64
+    """Tokens per text sample (longer ones are truncated, shorter ones padded)."""
+    trainable_layers: int = -1
+    """What private training may change in a transformer client: -1 everything, k >= 0 the top k layers
+    and the head (0: the head alone); the rest stays as pretrained."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -215,6 +234,9 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "train.weight_decay": (0, _INF, True),
     "train.grad_clip": (0, _INF, False),
     "train.local_epochs": (0, _INF, True),
+    "train.local_steps": (0, _INF, True),
+    "model.max_length": (2, _INF, True),
+    "model.trainable_layers": (-1, _INF, True),
     "adapter.rank": (1, _INF, True),
     "adapter.alpha": (0, _INF, True),
     "adapter.lr": (0, _INF, True),

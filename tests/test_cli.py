@@ -109,6 +109,10 @@ def test_list_shows_what_is_available():
         "cifar100",
         "dirichlet",
         "branch",
+        "kjv",
+        "by-source",
+        "head",
+        "minilm-l6",
     ):
         assert name in result.output
     assert "2.62M" in result.output  # cnn1 on 3×32×32, SPEC §3

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 # isort: off
 # Each module registers its algorithm on import; this order is the registry's (and `pfedlora list`'s).
-from pfedlora.algorithms import pfedlora, standalone, lg_fedavg, fml, fedkd, fedgh, fedapen, fedproto, fedavg  # noqa: F401
+from pfedlora.algorithms import pfedlora, standalone, lg_fedavg, fml, fedkd, fedgh  # noqa: F401
+from pfedlora.algorithms import fedapen, fedproto, fedavg, fedit  # noqa: F401
 
 # isort: on
 from pfedlora.algorithms.base import (
@@ -29,7 +30,7 @@ def algorithm_class(name: str) -> type[AnyAlgorithm]:
 
 
 def create_algorithm(
-    config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int
+    config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> AnyAlgorithm:
     """The algorithm named by ``config.algorithm``, set up for this data.
 

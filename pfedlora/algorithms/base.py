@@ -10,6 +10,7 @@ configuration, so the same instance serves the simulator and Flower alike.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from pfedlora.algorithms.state import State, check_schema, weighted_average
 from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
+from pfedlora.models import FeatureClassifier, build_model
 from pfedlora.registry import Registry
+from pfedlora.seeding import torch_generator
 
 ClientT = TypeVar("ClientT", bound=nn.Module)
 
@@ -55,13 +58,33 @@ class Algorithm(ABC, Generic[ClientT]):
     uploads_global_state: ClassVar[bool] = False
     """True where a client uploads tensors of the broadcast global state's schema and the server averages
     them (so privacy clipping of upload − received, and Gaussian noise on the mean, apply)."""
+    one_architecture: ClassVar[bool] = False
+    """True where every client must run the same architecture (FedAvg, FedIT: homogeneous references)."""
     adapter_placements: ClassVar[bool] = False
     """True where ``adapter.placement`` changes the algorithm (``compare`` runs one variant per placement)."""
 
-    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
         self.config = config
         self.input_shape = input_shape
         self.num_classes = num_classes
+
+    @functools.cached_property
+    def probe(self) -> FeatureClassifier:
+        """A model of the federation's first architecture: what the family's models have in common (the
+        head's name, the feature width)."""
+        arch = self.config.federation.architectures[0]
+        generator = torch_generator(self.config.seed, "probe")
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
+
+    @property
+    def head_prefix(self) -> str:
+        """State-dict prefix of a model's head (``fc3.`` for the CNNs, ``classifier.`` for transformers)."""
+        return f"{self.probe.HEAD_NAME}."
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the models' ``features(x)``."""
+        return self.probe.feature_dim
 
     @abstractmethod
     def create_client(self, arch: str, generator: torch.Generator) -> ClientT:

@@ -65,13 +65,13 @@ class ModelPair(nn.Module):
 def build_pair(
     config: ExperimentConfig,
     arch: str,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     generator: torch.Generator,
 ) -> tuple[FeatureClassifier, FeatureClassifier]:
     """A private model of architecture ``arch`` and a ``baselines.shared_arch`` model, from ``generator``."""
-    local = build_model(arch, input_shape, num_classes, generator)
-    shared = build_model(config.baselines.shared_arch, input_shape, num_classes, generator)
+    local = build_model(arch, input_shape, num_classes, generator, config.model)
+    shared = build_model(config.baselines.shared_arch, input_shape, num_classes, generator, config.model)
     return local, shared
 
 

@@ -19,7 +19,18 @@ from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
 from pfedlora.errors import ConfigError
 from pfedlora.models import FeatureClassifier, build_model
-from pfedlora.seeding import torch_generator
+
+
+def require_one_architecture(config: ExperimentConfig, why: str) -> None:
+    """ConfigError (saying ``why``) unless every client of ``config`` has the same architecture."""
+    architectures = config.federation.architectures
+    if len(set(architectures)) != 1:
+        configured = "[" + ", ".join(f'"{a}"' for a in architectures) + "]"
+        raise ConfigError(
+            f"{why}, so every client needs the same architecture, but "
+            f"federation.architectures={configured}; set one, e.g. "
+            f'federation.architectures=["{architectures[0]}"]'
+        )
 
 
 @register_algorithm
@@ -28,22 +39,15 @@ class FedAvg(Algorithm[FeatureClassifier]):
 
     name = "fedavg"
     uploads_global_state = True
+    one_architecture = True
 
-    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
-        architectures = config.federation.architectures
-        if len(set(architectures)) != 1:
-            configured = "[" + ", ".join(f'"{a}"' for a in architectures) + "]"
-            raise ConfigError(
-                f"fedavg averages whole models, so every client needs the same architecture, but "
-                f"federation.architectures={configured}; set one, e.g. "
-                f'federation.architectures=["{architectures[0]}"]'
-            )
+    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
+        require_one_architecture(config, "fedavg averages whole models")
         super().__init__(config, input_shape, num_classes)
-        probe = build_model(architectures[0], input_shape, num_classes, torch_generator(config.seed, "probe"))
-        self.model_keys = frozenset(probe.state_dict())
+        self.model_keys = frozenset(self.probe.state_dict())
 
     def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
-        return build_model(arch, self.input_shape, self.num_classes, generator)
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
 
     def is_shared(self, key: str) -> bool:
         """Every tensor of the model."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
-from pfedlora.algorithms.lg_fedavg import HEAD_PREFIX, LGFedAvg
+from pfedlora.algorithms.lg_fedavg import LGFedAvg
 from pfedlora.algorithms.prototypes import (
     PROTOTYPE_PREFIX,
     check_prototype_upload,
@@ -36,7 +36,6 @@ from pfedlora.config import TrainConfig
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import FeatureClassifier
 
-WEIGHT, BIAS = f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"
 PLAIN_SGD = TrainConfig(momentum=0.0, weight_decay=0.0, grad_clip=math.inf)
 """The server's optimiser settings: plain SGD (run_sgd takes its lr separately)."""
 
@@ -51,7 +50,9 @@ class FedGH(LGFedAvg):
     def is_shared(self, key: str) -> bool:
         """The header (down; also the client state's tensors that the header overwrites) and the class
         prototypes (up)."""
-        return key in (WEIGHT, BIAS) or key.startswith(PROTOTYPE_PREFIX)
+        return key in (f"{self.head_prefix}weight", f"{self.head_prefix}bias") or key.startswith(
+            PROTOTYPE_PREFIX
+        )
 
     def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
         self.load_head(client, message)
@@ -61,8 +62,8 @@ class FedGH(LGFedAvg):
         )
 
     def check_upload(self, server_state: State, tensors: State) -> None:
-        """Prototypes of classes in range, (500,) float32 each, no counts."""
-        check_prototype_upload(tensors, self.num_classes, with_counts=False)
+        """Prototypes of classes in range, (feature_dim,) float32 each, no counts."""
+        check_prototype_upload(tensors, self.num_classes, self.feature_dim, with_counts=False)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """The global header after SGD on CE over every uploaded (class mean, class) pair."""
@@ -70,12 +71,13 @@ class FedGH(LGFedAvg):
             (prototype, label)
             for upload in uploads
             for label, (prototype, _) in read_prototypes(
-                upload.tensors, self.num_classes, with_counts=False
+                upload.tensors, self.num_classes, self.feature_dim, with_counts=False
             ).items()
         ]
         if not pairs:
             return server_state
-        features = torch.stack([p for p, _ in pairs]).to(server_state[WEIGHT].dtype)  # (P, 500)
+        dtype = server_state[f"{self.head_prefix}weight"].dtype
+        features = torch.stack([p for p, _ in pairs]).to(dtype)  # (P, feature_dim)
         labels = torch.tensor([c for _, c in pairs], device=features.device)  # (P,)
         return train_header(
             server_state,
@@ -96,11 +98,13 @@ def train_header(
 ) -> State:
     """``epochs`` full-batch steps of plain SGD (no momentum, weight decay or clipping) on CE.
 
-    ``header`` holds ``fc3.weight`` (C, 500) and ``fc3.bias`` (C,); a new state is returned. Server-side
-    FLOPs are not client FLOPs, so the meter here is a throwaway.
+    ``header`` holds the head's weight (C, feature_dim) and bias (C,) (``fc3.weight``, ``fc3.bias`` for the
+    CNNs); a new state is returned. Server-side FLOPs are not client FLOPs, so the meter here is a throwaway.
     """
-    weight = nn.Parameter(header[WEIGHT].detach().clone())
-    bias = nn.Parameter(header[BIAS].detach().clone())
+    (weight_key,) = [key for key in header if key.endswith(".weight")]
+    (bias_key,) = [key for key in header if key.endswith(".bias")]
+    weight = nn.Parameter(header[weight_key].detach().clone())
+    bias = nn.Parameter(header[bias_key].detach().clone())
     run_sgd(
         [weight, bias],
         epochs,
@@ -111,4 +115,4 @@ def train_header(
         FlopMeter(),
         kind="server-header",
     )
-    return {WEIGHT: weight.detach(), BIAS: bias.detach()}
+    return {weight_key: weight.detach(), bias_key: bias.detach()}

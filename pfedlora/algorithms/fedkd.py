@@ -49,7 +49,7 @@ from pfedlora.algorithms.distillation import (
     load_shared_,
 )
 from pfedlora.algorithms.state import State, check_dtypes, weighted_average
-from pfedlora.models import FeatureClassifier, HeteroCNN, init_parameters_
+from pfedlora.models import FeatureClassifier, init_parameters_
 
 FACTOR_SUFFIXES: tuple[str, ...] = (".U", ".S", ".V")
 """Key suffixes of a factorised matrix: left singular vectors, singular values, right singular vectors."""
@@ -141,9 +141,9 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
 
     def create_client(self, arch: str, generator: torch.Generator) -> MentorMentee:
         local, shared = build_pair(self.config, arch, self.input_shape, self.num_classes, generator)
-        width = HeteroCNN.FEATURE_DIM
         # On the meta device so that PyTorch's own init (global RNG) never runs; then drawn from generator.
-        projection = nn.Linear(width, width, bias=False, device="meta").to_empty(device="cpu")
+        projection = nn.Linear(shared.feature_dim, local.feature_dim, bias=False, device="meta")
+        projection = projection.to_empty(device="cpu")
         init_parameters_(projection, generator)
         return MentorMentee(local, shared, projection)
 

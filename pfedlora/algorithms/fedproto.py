@@ -32,7 +32,7 @@ from pfedlora.algorithms.prototypes import (
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
-from pfedlora.models import FeatureClassifier, HeteroCNN, build_model
+from pfedlora.models import FeatureClassifier, build_model
 
 PROTOTYPES, PRESENT = "prototypes", "present"
 """Server-state keys: every class's global prototype (C, 500) and whether it exists yet (C,), 0/1."""
@@ -48,9 +48,7 @@ class PrototypeClient(nn.Module):
         super().__init__()
         self.model = model
         device = next(model.parameters()).device
-        self.register_buffer(
-            "global_prototypes", torch.zeros(num_classes, HeteroCNN.FEATURE_DIM, device=device)
-        )
+        self.register_buffer("global_prototypes", torch.zeros(num_classes, model.feature_dim, device=device))
         self.register_buffer("prototype_mask", torch.zeros(num_classes, dtype=torch.bool, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +101,8 @@ class FedProto(Algorithm[PrototypeClient]):
     name = "fedproto"
 
     def create_client(self, arch: str, generator: torch.Generator) -> PrototypeClient:
-        return PrototypeClient(
-            build_model(arch, self.input_shape, self.num_classes, generator), self.num_classes
-        )
+        model = build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
+        return PrototypeClient(model, self.num_classes)
 
     def is_shared(self, key: str) -> bool:
         """Prototypes (both ways) and their counts (up); no client-state tensor travels as it is."""
@@ -114,7 +111,7 @@ class FedProto(Algorithm[PrototypeClient]):
     def initial_server_state(self, template: PrototypeClient) -> State:
         device = template.global_prototypes.device
         return {
-            PROTOTYPES: torch.zeros(self.num_classes, HeteroCNN.FEATURE_DIM, device=device),
+            PROTOTYPES: torch.zeros(self.num_classes, self.feature_dim, device=device),
             PRESENT: torch.zeros(self.num_classes, device=device),
         }
 
@@ -124,7 +121,7 @@ class FedProto(Algorithm[PrototypeClient]):
         return {f"{PROTOTYPE_PREFIX}{c}": server_state[PROTOTYPES][c] for c in present}
 
     def train(self, client: PrototypeClient, message: State, ctx: ClientContext) -> Upload:
-        received = read_prototypes(message, self.num_classes, with_counts=False)
+        received = read_prototypes(message, self.num_classes, self.feature_dim, with_counts=False)
         client.load_prototypes({c: prototype for c, (prototype, _) in received.items()})
         self.train_local(client, ctx)
         return prototype_upload(
@@ -149,7 +146,7 @@ class FedProto(Algorithm[PrototypeClient]):
 
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Prototypes and positive counts of the same classes, in range, float32."""
-        check_prototype_upload(tensors, self.num_classes, with_counts=True)
+        check_prototype_upload(tensors, self.num_classes, self.feature_dim, with_counts=True)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""
@@ -157,7 +154,7 @@ class FedProto(Algorithm[PrototypeClient]):
         totals = torch.zeros_like(server_state[PRESENT], dtype=torch.float64)  # (C,)
         for upload in uploads:
             for label, (prototype, count) in read_prototypes(
-                upload.tensors, self.num_classes, with_counts=True
+                upload.tensors, self.num_classes, self.feature_dim, with_counts=True
             ).items():
                 sums[label] += count * prototype.to(torch.float64)
                 totals[label] += count

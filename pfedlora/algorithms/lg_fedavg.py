@@ -17,23 +17,21 @@ import torch
 from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
-from pfedlora.models import FeatureClassifier, HeteroCNN, build_model
-
-HEAD_PREFIX = f"{HeteroCNN.HEAD_NAME}."
+from pfedlora.models import FeatureClassifier, build_model
 
 
 @register_algorithm
 class LGFedAvg(Algorithm[FeatureClassifier]):
-    """Global head (fc3) averaged by FedAvg; private heterogeneous bodies."""
+    """Global head (fc3 of the CNNs) averaged by FedAvg; private heterogeneous bodies."""
 
     name = "lg-fedavg"
     uploads_global_state = True
 
     def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
-        return build_model(arch, self.input_shape, self.num_classes, generator)
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
 
     def is_shared(self, key: str) -> bool:
-        return key.startswith(HEAD_PREFIX)
+        return key.startswith(self.head_prefix)
 
     def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
         self.load_head(client, message)

@@ -40,7 +40,7 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
     uploads_global_state = True
     adapter_placements = True
 
-    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__(config, input_shape, num_classes)
         self.targets = self._resolve_targets()
 
@@ -50,7 +50,7 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
             return ()
         probe = torch_generator(self.config.seed, "target-probe")
         models = {
-            arch: build_model(arch, self.input_shape, self.num_classes, probe)
+            arch: build_model(arch, self.input_shape, self.num_classes, probe, self.config.model)
             for arch in dict.fromkeys(self.config.federation.architectures)
         }
         if self.config.adapter.targets:
@@ -60,7 +60,7 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
     def create_client(self, arch: str, generator: torch.Generator) -> PersonalizedModel:
         adapter = self.config.adapter
         return attach_adapter(
-            build_model(arch, self.input_shape, self.num_classes, generator),
+            build_model(arch, self.input_shape, self.num_classes, generator, self.config.model),
             placement=adapter.placement,
             rank=adapter.rank,
             alpha=adapter.effective_alpha,

@@ -17,7 +17,7 @@ from pfedlora.algorithms.base import ClientContext, Upload
 from pfedlora.algorithms.state import check_dtypes
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
-from pfedlora.models import FeatureClassifier, HeteroCNN
+from pfedlora.models import FeatureClassifier
 
 PROTOTYPE_PREFIX = "prototype."
 COUNT_PREFIX = "count."
@@ -40,12 +40,12 @@ def class_feature_means(
     was_training = model.training
     model.eval()
     device = data.train_indices.device
-    sums = torch.zeros(num_classes, HeteroCNN.FEATURE_DIM, dtype=torch.float64, device=device)
+    sums = torch.zeros(num_classes, model.feature_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.no_grad():
-            features = model.features(x)  # (B, 500)
+            features = model.features(x)  # (B, feature_dim)
         sums.index_add_(0, y, features.to(torch.float64))
         counts.index_add_(0, y, torch.ones_like(y))
 
@@ -70,10 +70,10 @@ def prototype_upload(
 
 
 def check_prototype_upload(
-    tensors: Mapping[str, torch.Tensor], num_classes: int, *, with_counts: bool
+    tensors: Mapping[str, torch.Tensor], num_classes: int, feature_dim: int, *, with_counts: bool
 ) -> None:
     """Raise ValueError unless ``tensors`` is a valid float32 payload for :func:`read_prototypes`."""
-    read_prototypes(tensors, num_classes, with_counts=with_counts)
+    read_prototypes(tensors, num_classes, feature_dim, with_counts=with_counts)
     check_dtypes(tensors, torch.float32)
 
 
@@ -90,9 +90,9 @@ def prototype_payload(
 
 
 def read_prototypes(
-    tensors: Mapping[str, torch.Tensor], num_classes: int, *, with_counts: bool
+    tensors: Mapping[str, torch.Tensor], num_classes: int, feature_dim: int, *, with_counts: bool
 ) -> dict[int, tuple[torch.Tensor, float]]:
-    """Class -> (prototype (500,), count) from a payload; count is 1.0 when ``with_counts`` is off.
+    """Class -> (prototype (feature_dim,), count) from a payload; count is 1.0 when ``with_counts`` is off.
 
     Raises ValueError on any key outside the scheme, a class out of range, a wrong shape, a prototype
     without its count (or the reverse) or a non-positive count.
@@ -107,10 +107,8 @@ def read_prototypes(
         if not label.isdecimal() or not 0 <= int(label) < num_classes:
             raise ValueError(f"tensor {key!r} names no class in 0..{num_classes - 1}")
         if prefix == PROTOTYPE_PREFIX:
-            if tuple(value.shape) != (HeteroCNN.FEATURE_DIM,):
-                raise ValueError(
-                    f"{key!r} has shape {tuple(value.shape)}, expected ({HeteroCNN.FEATURE_DIM},)"
-                )
+            if tuple(value.shape) != (feature_dim,):
+                raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected ({feature_dim},)")
             prototypes[int(label)] = value
         else:
             if value.numel() != 1 or float(value) <= 0:

@@ -55,11 +55,13 @@ def run_sgd(
     meter: FlopMeter,
     kind: Hashable,
     after_step: Callable[[], None] | None = None,
+    steps: int = 0,
 ) -> None:
-    """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``.
+    """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``, or, when
+    ``steps`` > 0, exactly ``steps`` steps (as many passes as that takes, the last one cut short).
 
     A fresh optimizer serves each call, so momentum never carries stale directions across rounds or
-    phases. ``batches`` is called once per epoch; every step is charged to ``meter`` under ``kind``.
+    phases. ``batches`` is called once per pass; every step is charged to ``meter`` under ``kind``.
     ``after_step`` runs after every optimizer step (e.g. a projection onto a constraint set).
     """
     if epochs == 0 or not parameters:
@@ -77,9 +79,18 @@ def run_sgd(
         if after_step is not None:
             after_step()
 
-    for _ in range(epochs):
+    if steps <= 0:
+        for _ in range(epochs):
+            for x, y in batches():
+                meter.run(kind, len(y), partial(step, x, y))
+        return
+    done = 0
+    while done < steps:
         for x, y in batches():
             meter.run(kind, len(y), partial(step, x, y))
+            done += 1
+            if done == steps:
+                return
 
 
 def train_on_client_data(
@@ -98,9 +109,12 @@ def train_on_client_data(
     """SGD on ``parameters`` alone (the rest of ``client`` frozen) over the client's shuffled batches.
 
     Defaults: ``train.local_epochs`` epochs at ``train.lr`` of cross-entropy on ``client(x)`` over
-    ``ctx.data``. Charged to ``ctx.meter`` as ``(ctx.arch, phase)``.
+    ``ctx.data`` (``train.local_steps`` steps instead, when set). Charged to ``ctx.meter`` as
+    ``(ctx.arch, phase)``. Parameters frozen for good (those whose ``requires_grad`` is False between
+    phases, e.g. a transformer's pretrained layers below ``model.trainable_layers``) are left out.
     """
     data = ctx.data if data is None else data
+    parameters = [p for p in parameters if p.requires_grad]
 
     def cross_entropy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(client(x), y)
@@ -116,4 +130,5 @@ def train_on_client_data(
             ctx.meter,
             kind=(ctx.arch, phase),
             after_step=after_step,
+            steps=train.local_steps,
         )

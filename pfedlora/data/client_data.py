@@ -79,7 +79,7 @@ class ClientData:
             yield self._layout(self.dataset.normalize(images[index])), labels[index]
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
 def _check_batch_size(batch_size: int) -> None:

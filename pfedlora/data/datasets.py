@@ -26,7 +26,7 @@ import pickle
 import sys
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -36,6 +36,7 @@ import numpy as np
 import pooch
 import torch
 
+from pfedlora.data.text import KjvSource, TextCorpus
 from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError
 from pfedlora.registry import Registry
 
@@ -49,7 +50,15 @@ ENV_VAR = "PFEDLORA_DATA"
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A whole image-classification dataset in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """A whole classification dataset in memory, of one of two kinds.
+
+    - ``"image"``: uint8 images (N, C, H, W) with per-channel ``mean``/``std``;
+    - ``"text"``: int32 (N, 2, L), each sample's token ids and attention mask as its model family's
+      tokenizer made them (:func:`pfedlora.data.text.tokenize_corpus`); ``mean``/``std`` are empty.
+
+    Labels are int64 (N,). ``train_groups``/``test_groups`` optionally give each sample's source (e.g. the
+    book a verse comes from), named by ``group_names``; the ``by-source`` partition deals whole sources.
+    """
 
     name: str
     train_x: torch.Tensor
@@ -61,6 +70,10 @@ class Dataset:
     std: tuple[float, ...]
     augment_by_default: bool = False
     """Whether ``data.augment = "auto"`` turns augmentation (random crop + flip) on for this dataset."""
+    kind: str = "image"
+    train_groups: torch.Tensor | None = None
+    test_groups: torch.Tensor | None = None
+    group_names: tuple[str, ...] = ()
     # mean/std tensors per device, so normalising a batch does not copy them host-to-device every time
     _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
@@ -68,50 +81,64 @@ class Dataset:
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if x.dtype != torch.uint8 or x.dim() != 4:
+            if self.kind == "image" and (x.dtype != torch.uint8 or x.dim() != 4):
                 raise DataError(
                     f"{self.name}: {split}_x must be uint8 (N, C, H, W), got {x.dtype} {list(x.shape)}"
                 )
+            if self.kind == "text" and (x.dtype != torch.int32 or x.dim() != 3 or x.shape[1] != 2):
+                raise DataError(
+                    f"{self.name}: {split}_x must be int32 (N, 2, length), got {x.dtype} {list(x.shape)}"
+                )
             if y.dtype != torch.int64 or y.shape != x.shape[:1]:
                 raise DataError(f"{self.name}: {split}_y must be int64 (N,), got {y.dtype} {list(y.shape)}")
+        if self.kind not in ("image", "text"):
+            raise DataError(f"{self.name}: kind {self.kind!r} is unknown; allowed: image, text")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise DataError(f"{self.name}: train and test images differ in shape")
-        if not len(self.mean) == len(self.std) == self.train_x.shape[1]:
+            raise DataError(f"{self.name}: train and test samples differ in shape")
+        if self.kind == "image" and not len(self.mean) == len(self.std) == self.train_x.shape[1]:
             raise DataError(f"{self.name}: mean/std need one value per channel ({self.train_x.shape[1]})")
+        for split, groups, y in (
+            ("train", self.train_groups, self.train_y),
+            ("test", self.test_groups, self.test_y),
+        ):
+            if groups is not None and (groups.dtype != torch.int64 or groups.shape != y.shape):
+                raise DataError(f"{self.name}: {split}_groups must be int64 (N,) like the labels")
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        c, h, w = self.train_x.shape[1:]
-        return (int(c), int(h), int(w))
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (C, H, W) of an image, (2, length) of a text."""
+        return tuple(int(d) for d in self.train_x.shape[1:])
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def _tensors(self) -> list[torch.Tensor]:
+        tensors = [self.train_x, self.train_y, self.test_x, self.test_y]
+        return tensors + [g for g in (self.train_groups, self.test_groups) if g is not None]
+
     def to(self, device: str | torch.device) -> Dataset:
         """A copy with every tensor on ``device``."""
-        return Dataset(
-            name=self.name,
+        return dataclasses.replace(
+            self,
             train_x=self.train_x.to(device),
             train_y=self.train_y.to(device),
             test_x=self.test_x.to(device),
             test_y=self.test_y.to(device),
-            classes=self.classes,
-            mean=self.mean,
-            std=self.std,
-            augment_by_default=self.augment_by_default,
         )
 
     def share_memory(self) -> Dataset:
         """This dataset with its tensors moved into shared memory (in place), so that worker processes map
         it instead of copying it."""
-        for tensor in (self.train_x, self.train_y, self.test_x, self.test_y):
+        for tensor in self._tensors():
             tensor.share_memory_()
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixel values (B, C, H, W) in 0..255 -> float32 ``(x / 255 - mean) / std`` per channel."""
+        """Pixel values (B, C, H, W) in 0..255 -> float32 ``(x / 255 - mean) / std`` per channel; text
+        (token ids and mask) unchanged."""
+        if self.kind == "text":
+            return x
         stats = self._stats.get(x.device)
         if stats is None:
             mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
@@ -429,8 +456,9 @@ class DatasetSource(Protocol):
         """What to read under ``root`` (a folder or an archive), or None when the dataset is not there."""
         ...
 
-    def read(self, path: Path) -> Dataset:
-        """The dataset from what :meth:`find` or :meth:`download` returned, checksums verified."""
+    def read(self, path: Path) -> Dataset | TextCorpus:
+        """The dataset (a text corpus, for text) from what :meth:`find` or :meth:`download` returned,
+        checksums verified."""
         ...
 
     def download(self, target: Path) -> Path:
@@ -516,12 +544,19 @@ class CifarSource:
 
 for _variant in CIFAR_LAYOUTS:
     DATASETS.add(_variant, CifarSource(_variant))
+DATASETS.add("kjv", KjvSource(lambda: CACHE_DIR))
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    tokenize: Callable[[TextCorpus], Dataset] | None = None,
+) -> Dataset:
     """Load dataset ``name`` from the first lookup root holding it, downloading it if allowed and needed.
 
-    Downloads go to ``data_dir`` if given, else to the user cache directory.
+    Downloads go to ``data_dir`` if given, else to the user cache directory. A text dataset is turned into
+    tensors by ``tokenize`` (the clients' tokenizer), which it needs.
     """
     source = DATASETS[name]
     roots = search_paths(data_dir)
@@ -529,7 +564,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         found = source.find(root)
         if found is not None:
             logger.info("reading %s from %s", name, found)
-            return source.read(found)
+            return _tensors(name, source.read(found), tokenize)
 
     searched = ", ".join(str(root) for root in roots)
     message = f"dataset {name!r} not found: looked for {source.looked_for} in {searched}."
@@ -542,4 +577,17 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         fetched = source.download(target)
     except Exception as error:  # pooch raises requests/OSError/ValueError alike; report them as one message
         raise DatasetNotFoundError(f"{message} Downloading failed: {error}. {source.how_to_get()}") from error
-    return source.read(fetched)
+    return _tensors(name, source.read(fetched), tokenize)
+
+
+def _tensors(
+    name: str, read: Dataset | TextCorpus, tokenize: Callable[[TextCorpus], Dataset] | None
+) -> Dataset:
+    if isinstance(read, Dataset):
+        return read
+    if tokenize is None:
+        raise ConfigError(
+            f"dataset {name!r} is text: its clients must be transformer architectures (minilm-l<k>, hf-l<k>) "
+            "whose tokenizer turns it into tokens"
+        )
+    return tokenize(read)

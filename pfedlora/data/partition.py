@@ -237,6 +237,42 @@ def iid(
     )
 
 
+def by_source(
+    train_groups: np.ndarray,
+    test_groups: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    min_train_samples: int,
+) -> Partition:
+    """Each client gets a seeded set of whole sources (e.g. books): their train and test samples.
+
+    Sources go in a random order, each to the client with the fewest training samples so far (ties to the
+    lowest id), so clients get random, roughly equal shares; every client ends with at least
+    ``min_train_samples`` training samples, or ConfigError says how far short the smallest falls.
+    """
+    _check_common(train_groups, test_groups, num_clients)
+    sources = np.unique(np.concatenate([train_groups, test_groups]))
+    if num_clients > len(sources):
+        raise ConfigError(
+            f"num_clients={num_clients} is invalid for partition 'by-source': this dataset has "
+            f"{len(sources)} sources and each client needs at least one"
+        )
+    sizes = np.zeros(num_clients, dtype=np.int64)
+    owned: list[list[int]] = [[] for _ in range(num_clients)]
+    for source in rng.permutation(sources):
+        client = int(np.argmin(sizes))
+        owned[client].append(int(source))
+        sizes[client] += int(np.count_nonzero(train_groups == source))
+    if sizes.min() < min_train_samples:
+        raise ConfigError(
+            f"partition 'by-source' gives client {int(np.argmin(sizes))} only {int(sizes.min())} training "
+            f"samples (data.min_train_samples={min_train_samples}); use fewer clients"
+        )
+    train = tuple(np.flatnonzero(np.isin(train_groups, o)).astype(np.int64) for o in owned)
+    test = tuple(np.flatnonzero(np.isin(test_groups, o)).astype(np.int64) for o in owned)
+    return Partition(train, test, tuple(_empty() for _ in range(num_clients)))
+
+
 def carve_validation(partition: Partition, fraction: float, rng: np.random.Generator) -> Partition:
     """Move a uniformly random ``fraction`` of each client's train indices into its validation indices.
 
@@ -263,6 +299,20 @@ class PartitionSettings:
     classes_per_client: int
     alpha: float
     min_train_samples: int
+    train_groups: np.ndarray | None = None
+    """Each training sample's source (a dataset's ``train_groups``), for ``by-source``; None: no sources."""
+    test_groups: np.ndarray | None = None
+
+
+def _by_source(
+    train: np.ndarray, test: np.ndarray, clients: int, rng: np.random.Generator, settings: PartitionSettings
+) -> Partition:
+    if settings.train_groups is None or settings.test_groups is None:
+        raise ConfigError(
+            "data.partition 'by-source' needs a dataset whose samples name their source (e.g. kjv: the "
+            "book of each verse); this one does not"
+        )
+    return by_source(settings.train_groups, settings.test_groups, clients, rng, settings.min_train_samples)
 
 
 Partitioner = Callable[[np.ndarray, np.ndarray, int, np.random.Generator, PartitionSettings], Partition]
@@ -284,6 +334,7 @@ PARTITIONS.add(
     ),
 )
 PARTITIONS.add("iid", lambda train, test, clients, rng, settings: iid(train, test, clients, rng))
+PARTITIONS.add("by-source", _by_source)
 
 
 def make_partition(
@@ -296,7 +347,9 @@ def make_partition(
     classes_per_client: int,
     alpha: float,
     min_train_samples: int,
+    train_groups: np.ndarray | None = None,
+    test_groups: np.ndarray | None = None,
 ) -> Partition:
     """Partition by ``name`` (a ``PARTITIONS`` entry); settings a partition does not use are ignored."""
-    settings = PartitionSettings(classes_per_client, alpha, min_train_samples)
+    settings = PartitionSettings(classes_per_client, alpha, min_train_samples, train_groups, test_groups)
     return PARTITIONS[name](train_labels, test_labels, num_clients, rng, settings)

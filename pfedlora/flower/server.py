@@ -53,7 +53,7 @@ class GridClients:
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.client_of_node: dict[int, int] = {}  # node id -> client id
         self.declared: dict[int, int] = {}
-        self.input_shape: tuple[int, int, int] = (0, 0, 0)
+        self.input_shape: tuple[int, ...] = (0, 0, 0)
         self.num_classes = 0
         self._discover()
 

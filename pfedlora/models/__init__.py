@@ -29,7 +29,8 @@ from pfedlora.models.lora import (
     save_adapter,
     unmerge_adapters,
 )
-from pfedlora.models.registry import MODELS, ModelBuilder, build_model
+from pfedlora.models.registry import MODELS, ModelBuilder, ModelSettings, build_model
+from pfedlora.models.transformer import TransformerClassifier, is_transformer, tokenizer_for
 
 __all__ = [
     "ADAPTER_PREFIX",
@@ -45,8 +46,10 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "ModelBuilder",
+    "ModelSettings",
     "PersonalizedModel",
     "Placement",
+    "TransformerClassifier",
     "adaptable_layers",
     "adapter_state_dict",
     "attach_adapter",
@@ -55,10 +58,12 @@ __all__ = [
     "homogeneous_targets",
     "init_parameters_",
     "is_adapter_key",
+    "is_transformer",
     "load_adapter",
     "load_adapter_state_dict",
     "merge_adapters",
     "save_adapter",
+    "tokenizer_for",
     "unmerge_adapters",
     "validate_targets",
 ]

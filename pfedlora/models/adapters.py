@@ -1,9 +1,12 @@
 """The homogeneous adapter of pFedLoRA (SPEC §2.1) and where it attaches to a heterogeneous local model.
 
-Two placements:
+Three placements:
 
 - ``"layers"``: LoRA wrappers on target layers of the local model whose name and weight shape are the same
-  on every architecture (for the CNN family: ``conv1`` and ``fc3``);
+  on every architecture (for the CNN family: ``conv1`` and ``fc3``; for transformer clients, through PEFT:
+  the attention projections of the layers every depth has, and the head);
+- ``"head"``: LoRA on the head alone: the adapter phase computes the features once per batch without
+  autograd and never backpropagates through the local model;
 - ``"branch"``: a small network of low-rank factorised layers beside the local model whose logits are added,
   ``F(x) = f_local(x) + (alpha/r) · g(x)``, with g's last layer starting at zero.
 
@@ -22,8 +25,9 @@ from torch import nn
 
 from pfedlora.errors import AdapterMismatchError, ConfigError
 from pfedlora.models.base import FeatureClassifier
-from pfedlora.models.cnn import HeteroCNN, check_input_shape, conv_pool_side, init_parameters_
+from pfedlora.models.cnn import check_input_shape, conv_pool_side, init_parameters_
 from pfedlora.models.lora import LoRAConv2d, LoRALayer, LoRALinear, _check_rank_alpha, is_adapter_key
+from pfedlora.models.peft_lora import inject_lora
 from pfedlora.registry import Registry
 
 _BRANCH_CHANNELS = 16
@@ -55,11 +59,19 @@ def _common_layers(layers: Mapping[str, Mapping[str, tuple[int, ...]]]) -> list[
 
 
 def homogeneous_targets(models: Mapping[str, nn.Module]) -> tuple[str, ...]:
-    """The adaptable layers present in every model with the same weight shape, in the first model's order."""
+    """The adaptable layers present in every model with the same weight shape, in the first model's order
+    (among a model family's ``default_adapter_layers``, where it names some)."""
     if not models:
         raise ConfigError("homogeneous_targets needs at least one model")
     first, *others = (adaptable_layers(model) for model in models.values())
-    return tuple(name for name, shape in first.items() if all(other.get(name) == shape for other in others))
+    common = [name for name, shape in first.items() if all(other.get(name) == shape for other in others)]
+    defaults = [
+        model.default_adapter_layers() for model in models.values() if isinstance(model, FeatureClassifier)
+    ]
+    for allowed in defaults:
+        if allowed is not None:
+            common = [name for name in common if name in allowed]
+    return tuple(common)
 
 
 def validate_targets(models: Mapping[str, nn.Module], targets: Sequence[str]) -> tuple[str, ...]:
@@ -199,16 +211,17 @@ class LayersModel(PersonalizedModel):
     def __init__(self, local: FeatureClassifier, targets: Sequence[str], *, rank: int, alpha: float) -> None:
         super().__init__(local, rank=rank, alpha=alpha)
         self.targets = tuple(targets)
-        head = HeteroCNN.HEAD_NAME
+        head = local.HEAD_NAME
         self._head_only = all(t == head or t.startswith(head + ".") for t in self.targets)
 
     def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
-        """LoRA only on the head: the 500-d features. LoRA elsewhere (e.g. conv1): None, since the
-        adapter's gradient needs the whole network."""
+        """LoRA only on the head: the features. LoRA elsewhere (e.g. conv1): None, since the adapter's
+        gradient needs the whole network."""
         if not self._head_only:
             return None
         with torch.no_grad():
-            return self.local.features(x)  # (B, 500)
+            features: torch.Tensor = self.local.features(x)  # (B, feature_dim)
+        return features
 
     def forward_from_prefix(self, prefix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if prefix is None:
@@ -220,7 +233,7 @@ class LayersModel(PersonalizedModel):
 
 
 Attach = Callable[
-    [FeatureClassifier, int, float, Sequence[str], tuple[int, int, int], int, torch.Generator],
+    [FeatureClassifier, int, float, Sequence[str], tuple[int, ...], int, torch.Generator],
     PersonalizedModel,
 ]
 
@@ -244,12 +257,16 @@ def _attach_layers(
     rank: int,
     alpha: float,
     targets: Sequence[str],
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     generator: torch.Generator,
 ) -> LayersModel:
-    """Wrap each of ``targets`` in LoRALinear / LoRAConv2d *in place*, in module order."""
+    """Wrap each of ``targets`` in LoRALinear / LoRAConv2d *in place*, in module order (PEFT's LoRA layers
+    for a model whose ``LORA_BACKEND`` is "peft")."""
     targets = validate_targets({"the local model": model}, targets)
+    if model.LORA_BACKEND == "peft":
+        inject_lora(model, targets, rank, alpha, generator)
+        return LayersModel(model, targets, rank=rank, alpha=alpha)
     order = list(adaptable_layers(model))
     wrappers: dict[str, LoRALayer] = {}
     for name in sorted(targets, key=order.index):  # module order, whatever order targets came in
@@ -269,16 +286,35 @@ def _attach_branch(
     rank: int,
     alpha: float,
     targets: Sequence[str],
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     generator: torch.Generator,
 ) -> BranchModel:
     """Leave ``model`` as it is and build a :class:`LoRABranch` beside it (``targets`` ignored)."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            "adapter.placement 'branch' is a small CNN beside the local model and needs images; this data "
+            f"has input shape {input_shape}. Use 'layers' or 'head'."
+        )
     return BranchModel(model, LoRABranch(input_shape, num_classes, rank, generator), rank=rank, alpha=alpha)
+
+
+def _attach_head(
+    model: FeatureClassifier,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    generator: torch.Generator,
+) -> LayersModel:
+    """LoRA on the head alone (``targets`` ignored)."""
+    return _attach_layers(model, rank, alpha, (model.HEAD_NAME,), input_shape, num_classes, generator)
 
 
 PLACEMENTS.add("layers", Placement(_attach_layers, takes_targets=True))
 PLACEMENTS.add("branch", Placement(_attach_branch, takes_targets=False))
+PLACEMENTS.add("head", Placement(_attach_head, takes_targets=False))
 
 
 def attach_adapter(
@@ -301,7 +337,7 @@ def attach_adapter(
     """
     chosen = PLACEMENTS[placement]
     _check_rank_alpha(rank, alpha)
-    shape = check_input_shape(input_shape)
+    shape = tuple(input_shape)
     if model.input_shape != shape or model.num_classes != num_classes:
         raise ConfigError(
             f"model was built for input_shape {model.input_shape} and {model.num_classes} classes, "

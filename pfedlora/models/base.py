@@ -13,13 +13,22 @@ class FeatureClassifier(nn.Module):
     the head, FedGH and FedProto compare features, FedKD distils them)."""
 
     HEAD_NAME: ClassVar[str] = "head"
+    LORA_BACKEND: ClassVar[str] = "pfedlora"
+    """Whose LoRA layers the "layers" placement puts in: this library's ("pfedlora") or PEFT's ("peft")."""
     """Attribute name of the head module (its state-dict prefix)."""
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
+    feature_dim: int
+    """Width of ``features(x)``."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The representation the head classifies, (B, feature dim)."""
         raise NotImplementedError
+
+    def default_adapter_layers(self) -> list[str] | None:
+        """The layers LoRA may target when ``adapter.targets`` is empty (those of one name and shape across
+        the federation among them); None: every nn.Linear / nn.Conv2d."""
+        return None
 
     @property
     def head(self) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 from pfedlora.errors import ConfigError
 from pfedlora.models._init import default_bound, kaiming_uniform_, uniform_
 from pfedlora.models.base import FeatureClassifier
-from pfedlora.models.registry import MODELS, ModelBuilder
+from pfedlora.models.registry import MODELS, ModelBuilder, ModelSettings
 
 # name -> (conv2 out channels, fc1 out features); each registers in MODELS (bottom of this module)
 ARCHITECTURES: dict[str, tuple[int, int]] = {
@@ -95,6 +95,7 @@ class HeteroCNN(FeatureClassifier):
                 f"height and width must be at least {_MIN_SIDE}"
             )
         self.input_shape = (channels, height, width)
+        self.feature_dim = self.FEATURE_DIM
         self.num_classes = num_classes
         self.conv2_channels = conv2_channels
         self.fc1_features = fc1_features
@@ -122,7 +123,9 @@ class HeteroCNN(FeatureClassifier):
 
 
 def _cnn(conv2_channels: int, fc1_features: int) -> ModelBuilder:
-    def build(input_shape: Sequence[int], num_classes: int, generator: torch.Generator) -> FeatureClassifier:
+    def build(
+        input_shape: Sequence[int], num_classes: int, generator: torch.Generator, settings: ModelSettings
+    ) -> FeatureClassifier:
         return HeteroCNN(conv2_channels, fc1_features, input_shape, num_classes, generator=generator)
 
     return build

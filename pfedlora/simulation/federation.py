@@ -24,6 +24,7 @@ from pfedlora.data import (
     load_dataset,
     make_partition,
 )
+from pfedlora.data.text import TextCorpus, tokenize_corpus
 from pfedlora.models import check_homogeneous
 from pfedlora.seeding import numpy_generator, torch_generator
 
@@ -50,9 +51,17 @@ class Federation:
 
 
 def load_run_dataset(config: ExperimentConfig) -> Dataset:
-    """The dataset ``config`` names, from the first lookup location that holds it (or downloaded)."""
+    """The dataset ``config`` names, from the first lookup location that holds it (or downloaded); a text
+    dataset tokenized by the tokenizer of the clients' model family."""
     data = config.data
-    return load_dataset(data.dataset, data.data_dir or None, download=data.download)
+
+    def tokenize(corpus: TextCorpus) -> Dataset:
+        from pfedlora.models.transformer import tokenizer_for
+
+        tokenizer = tokenizer_for(config.federation.architectures, config.model)
+        return tokenize_corpus(corpus, tokenizer, config.model.max_length)
+
+    return load_dataset(data.dataset, data.data_dir or None, download=data.download, tokenize=tokenize)
 
 
 def partition_clients(config: ExperimentConfig, dataset: Dataset) -> Partition:
@@ -67,6 +76,8 @@ def partition_clients(config: ExperimentConfig, dataset: Dataset) -> Partition:
         classes_per_client=data_cfg.classes_per_client,
         alpha=data_cfg.dirichlet_alpha,
         min_train_samples=data_cfg.min_train_samples,
+        train_groups=None if dataset.train_groups is None else dataset.train_groups.numpy(),
+        test_groups=None if dataset.test_groups is None else dataset.test_groups.numpy(),
     )
     if data_cfg.validation_fraction > 0:
         partition = carve_validation(
@@ -83,7 +94,9 @@ def client_counts(config: ExperimentConfig, dataset: Dataset) -> dict[int, int]:
 def build_clients(config: ExperimentConfig, dataset: Dataset, device: torch.device) -> list[ClientData]:
     """Every client's data (index views of ``dataset`` on ``device``), partitioned from the seed."""
     data_cfg = config.data
-    augment = data_cfg.augment == "on" or (data_cfg.augment == "auto" and dataset.augment_by_default)
+    augment = dataset.kind == "image" and (
+        data_cfg.augment == "on" or (data_cfg.augment == "auto" and dataset.augment_by_default)
+    )
     return build_client_data(
         dataset.to(device),
         partition_clients(config, dataset),

@@ -19,7 +19,7 @@ ALGORITHMS = sorted(REGISTRY)
 
 
 def _config(tiny_config, name, *extra):
-    archs = ["federation.architectures=cnn5"] if name == "fedavg" else []  # FedAvg needs one architecture
+    archs = ["federation.architectures=cnn5"] if REGISTRY[name].one_architecture else []
     return tiny_config(f"algorithm={name}", *archs, *extra)
 
 

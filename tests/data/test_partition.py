@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pfedlora.data.partition import (
     PARTITIONS,
     Partition,
+    by_source,
     carve_validation,
     dirichlet,
     iid,
@@ -293,11 +294,19 @@ def test_carve_validation_is_deterministic_and_refuses_bad_fractions() -> None:
 @pytest.mark.parametrize("name", list(PARTITIONS))
 def test_make_partition_dispatches(name: str) -> None:
     train_labels, test_labels = labels(0, 10, 30, 40), labels(1, 10, 10, 12)
-    settings_ = {"classes_per_client": 2, "alpha": 0.5, "min_train_samples": 5}
+    train_groups, test_groups = np.arange(len(train_labels)) % 9, np.arange(len(test_labels)) % 9
+    settings_ = {
+        "classes_per_client": 2,
+        "alpha": 0.5,
+        "min_train_samples": 5,
+        "train_groups": train_groups,
+        "test_groups": test_groups,
+    }
     direct = {
         "pathological": lambda rng: pathological(train_labels, test_labels, 8, rng, 2),
         "dirichlet": lambda rng: dirichlet(train_labels, test_labels, 8, rng, 0.5, 5),
         "iid": lambda rng: iid(train_labels, test_labels, 8, rng),
+        "by-source": lambda rng: by_source(train_groups, test_groups, 8, rng, 5),
     }[name]
 
     made = make_partition(name, train_labels, test_labels, 8, np.random.default_rng(9), **settings_)

@@ -63,8 +63,9 @@ def test_frozen_prefix_reproduces_forward_exactly(case: Case) -> None:
     prefix = case.model.frozen_prefix(case.x)
     if case.placement == "layers":  # LoRA on conv1: the adapter's gradient needs the whole network
         assert prefix is None
-    else:
-        assert prefix is not None and prefix.shape == (case.x.shape[0], NUM_CLASSES)
+    else:  # the branch needs the local logits, LoRA on the head alone the features
+        width = NUM_CLASSES if case.placement == "branch" else case.model.local.feature_dim
+        assert prefix is not None and prefix.shape == (case.x.shape[0], width)
         assert not prefix.requires_grad
     assert torch.equal(case.model.forward_from_prefix(prefix, case.x), case.model(case.x))
 

@@ -1,0 +1,36 @@
+"""FedIT: FedAvg of a LoRA adapter on a frozen base model (the homogeneous federated-LoRA reference).
+
+Zhang, Vahidian, Kuo, Li, Ruan, Feng, Chen. "Towards Building the Federated GPT: Federated Instruction
+Tuning", ICASSP 2024, arXiv 2305.05644 (Shepherd). Every client holds the same pretrained model, frozen;
+each round a sampled client replaces its adapter with the global one, trains only the adapter and uploads
+it with its sample count; the server takes the sample-weighted mean. This is pFedLoRA's adapter phase
+alone, with the same placements, so it needs one architecture for every client.
+
+Shared: the adapter tensors. Private: nothing trained (the base stays as pretrained).
+"""
+
+from __future__ import annotations
+
+from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.fedavg import require_one_architecture
+from pfedlora.algorithms.pfedlora import PFedLoRA
+from pfedlora.algorithms.state import State
+from pfedlora.config import ExperimentConfig
+from pfedlora.models import PersonalizedModel, load_adapter_state_dict
+
+
+@register_algorithm
+class FedIT(PFedLoRA):
+    """FedAvg of the LoRA adapter, base frozen; needs one architecture for every client."""
+
+    name = "fedit"
+    one_architecture = True
+
+    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
+        require_one_architecture(config, "fedit averages one adapter on one frozen base model")
+        super().__init__(config, input_shape, num_classes)
+
+    def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
+        load_adapter_state_dict(client, message)
+        self.train_adapter_phase(client, ctx)
+        return Upload(self.shared_state(client), ctx.data.num_train)
