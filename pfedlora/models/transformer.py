@@ -75,12 +75,15 @@ def checkpoint_of(arch: str, settings: ModelSettings) -> str:
     family = _parse(arch)[0]
     if family == "minilm":
         return str(bundled_checkpoint())
-    if not settings.checkpoint:
+    checkpoint = settings.checkpoint
+    if not checkpoint:
         raise ConfigError(
             f"architecture {arch!r} needs model.checkpoint: a local Hugging Face model directory "
             "(or a hub id, when online)"
         )
-    return settings.checkpoint
+    if checkpoint.startswith(("/", ".", "~")) and not Path(checkpoint).expanduser().is_dir():
+        raise ConfigError(f"model.checkpoint {checkpoint!r}: no such directory")
+    return str(Path(checkpoint).expanduser()) if checkpoint.startswith("~") else checkpoint
 
 
 def _parse(arch: str) -> tuple[str, int]:

@@ -6,7 +6,9 @@ import subprocess
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from pfedlora.cli import app
 from pfedlora.config import load_config
 from pfedlora.data import datasets, make_partition
 from pfedlora.data.partition import by_source
@@ -141,3 +143,40 @@ def test_pfedlora_runs_on_real_verses_with_the_real_minilm_of_three_depths(tmp_p
     assert len(records) == 2 and all(r["aggregated"] for r in records)
     assert 0.0 < summary["mean_accuracy_last"] <= 1.0
     assert records[-1]["bytes_up"] > 0 and records[-1]["train_flops"] > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (
+            ["model.checkpoint=/nonexistent/bert", "federation.architectures=hf-l1,hf-l2"],
+            "no such directory",
+        ),
+        (["federation.architectures=cnn1,minilm-l2"], "architectures cnn1 read images"),
+        (
+            ['adapter.targets=["encoder.encoder.layer.5.attention.self.query"]'],
+            "is not an adaptable layer of",
+        ),
+        (["adapter.placement=branch"], "needs images"),
+        (["federation.num_clients=67"], "this dataset has 66 sources"),
+    ],
+)
+def test_bad_text_input_is_one_line_exit_2_and_nothing_written(tmp_path, overrides, fragment):
+    out = tmp_path / "run"
+    args = ["run", "--config", "examples/kjv.toml", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *(item for o in overrides for item in ("--set", o))])
+    assert result.exit_code == 2, result.output
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert fragment in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
+def test_kjv_missing_on_the_command_line_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--config", "examples/kjv.toml", "--out", str(out)])
+    assert result.exit_code == 2 and "apt-get install bible-kjv" in " ".join(result.stderr.split())
+    assert not out.exists()
