@@ -25,11 +25,12 @@ import torch.multiprocessing as torch_mp
 
 from pfedlora.algorithms import algorithm_class
 from pfedlora.config import ExperimentConfig, load_config
-from pfedlora.data import Dataset, load_dataset
+from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, PfedloraError
-from pfedlora.models import PLACEMENTS
+from pfedlora.models import PLACEMENTS, is_transformer
 from pfedlora.plots import plot_runs
 from pfedlora.simulation import read_run, resume_run, run_experiment
+from pfedlora.simulation.federation import load_run_dataset
 from pfedlora.simulation.loop import RoundCallback
 from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, progress_to_target
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
@@ -131,7 +132,7 @@ def run_comparison(
     if jobs < 1:
         raise ConfigError(f"jobs: {jobs} is out of range; allowed: 1 or more")
     out = Path(out_dir)
-    datasets: dict[tuple[str, str, bool], Dataset] = {}
+    datasets: dict[DatasetKey, Dataset] = {}
     if dataset is not None:
         datasets.update({_dataset_key(v): dataset for v in variants})
     for variant in variants:  # every configuration must be valid for its algorithm before anything runs
@@ -168,18 +169,25 @@ def run_comparison(
     return results
 
 
-def _dataset_of(variant: Variant, datasets: dict[tuple[str, str, bool], Dataset]) -> Dataset:
-    """The variant's dataset, loaded once per (name, directory, download) for the whole comparison."""
+DatasetKey = tuple[str, str, bool, str, int, tuple[str, ...]]
+
+
+def _dataset_of(variant: Variant, datasets: dict[DatasetKey, Dataset]) -> Dataset:
+    """The variant's dataset, loaded (and, for text, tokenized) once per key for the whole comparison."""
     key = _dataset_key(variant)
     if key not in datasets:
-        data = variant.config.data
-        datasets[key] = load_dataset(data.dataset, data.data_dir or None, download=data.download)
+        datasets[key] = load_run_dataset(variant.config)
     return datasets[key]
 
 
-def _dataset_key(variant: Variant) -> tuple[str, str, bool]:
-    data = variant.config.data
-    return (data.dataset, data.data_dir, data.download)
+def _dataset_key(variant: Variant) -> DatasetKey:
+    """What the loaded tensors depend on: the dataset and where it comes from, and for text the tokenizer
+    (the model family's checkpoint) and the length."""
+    config = variant.config
+    data, model = config.data, config.model
+    archs = config.federation.architectures
+    families = tuple(sorted({arch.rpartition("-l")[0] for arch in archs if is_transformer(arch)}))
+    return (data.dataset, data.data_dir, data.download, model.checkpoint, model.max_length, families)
 
 
 def _run_variant(
@@ -204,7 +212,7 @@ def _run_variant(
 def _run_in_parallel(
     variants: Sequence[Variant],
     out: Path,
-    datasets: dict[tuple[str, str, bool], Dataset],
+    datasets: dict[DatasetKey, Dataset],
     jobs: int,
     workers: int,
     on_start: Callable[[Variant, bool], None] | None,

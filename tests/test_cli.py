@@ -142,7 +142,7 @@ def test_resume_continues_a_run_and_refuses_other_options(tmp_path, tiny_data):
 def test_tune_prints_the_search_and_the_options_for_compare(tmp_path, monkeypatch, tiny_dataset):
     from pfedlora import compare
 
-    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    monkeypatch.setattr(compare, "load_run_dataset", lambda *args, **kwargs: tiny_dataset)
     args = ["tune", "-q", "-a", "standalone", "-x", "train.local_epochs=1,2", "--out", str(tmp_path)]
     result = runner.invoke(app, [*args, *TINY, "--set", "data.validation_fraction=0.2"])
     assert result.exit_code == 0, result.output

@@ -24,7 +24,7 @@ TINY = (
 
 @pytest.fixture
 def tiny_data(monkeypatch, tiny_dataset):
-    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    monkeypatch.setattr(compare, "load_run_dataset", lambda *args, **kwargs: tiny_dataset)
 
 
 def test_plan_one_variant_per_algorithm_and_placement():

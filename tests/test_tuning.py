@@ -34,7 +34,7 @@ def test_ties_keep_the_value_listed_first():
 
 
 def test_search_on_validation_data_writes_and_resumes(tmp_path, monkeypatch, tiny_dataset):
-    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    monkeypatch.setattr(compare, "load_run_dataset", lambda *args, **kwargs: tiny_dataset)
     axes = [Axis("train.local_epochs", ("1", "2")), Axis("adapter.rank", ("2", "4"), "pfedlora")]
     trials, best = coordinate_search(["standalone", "pfedlora"], ["branch"], axes, tmp_path, None, TINY)
     assert [t.label for t in trials] == ["standalone"] * 2 + ["pfedlora-branch"] * 3
@@ -58,7 +58,7 @@ def test_search_refuses_to_tune_on_the_test_split(tmp_path):
 
 
 def test_trials_of_an_axis_side_by_side_choose_and_score_as_one_by_one(tmp_path, monkeypatch, tiny_dataset):
-    monkeypatch.setattr(compare, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    monkeypatch.setattr(compare, "load_run_dataset", lambda *args, **kwargs: tiny_dataset)
     axes = [Axis("train.local_epochs", ("1", "2"))]
 
     def search(out, jobs):
