@@ -18,15 +18,17 @@ from pfedlora.models.base import FeatureClassifier
 from pfedlora.models.cnn import ARCHITECTURES, HeteroCNN, init_parameters_
 from pfedlora.models.lora import (
     ADAPTER_PREFIX,
-    LoRAConv2d,
-    LoRALayer,
-    LoRALinear,
     adapter_state_dict,
     is_adapter_key,
     load_adapter,
     load_adapter_state_dict,
-    merge_adapters,
     save_adapter,
+)
+from pfedlora.models.peft_lora import (
+    inject_lora,
+    is_lora_layer,
+    merge_adapters,
+    save_peft_adapter,
     unmerge_adapters,
 )
 from pfedlora.models.registry import MODELS, ModelBuilder, ModelSettings, build_model
@@ -42,9 +44,6 @@ __all__ = [
     "HeteroCNN",
     "LayersModel",
     "LoRABranch",
-    "LoRAConv2d",
-    "LoRALayer",
-    "LoRALinear",
     "ModelBuilder",
     "ModelSettings",
     "PersonalizedModel",
@@ -57,12 +56,15 @@ __all__ = [
     "check_homogeneous",
     "homogeneous_targets",
     "init_parameters_",
+    "inject_lora",
     "is_adapter_key",
+    "is_lora_layer",
     "is_transformer",
     "load_adapter",
     "load_adapter_state_dict",
     "merge_adapters",
     "save_adapter",
+    "save_peft_adapter",
     "tokenizer_for",
     "unmerge_adapters",
     "validate_targets",

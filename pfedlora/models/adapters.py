@@ -26,8 +26,8 @@ from torch import nn
 from pfedlora.errors import AdapterMismatchError, ConfigError
 from pfedlora.models.base import FeatureClassifier
 from pfedlora.models.cnn import check_input_shape, conv_pool_side, init_parameters_
-from pfedlora.models.lora import LoRAConv2d, LoRALayer, LoRALinear, _check_rank_alpha, is_adapter_key
-from pfedlora.models.peft_lora import inject_lora
+from pfedlora.models.lora import check_rank_alpha, is_adapter_key
+from pfedlora.models.peft_lora import inject_lora, is_lora_layer
 from pfedlora.registry import Registry
 
 _BRANCH_CHANNELS = 16
@@ -43,12 +43,12 @@ def adaptable_layers(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
     A layer already wrapped by LoRA is listed under the wrapper's name with its base weight's shape.
     """
-    wrapped = {name for name, module in model.named_modules() if isinstance(module, LoRALayer)}
+    wrapped = {name for name, module in model.named_modules() if is_lora_layer(module)}
     layers: dict[str, tuple[int, ...]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALayer):
-            layers[name] = tuple(module.base_layer.weight.shape)
-        elif isinstance(module, nn.Linear | nn.Conv2d) and name.removesuffix(".base_layer") not in wrapped:
+        if is_lora_layer(module):
+            layers[name] = tuple(module.get_base_layer().weight.shape)
+        elif isinstance(module, nn.Linear | nn.Conv2d) and not any(name.startswith(f"{w}.") for w in wrapped):
             layers[name] = tuple(module.weight.shape)
     return layers
 
@@ -123,7 +123,7 @@ class LoRABranch(nn.Module):
     ) -> None:
         super().__init__()
         channels, height, width = check_input_shape(input_shape)
-        _check_rank_alpha(rank, 1.0)
+        check_rank_alpha(rank, 1.0)
         out_h, out_w = conv_pool_side(height), conv_pool_side(width)
         if out_h < 1 or out_w < 1:
             raise ConfigError(f"input_shape {(channels, height, width)} is too small for the LoRA branch")
@@ -261,23 +261,9 @@ def _attach_layers(
     num_classes: int,
     generator: torch.Generator,
 ) -> LayersModel:
-    """Wrap each of ``targets`` in LoRALinear / LoRAConv2d *in place*, in module order (PEFT's LoRA layers
-    for a model whose ``LORA_BACKEND`` is "peft")."""
+    """Wrap each of ``targets`` in PEFT's LoRA layer *in place* (A factors drawn in module order)."""
     targets = validate_targets({"the local model": model}, targets)
-    if model.LORA_BACKEND == "peft":
-        inject_lora(model, targets, rank, alpha, generator)
-        return LayersModel(model, targets, rank=rank, alpha=alpha)
-    order = list(adaptable_layers(model))
-    wrappers: dict[str, LoRALayer] = {}
-    for name in sorted(targets, key=order.index):  # module order, whatever order targets came in
-        layer = model.get_submodule(name)
-        if isinstance(layer, nn.Conv2d):
-            wrappers[name] = LoRAConv2d(layer, rank, alpha, generator)
-        elif isinstance(layer, nn.Linear):
-            wrappers[name] = LoRALinear(layer, rank, alpha, generator)
-    for name, wrapper in wrappers.items():  # swap only once every wrapper was built
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, wrapper)
+    inject_lora(model, targets, rank, alpha, generator)
     return LayersModel(model, targets, rank=rank, alpha=alpha)
 
 
@@ -330,20 +316,20 @@ def attach_adapter(
 ) -> PersonalizedModel:
     """Give ``model`` an adapter at ``placement`` (a ``PLACEMENTS`` name) and return the personalized model.
 
-    "layers" wraps each of ``targets`` in LoRALinear / LoRAConv2d *in place* (in module order, drawing the A
+    "layers" wraps each of ``targets`` in PEFT's LoRA layer *in place* (in module order, drawing the A
     factors from ``generator``); check the targets across the federation's architectures with
     :func:`validate_targets` first. "branch" leaves ``model`` unwrapped, builds a :class:`LoRABranch` for
     (``input_shape``, ``num_classes``, ``rank``) and ignores ``targets``.
     """
     chosen = PLACEMENTS[placement]
-    _check_rank_alpha(rank, alpha)
+    check_rank_alpha(rank, alpha)
     shape = tuple(input_shape)
     if model.input_shape != shape or model.num_classes != num_classes:
         raise ConfigError(
             f"model was built for input_shape {model.input_shape} and {model.num_classes} classes, "
             f"not {shape} and {num_classes}"
         )
-    if any(isinstance(module, LoRALayer) for module in model.modules()):
+    if any(is_lora_layer(module) for module in model.modules()):
         raise ConfigError("model already carries LoRA layers")
     return chosen.attach(model, rank, alpha, targets, shape, num_classes, generator)
 
@@ -356,8 +342,8 @@ def check_homogeneous(states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Raise AdapterMismatchError unless every state has the same tensor names with the same shapes.
 
     ``states`` is keyed by architecture or client name. The one message names the first offending tensor
-    and its shape (or absence) in each state, e.g. ``adapter tensor 'local.fc2.lora_A' differs between
-    clients: cnn1 (8, 2000), cnn3 (8, 1000)``, and counts any further offending tensors.
+    and its shape (or absence) in each state, e.g. ``adapter tensor 'local.fc2.lora_A.default.weight'
+    differs between clients: cnn1 (8, 2000), cnn3 (8, 1000)``, and counts any further offending tensors.
     """
     names: dict[str, None] = {}
     for state in states.values():

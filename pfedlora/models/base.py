@@ -13,8 +13,6 @@ class FeatureClassifier(nn.Module):
     the head, FedGH and FedProto compare features, FedKD distils them)."""
 
     HEAD_NAME: ClassVar[str] = "head"
-    LORA_BACKEND: ClassVar[str] = "pfedlora"
-    """Whose LoRA layers the "layers" placement puts in: this library's ("pfedlora") or PEFT's ("peft")."""
     """Attribute name of the head module (its state-dict prefix)."""
     input_shape: tuple[int, ...]
     num_classes: int

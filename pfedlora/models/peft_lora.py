@@ -1,10 +1,12 @@
-"""LoRA through PEFT for transformer clients, and adapters in PEFT's own on-disk format.
+"""LoRA layers through PEFT (for every model family), and adapters in PEFT's own on-disk format.
 
-:func:`inject_lora` puts PEFT's LoRA layers on named ``nn.Linear`` layers in place. PEFT draws the A
-factors from the global RNG; they are redrawn here from the run's generator (Kaiming-uniform, as PEFT and
-:mod:`pfedlora.models.lora` do), so a seed fixes them. PEFT freezes everything but the adapters when it
-injects; which parameters train is this library's business (each phase says so), so the previous
-``requires_grad`` flags are restored.
+:func:`inject_lora` puts PEFT's LoRA layers on named ``nn.Linear`` / ``nn.Conv2d`` layers in place:
+``y = base_layer(x) + (alpha/r) · B(A(x))``, A Kaiming-uniform and B zero, so a fresh adapter changes
+nothing; for a convolution A has the base layer's kernel, stride and padding and B is 1x1. PEFT draws the
+A factors from the global RNG; they are redrawn here from the run's generator (Kaiming-uniform, as PEFT
+does), so a seed fixes them, and the global RNG is left as it was. PEFT freezes everything but the
+adapters when it injects; which parameters train is this library's business (each phase says so), so
+the previous ``requires_grad`` flags are restored.
 
 :func:`save_peft_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors``, which
 ``peft.PeftModel.from_pretrained`` loads onto the client's base model (its local model without adapter).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from torch import nn
 
 from pfedlora.errors import ConfigError
 from pfedlora.models._init import kaiming_uniform_
-from pfedlora.models.lora import is_adapter_key
+from pfedlora.models.lora import check_rank_alpha, is_adapter_key
 
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
@@ -51,19 +54,56 @@ def inject_lora(
     model: nn.Module, targets: Sequence[str], rank: int, alpha: float, generator: torch.Generator
 ) -> None:
     """Wrap each of ``targets`` in PEFT's LoRA layer, in place; A from ``generator``, B zero."""
+    check_rank_alpha(rank, alpha)
     for target in targets:
-        if not isinstance(model.get_submodule(target), nn.Linear):
+        layer = model.get_submodule(target)
+        if not isinstance(layer, nn.Linear | nn.Conv2d):
+            raise ConfigError(f"adapter target {target!r} is neither an nn.Linear nor an nn.Conv2d")
+        if isinstance(layer, nn.Conv2d) and not (
+            layer.groups == 1 and layer.padding_mode == "zeros" and layer.dilation == (1, 1)
+        ):
+            # PEFT's conv LoRA ignores dilation (its A convolution has none); groups and padding modes
+            # other than zeros are left out as well.
             raise ConfigError(
-                f"adapter target {target!r} is not an nn.Linear; PEFT LoRA here adapts linear layers"
+                f"adapter target {target!r}: LoRA adapts convolutions with groups=1, padding_mode='zeros' "
+                f"and dilation 1, got groups={layer.groups}, padding_mode={layer.padding_mode!r}, "
+                f"dilation={layer.dilation}"
             )
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    _peft().inject_adapter_in_model(lora_config(targets, rank, alpha), model, adapter_name=ADAPTER_NAME)
+    with torch.random.fork_rng(devices=[]):  # PEFT's own init draws from the global RNG: leave it untouched
+        _peft().inject_adapter_in_model(lora_config(targets, rank, alpha), model, adapter_name=ADAPTER_NAME)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(flags.get(name.replace(".base_layer", ""), True))
-    lora_layers: list[Any] = [m for m in model.modules() if isinstance(m, _peft().tuners.lora.LoraLayer)]
-    for layer in lora_layers:  # module order
+    for layer in lora_layers(model):  # module order
         kaiming_uniform_(layer.lora_A[ADAPTER_NAME].weight, generator)
         nn.init.zeros_(layer.lora_B[ADAPTER_NAME].weight)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer (wrapping its ``base_layer``)."""
+    return "peft" in sys.modules and isinstance(module, _peft().tuners.lora.LoraLayer)
+
+
+def lora_layers(model: nn.Module) -> list[Any]:
+    """The PEFT LoRA layers of ``model``, in module order."""
+    return [module for module in model.modules() if is_lora_layer(module)]
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Add every LoRA update into its base layer's weight (PEFT's merge); forward then skips the low-rank
+    path, so no gradient reaches the factors. A branch placement has no LoRA layer: nothing happens."""
+    for layer in lora_layers(model):
+        if layer.merged:
+            raise RuntimeError("LoRA layer is already merged")
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Subtract every merged LoRA update from its base layer's weight again."""
+    for layer in lora_layers(model):
+        if not layer.merged:
+            raise RuntimeError("LoRA layer is not merged")
+        layer.unmerge()
 
 
 def to_peft_key(key: str, prefix: str = "") -> str:

@@ -114,6 +114,13 @@ def _pretrained(checkpoint: str, depth: int) -> Any:
             f"{checkpoint!r} has {layers} layers; an architecture cannot take the first {depth}"
         )
     config.num_hidden_layers = depth
+    for name, value in list(vars(config).items()):
+        # Dropout would draw from the process-global RNG, so a client's training would depend on which worker
+        # process trained it and what that process drew before: off, for seeded, worker-independent runs.
+        if isinstance(value, float) and (
+            name.endswith(("dropout", "dropout_prob")) or name.endswith("pdrop")
+        ):
+            setattr(config, name, 0.0)
     try:
         kwargs: dict[str, Any] = {"config": config, "attn_implementation": "eager"}
         if config.model_type == "bert":
@@ -158,7 +165,8 @@ def tokenizer_for(architectures: Sequence[str], settings: ModelSettings) -> Any:
 
 
 class TransformerClassifier(FeatureClassifier):
-    """``head(mean-pooled last hidden state of the first k layers)``.
+    """``head(mean-pooled last hidden state of the first k layers)``, dropout off (it would draw from the
+    process-global RNG; every random draw here comes from seeded generators).
 
     ``trainable_layers`` (``model.trainable_layers``) says what private training may change: -1 the whole
     model, k >= 0 the top k transformer layers and the head (0: the head alone). The rest is frozen for good
@@ -166,7 +174,6 @@ class TransformerClassifier(FeatureClassifier):
     """
 
     HEAD_NAME = "classifier"
-    LORA_BACKEND = "peft"
 
     def __init__(
         self,

@@ -11,12 +11,12 @@ from safetensors import safe_open
 from pfedlora.errors import AdapterMismatchError, ConfigError
 from pfedlora.models import (
     PLACEMENTS,
-    LoRALayer,
     adaptable_layers,
     adapter_state_dict,
     check_homogeneous,
     homogeneous_targets,
     is_adapter_key,
+    is_lora_layer,
     load_adapter,
     load_adapter_state_dict,
     merge_adapters,
@@ -150,7 +150,7 @@ def test_same_seeds_give_identical_models_without_the_global_rng(case: Case) -> 
     assert list(ours) == list(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     reseeded = adapter_state_dict(attach(build(case.arch, case.shape), case.placement, case.shape, seed=9))
-    first_factor = next(k for k in reseeded if k.endswith(("lora_A", "conv_A.weight")))
+    first_factor = next(k for k in reseeded if k.endswith(("lora_A.default.weight", "conv_A.weight")))
     assert not torch.equal(reseeded[first_factor], ours[first_factor])
 
 
@@ -215,7 +215,7 @@ def test_a_heterogeneous_target_is_refused_and_caught(shape: tuple[int, int, int
     with pytest.raises(AdapterMismatchError) as error:
         check_homogeneous(states)
     message = str(error.value)
-    assert message.startswith("adapter tensor 'local.fc2.lora_A' differs between clients:")
+    assert message.startswith("adapter tensor 'local.fc2.lora_A.default.weight' differs between clients:")
     assert f"cnn1 ({RANK}, 2000)" in message and f"cnn3 ({RANK}, 1000)" in message
     assert f"cnn5 ({RANK}, 500)" in message
 
@@ -262,9 +262,10 @@ def test_layers_placement_wraps_in_place_and_names_keys_as_documented() -> None:
     conv1 = model.conv1
     personalized = attach(model, "layers", (3, 32, 32), targets=("fc3", "conv1"))
     assert personalized.local is model and model.conv1.base_layer is conv1
-    assert isinstance(model.head, LoRALayer)
+    assert is_lora_layer(model.head)
     keys = set(personalized.state_dict())
-    assert {"local.conv1.lora_A", "local.conv1.base_layer.weight", "local.fc3.lora_B"} <= keys
+    lora_keys = {"local.conv1.lora_A.default.weight", "local.fc3.lora_B.default.weight"}
+    assert {"local.conv1.base_layer.weight", *lora_keys} <= keys
     assert personalized.targets == ("fc3", "conv1")
 
 
@@ -272,7 +273,7 @@ def test_branch_placement_leaves_the_local_model_alone_and_starts_g_at_zero() ->
     model = build("cnn1", (1, 28, 28))
     personalized = attach(model, "branch", (1, 28, 28), targets=())
     assert personalized.local is model
-    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+    assert not any(is_lora_layer(m) for m in model.modules())
     branch = personalized.lora_branch
     assert branch is not None
     assert torch.count_nonzero(branch.fc_B.weight) == 0 and torch.count_nonzero(branch.fc_B.bias) == 0

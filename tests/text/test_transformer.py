@@ -16,9 +16,8 @@ from pfedlora.metrics import FlopMeter
 from pfedlora.models import build_model, check_homogeneous, is_adapter_key, tokenizer_for
 from pfedlora.models.peft_lora import save_peft_adapter
 from pfedlora.seeding import torch_generator
-from pfedlora.simulation import read_run, run_experiment
-
-from .conftest import SPECIAL, WORDS, make_checkpoint
+from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
+from pfedlora.testing import SPECIAL_TOKENS, WORDS, tiny_bert
 
 DEPTHS = ["hf-l1", "hf-l2", "hf-l3"]
 
@@ -176,8 +175,8 @@ def test_too_deep_an_architecture_and_images_are_refused(tiny_checkpoint):
 
 
 def test_a_tokenizer_that_does_not_match_its_model_is_refused(tmp_path):
-    folder = make_checkpoint(tmp_path / "bad", extra_tokens=10)
-    assert json.loads((folder / "config.json").read_text())["vocab_size"] == len(SPECIAL) + len(WORDS)
+    folder = tiny_bert(tmp_path / "bad", extra_tokens=10)
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == len(SPECIAL_TOKENS) + len(WORDS)
     with pytest.raises(ConfigError, match="tokenizer and model do not match"):
         tokenizer_for(["hf-l1"], ModelConfig(checkpoint=str(folder)))
 
@@ -220,3 +219,20 @@ def test_every_method_runs_a_round_on_transformer_clients(tmp_path, tiny_checkpo
 def test_fedit_refuses_clients_of_several_depths(tiny_checkpoint, tiny_text):
     with pytest.raises(ConfigError, match="fedit averages one adapter on one frozen base model"):
         _algorithm(tiny_checkpoint, tiny_text, "algorithm=fedit")
+
+
+def test_dropout_is_off_and_metrics_are_the_same_for_one_and_two_workers(
+    tmp_path, tiny_checkpoint, tiny_text
+):
+    settings = ModelConfig(checkpoint=str(tiny_checkpoint), max_length=8)
+    model = build_model("hf-l2", tiny_text.input_shape, 3, torch_generator(0, "m"), settings)
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.0 for p in dropouts)
+    overrides = ("federation.rounds=2", "federation.sample_fraction=0.7", "train.local_steps=2")
+    config = _config(tiny_checkpoint, *overrides, "data.partition=iid")
+    runs = []
+    for workers in (1, 2):
+        run_experiment(config, tmp_path / str(workers), dataset=tiny_text, workers=workers)
+        records, _ = read_run(tmp_path / str(workers))
+        runs.append([{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records])
+    assert runs[0] == runs[1]
