@@ -117,11 +117,10 @@ def _pretrained(checkpoint: str, depth: int) -> Any:
     for name, value in list(vars(config).items()):
         # Dropout would draw from the process-global RNG, so a client's training would depend on which worker
         # process trained it and what that process drew before: off, for seeded, worker-independent runs.
-        if isinstance(value, float) and (
-            name.endswith(("dropout", "dropout_prob")) or name.endswith("pdrop")
-        ):
+        if isinstance(value, float) and name.endswith(("dropout", "dropout_prob", "pdrop")):
             setattr(config, name, 0.0)
     try:
+        # Eager attention: its matmuls are what PyTorch's FLOP counter sees (the cost ledger counts them).
         kwargs: dict[str, Any] = {"config": config, "attn_implementation": "eager"}
         if config.model_type == "bert":
             kwargs["add_pooling_layer"] = False  # the head reads the mean-pooled state instead

@@ -162,6 +162,8 @@ def test_server_averages_prototypes_per_class_weighted_by_counts(tiny_config):
 class _IdentityFeatures(nn.Module):
     """A stand-in model whose 500-d feature is its input, so distances are set by hand."""
 
+    feature_dim = 500
+
     def __init__(self):
         super().__init__()
         self.head = nn.Linear(500, 4, device="meta").to_empty(device="cpu")
@@ -200,6 +202,8 @@ def test_prediction_is_the_nearest_global_prototype(tiny_config):
 
 class _ModeProbe(nn.Module):
     """Its feature is 1 in training mode and 2 in eval mode, whatever the input."""
+
+    feature_dim = 500
 
     def features(self, x):
         return torch.full((len(x), 500), 1.0 if self.training else 2.0)
