@@ -66,3 +66,23 @@ def tiny_text_dataset(length: int = 8, per_split: int = 48, groups: int = 6, voc
         test_groups=test_groups,
         group_names=tuple(f"book{i}" for i in range(groups)),
     )
+
+
+def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16) -> Path:
+    """A Llama-style decoder of ``layers`` layers with random weights (and the word-level tokenizer)."""
+    transformers = _require_transformers()
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [*SPECIAL_TOKENS, *WORDS]
+    transformers.BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)  # only the checkpoint's own random weights, made once here
+    transformers.LlamaModel(config).save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ from pfedlora.models import build_model, check_homogeneous, is_adapter_key, toke
 from pfedlora.models.peft_lora import save_peft_adapter
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
-from pfedlora.testing import SPECIAL_TOKENS, WORDS, tiny_bert
+from pfedlora.testing import SPECIAL_TOKENS, WORDS, tiny_bert, tiny_llama
 
 DEPTHS = ["hf-l1", "hf-l2", "hf-l3"]
 
@@ -236,3 +236,30 @@ def test_dropout_is_off_and_metrics_are_the_same_for_one_and_two_workers(
         records, _ = read_run(tmp_path / str(workers))
         runs.append([{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records])
     assert runs[0] == runs[1]
+
+
+def test_a_decoder_family_runs_with_lora_on_the_attention_projections_its_depths_share(tmp_path, tiny_text):
+    folder = tiny_llama(tmp_path / "llama")
+    config = load_config(
+        None,
+        [
+            "device=cpu",
+            f"model.checkpoint={folder}",
+            "model.max_length=8",
+            "federation.architectures=hf-l1,hf-l3",
+            "federation.num_clients=2",
+            "federation.rounds=1",
+            "federation.sample_fraction=1.0",
+            "adapter.placement=layers",
+            "adapter.rank=2",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            "data.partition=iid",
+        ],
+    )
+    algorithm = create_algorithm(config, tiny_text.input_shape, tiny_text.num_classes)
+    layer0 = "encoder.layers.0.self_attn"
+    assert algorithm.targets == (f"{layer0}.q_proj", f"{layer0}.k_proj", f"{layer0}.v_proj", "classifier")
+    run_experiment(config, tmp_path / "run", dataset=tiny_text, workers=0)
+    (record,), _ = read_run(tmp_path / "run")
+    assert record["aggregated"] == [0, 1] and record["bytes_up"] > 0
