@@ -14,6 +14,14 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDS = ("in", "the", "beginning", "god", "created", "heaven", "and", "earth", "light", "was", "good")
 
 
+def _save_tokenizer(folder: Path, extra_tokens: int = 0) -> list[str]:
+    """A word-level tokenizer over the tiny vocabulary (plus ``extra_tokens`` unknown to any tiny model)."""
+    words = [*SPECIAL_TOKENS, *WORDS, *(f"extra{i}" for i in range(extra_tokens))]
+    transformers = _require_transformers()
+    transformers.BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(folder)
+    return words
+
+
 def tiny_bert(folder: Path, layers: int = 3, hidden: int = 16, extra_tokens: int = 0) -> Path:
     """A BERT of ``layers`` layers with random weights and a word-level tokenizer, saved like a hub folder.
 
@@ -21,8 +29,7 @@ def tiny_bert(folder: Path, layers: int = 3, hidden: int = 16, extra_tokens: int
     """
     transformers = _require_transformers()
     folder.mkdir(parents=True, exist_ok=True)
-    words = [*SPECIAL_TOKENS, *WORDS, *(f"extra{i}" for i in range(extra_tokens))]
-    transformers.BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(folder)
+    _save_tokenizer(folder, extra_tokens)
     config = transformers.BertConfig(
         vocab_size=len(SPECIAL_TOKENS) + len(WORDS),
         hidden_size=hidden,
@@ -72,8 +79,7 @@ def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16) -> Path:
     """A Llama-style decoder of ``layers`` layers with random weights (and the word-level tokenizer)."""
     transformers = _require_transformers()
     folder.mkdir(parents=True, exist_ok=True)
-    words = [*SPECIAL_TOKENS, *WORDS]
-    transformers.BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(folder)
+    words = _save_tokenizer(folder)
     config = transformers.LlamaConfig(
         vocab_size=len(words),
         hidden_size=hidden,

@@ -92,11 +92,16 @@ def test_by_source_on_a_dataset_without_sources_says_so():
         )
 
 
-def test_kjv_not_installed_says_how_to_get_it(tmp_path, monkeypatch):
+@pytest.fixture
+def kjv_not_installed(tmp_path, monkeypatch):
+    """No lookup root holds the KJV and no `bible` program is installed."""
     monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
     monkeypatch.delenv(datasets.ENV_VAR, raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
+
+
+def test_kjv_not_installed_says_how_to_get_it(kjv_not_installed):
     with pytest.raises(DatasetNotFoundError, match="apt-get install bible-kjv"):
         datasets.load_dataset("kjv", download=False)
     with pytest.raises(DatasetNotFoundError, match="has no download here"):
@@ -171,11 +176,7 @@ def test_bad_text_input_is_one_line_exit_2_and_nothing_written(tmp_path, overrid
     assert not out.exists()
 
 
-def test_kjv_missing_on_the_command_line_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
-    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+def test_kjv_missing_on_the_command_line_says_how_to_get_it(tmp_path, kjv_not_installed):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--config", "examples/kjv.toml", "--out", str(out)])
     assert result.exit_code == 2 and "apt-get install bible-kjv" in " ".join(result.stderr.split())
