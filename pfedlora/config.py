@@ -10,6 +10,8 @@ their registries (:mod:`pfedlora.registry`). Nothing downstream re-checks or cop
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,6 +25,8 @@ from pfedlora.errors import ConfigError
 
 if TYPE_CHECKING:
     from pfedlora.registry import Registry
+
+logger = logging.getLogger(__name__)
 
 PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -279,6 +283,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: {value!r} is not a finite number; nan and inf are never allowed")
             return float(value)
     elif tp is str and isinstance(value, str):
         return value
@@ -312,12 +318,13 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every value of ``config`` (or of one section) by its dotted key, e.g. ``{"train.lr": 0.01, ...}``."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            out.update(_flatten(value, f"{prefix}{f.name}."))
+            out.update(flat_config(value, f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = value
     return out
@@ -325,7 +332,7 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def validate(config: ExperimentConfig) -> ExperimentConfig:
     """Check choices, ranges and combinations; return ``config`` unchanged or raise ConfigError."""
-    flat = _flatten(config)
+    flat = flat_config(config)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: unknown value {flat[key]!r}; allowed: {', '.join(allowed)}")
@@ -366,7 +373,33 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         )
     if config.train.local_epochs + config.adapter.epochs == 0:
         raise ConfigError("train.local_epochs and adapter.epochs are both 0: nothing would be trained")
+    _check_federation(config.federation)
     return config
+
+
+def _check_federation(fed: FederationConfig) -> None:
+    """Refuse a schedule under which no round could ever aggregate; warn where few would."""
+    from pfedlora.simulation.sampling import clients_per_round
+
+    sampled = clients_per_round(fed.num_clients, fed.sample_fraction)
+    if fed.min_clients > sampled:
+        raise ConfigError(
+            f"federation.min_clients = {fed.min_clients} exceeds the {sampled} client(s) sampled per round "
+            f"(num_clients {fed.num_clients} × sample_fraction {fed.sample_fraction:g}): no round could "
+            f"aggregate; allowed: 1 to {sampled}"
+        )
+    if fed.drop_rate == 1:
+        raise ConfigError("federation.drop_rate = 1: every sampled client would drop out; allowed: [0, 1)")
+    expected = sampled * (1 - fed.drop_rate)
+    if fed.drop_rate > 0 and expected < fed.min_clients:
+        logger.warning(
+            "federation.drop_rate = %g leaves %.1f of %d sampled clients per round on average, fewer than "
+            "federation.min_clients = %d: most rounds will leave the global state unchanged",
+            fed.drop_rate,
+            expected,
+            sampled,
+            fed.min_clients,
+        )
 
 
 def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
@@ -451,6 +484,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_to_toml",
+    "flat_config",
     "load_config",
     "validate",
 ]

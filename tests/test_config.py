@@ -90,3 +90,23 @@ def test_unreadable_and_invalid_files(tmp_path):
     bad.write_text("seed = = 1\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=nan", "train.lr=inf", "adapter.alpha=nan", "privacy.clip_norm=nan", "train.grad_clip=-inf"],
+)
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}: .* is not a finite number"):
+        load_config(None, [override])
+
+
+def test_schedules_that_can_never_aggregate_are_refused(caplog):
+    with pytest.raises(ConfigError, match=r"min_clients = 11 exceeds the 10 client\(s\) sampled per round"):
+        load_config(None, ["federation.min_clients=11"])
+    assert load_config(None, ["federation.min_clients=10"]).federation.min_clients == 10
+    with pytest.raises(ConfigError, match=r"drop_rate = 1: every sampled client would drop out"):
+        load_config(None, ["federation.drop_rate=1"])
+    with caplog.at_level("WARNING", logger="pfedlora.config"):
+        load_config(None, ["federation.drop_rate=0.9", "federation.min_clients=2"])
+    assert "leaves 1.0 of 10 sampled clients per round on average" in caplog.text
