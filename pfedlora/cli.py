@@ -134,12 +134,29 @@ def run(
             help="Continue this unfinished run directory from its last checkpoint (its own config).",
         ),
     ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="With --resume: run to this many rounds instead (also extends a finished run); the metrics "
+            "are those of a run this long from the start.",
+            show_default=False,
+        ),
+    ] = None,
+    previous_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--previous-checkpoint",
+            help="With --resume: continue from the checkpoint before the last (when the last is damaged).",
+        ),
+    ] = False,
     workers: WorkersOption = None,
 ) -> None:
     """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory.
 
     The run is checkpointed every federation.checkpoint_every rounds; after a crash, --resume RUN_DIR
-    continues it and ends with the same metrics as an uninterrupted run.
+    continues it and ends with the same metrics as an uninterrupted run (--rounds N: as a run of N rounds).
     """
     from pfedlora.config import load_config
     from pfedlora.simulation import resume_run, run_experiment
@@ -153,6 +170,8 @@ def run(
             if cfg is None:
                 raise ConfigError(f"{str(resume)!r} is not a run directory (no {CONFIG_FILE})")
         else:
+            if rounds is not None or previous_checkpoint:
+                raise ConfigError("--rounds and --previous-checkpoint go with --resume RUN_DIR")
             extra = [f"data.data_dir={str(data_dir)!r}"] if data_dir is not None else []
             cfg = load_config(config, [*(overrides or ()), *extra])
     except PfedloraError as error:
@@ -160,8 +179,9 @@ def run(
     out_dir = resume if resume is not None else out if out is not None else default_run_dir(cfg)
     progress = _round_progress(quiet)
     with progress:
+        total = rounds if rounds is not None else cfg.federation.rounds
         task = progress.add_task(
-            f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=cfg.federation.rounds, accuracy="–"
+            f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=total, accuracy="–"
         )
 
         def on_round(record: RoundRecord) -> None:
@@ -170,7 +190,13 @@ def run(
 
         try:
             if resume is not None:
-                summary = resume_run(resume, on_round=on_round, workers=workers)
+                summary = resume_run(
+                    resume,
+                    on_round=on_round,
+                    workers=workers,
+                    rounds=rounds,
+                    previous_checkpoint=previous_checkpoint,
+                )
             else:
                 summary = run_experiment(cfg, out_dir, on_round=on_round, workers=workers)
         except PfedloraError as error:
@@ -201,14 +227,24 @@ def report(
         ),
     ] = None,
 ) -> None:
-    """Print the summary table of finished runs and write accuracy plots (PNG)."""
+    """Print the summary table of finished runs and write accuracy plots (PNG).
+
+    Damaged metrics lines are skipped with a warning naming them; a run that cannot be read at all is
+    left out with one line saying why (exit status 2 when no run can be read).
+    """
     from pfedlora.plots import plot_runs
     from pfedlora.simulation import read_run
 
-    try:
-        loaded = [(_run_label(path, run_dirs), *read_run(path)) for path in run_dirs]
-    except PfedloraError as error:
-        raise _fail(error) from None
+    loaded = []
+    for path in run_dirs:
+        try:
+            loaded.append((_run_label(path, run_dirs), *read_run(path)))
+        except PfedloraError as error:
+            if len(run_dirs) == 1:
+                raise _fail(error) from None
+            err_console.print(f"[bold yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+    if not loaded:
+        raise _fail(ConfigError("none of the run directories can be read"))
     console.print(_summary_table([(label, summary) for label, _, summary in loaded], title="runs"))
     plot_dir = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
     for path in plot_runs([(label, records) for label, records, _ in loaded], plot_dir):

@@ -91,6 +91,27 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_report_reads_what_is_valid_in_damaged_files(tmp_path, tiny_data, caplog):
+    runs = [tmp_path / "good", tmp_path / "bad"]
+    for out in runs:
+        assert runner.invoke(app, ["run", "-q", *TINY, "--out", str(out)]).exit_code == 0
+    metrics = runs[0] / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0][: len(lines[0]) // 2], *lines[1:]]) + "\n")
+    summary = runs[1] / "summary.json"
+    summary.write_text(summary.read_text()[:40])
+    result = runner.invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    assert "metrics.jsonl line 1 is damaged and skipped" in caplog.text
+    assert "skipped:" in result.stderr and "summary.json is damaged" in " ".join(result.stderr.split())
+    assert (tmp_path / "plots" / "accuracy_per_round.png").is_file()
+    alone = runner.invoke(app, ["report", str(runs[1])])
+    assert alone.exit_code == 2 and "summary.json is damaged" in " ".join(alone.stderr.split())
+    metrics.write_text("{\n")
+    empty = runner.invoke(app, ["report", str(runs[0])])
+    assert empty.exit_code == 2 and "holds no readable round record" in " ".join(empty.stderr.split())
+
+
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
@@ -134,9 +155,14 @@ def test_resume_continues_a_run_and_refuses_other_options(tmp_path, tiny_data):
         (["--resume", str(out), "--set", "train.lr=0.1"], "own configuration"),
         (["--resume", str(tmp_path / "nowhere")], "not a run directory"),
         (["--resume", str(out)], "finished run"),
+        (["--rounds", "5"], "go with --resume"),
     ]:
         bad = runner.invoke(app, ["run", "-q", *args])
         assert bad.exit_code == 2 and fragment in bad.stderr, bad.output
+    rounds = len((out / "metrics.jsonl").read_text().splitlines())
+    longer = runner.invoke(app, ["run", "-q", "--resume", str(out), "--rounds", str(rounds + 1)])
+    assert longer.exit_code == 0, longer.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == rounds + 1
 
 
 def test_tune_prints_the_search_and_the_options_for_compare(tmp_path, monkeypatch, tiny_dataset):

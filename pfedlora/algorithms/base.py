@@ -62,6 +62,9 @@ class Algorithm(ABC, Generic[ClientT]):
     """True where every client must run the same architecture (FedAvg, FedIT: homogeneous references)."""
     adapter_placements: ClassVar[bool] = False
     """True where ``adapter.placement`` changes the algorithm (``compare`` runs one variant per placement)."""
+    schedule_spans_rounds: ClassVar[bool] = False
+    """True where a round's training depends on ``federation.rounds`` (a schedule from first to last round),
+    so a run cannot be extended to more rounds with the metrics of a longer run from the start."""
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
         self.config = config

@@ -138,6 +138,7 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
     """Adaptive mutual distillation with a shared small mentee sent as truncated SVD factors."""
 
     name = "fedkd"
+    schedule_spans_rounds = True  # the energy threshold runs from its start to its end value over the rounds
 
     def create_client(self, arch: str, generator: torch.Generator) -> MentorMentee:
         local, shared = build_pair(self.config, arch, self.input_shape, self.num_classes, generator)

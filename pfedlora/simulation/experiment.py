@@ -4,6 +4,7 @@ summary; and resuming an interrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -13,12 +14,19 @@ from pathlib import Path
 
 import torch
 
-from pfedlora.algorithms import create_algorithm
-from pfedlora.config import ExperimentConfig, load_config
+from pfedlora.algorithms import ALGORITHMS, create_algorithm
+from pfedlora.config import ExperimentConfig, config_to_toml, load_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
-from pfedlora.simulation.checkpoint import Checkpointer, restore
+from pfedlora.simulation.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    Manifest,
+    check_config,
+    read_manifest,
+    restore,
+)
 from pfedlora.simulation.federation import (
     Federation,
     build_federation,
@@ -30,7 +38,7 @@ from pfedlora.simulation.federation import (
 from pfedlora.simulation.local import LocalClients
 from pfedlora.simulation.loop import RoundCallback, Server, ServerSide, StatefulPool, run_rounds
 from pfedlora.simulation.records import RoundRecord, Summary, summarize_records
-from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, read_records
+from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, read_records, write_atomic
 from pfedlora.simulation.workers import WorkerPool, usable_cores
 
 logger = logging.getLogger(__name__)
@@ -134,23 +142,45 @@ def resume_run(
     on_round: RoundCallback | None = None,
     dataset: Dataset | None = None,
     workers: int | None = None,
+    *,
+    rounds: int | None = None,
+    previous_checkpoint: bool = False,
 ) -> Summary:
     """Continue the run in ``run_dir`` from its last checkpoint (from round 1 if it has none).
 
     Rounds logged after that checkpoint are discarded and run again; since every random stream is derived
-    from the seed, the finished run's metrics equal those of the same run uninterrupted. ``on_round`` first
-    receives the records of the rounds kept, then those of the rounds run. Returns the summary.
+    from the seed, the finished run's metrics equal those of the same run uninterrupted. The checkpoint's
+    files must match their digests and ``config.toml`` the configuration they were written under (else
+    ConfigError naming what differs). ``rounds`` sets a new ``federation.rounds``, also for a finished
+    run: the metrics are then those of a run of ``rounds`` rounds from the start (refused for algorithms
+    whose schedule spans the rounds, e.g. FedKD). ``previous_checkpoint`` continues from the checkpoint
+    before the last (when the last is damaged). ``on_round`` first receives the records of the rounds kept,
+    then those of the rounds run. Returns the summary.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    if (run_dir / SUMMARY_FILE).is_file():
-        raise ConfigError(f"{str(run_dir)!r} holds a finished run (it has {SUMMARY_FILE}); nothing to resume")
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
     config = load_config(run_dir / CONFIG_FILE)
+    finished = (run_dir / SUMMARY_FILE).is_file()
+    if finished and (rounds is None or rounds <= config.federation.rounds):
+        raise ConfigError(
+            f"{str(run_dir)!r} holds a finished run of {config.federation.rounds} rounds (it has "
+            f"{SUMMARY_FILE}); nothing to resume (to run more rounds, give rounds > "
+            f"{config.federation.rounds})"
+        )
+    manifest = read_manifest(run_dir, previous_checkpoint)
+    last = manifest["round"] if manifest else 0
+    if manifest is not None:
+        check_config(manifest, config, run_dir / CHECKPOINT_DIR)
+    if rounds is not None and rounds != config.federation.rounds:
+        config = _with_rounds(config, rounds, last)
+        if finished:
+            (run_dir / SUMMARY_FILE).unlink()
+        write_atomic(run_dir / CONFIG_FILE, config_to_toml(config))
     with open_run(config, dataset, workers) as (server, clients):
-        manifest = restore(run_dir, server, clients)
-        last = manifest["round"] if manifest else 0
+        if manifest is not None:
+            restore(run_dir, server, clients, manifest)
         done = [record for record in read_records(run_dir) if record["round"] <= last]
         logger.info("resuming %s after round %d", run_dir, last)
         writer = RunWriter.reopen(run_dir, done)
@@ -158,7 +188,23 @@ def resume_run(
             for record in done:
                 on_round(record)
         seconds_before = manifest["wall_seconds"] if manifest else 0.0
-        return _finish(server, clients, writer, on_round, done, started, seconds_before)
+        return _finish(server, clients, writer, on_round, done, started, seconds_before, manifest)
+
+
+def _with_rounds(config: ExperimentConfig, rounds: int, checkpoint_round: int) -> ExperimentConfig:
+    """``config`` with ``federation.rounds = rounds``, refused where the rounds already checkpointed would
+    not be those of a run that long from the start."""
+    if ALGORITHMS[config.algorithm].schedule_spans_rounds:
+        raise ConfigError(
+            f"{config.algorithm}'s schedule spans federation.rounds ({config.federation.rounds}): its rounds "
+            f"so far would not be those of a {rounds}-round run; start a new run instead"
+        )
+    if rounds <= checkpoint_round:
+        raise ConfigError(
+            f"rounds: {rounds} is out of range; the checkpoint holds round {checkpoint_round}, so allowed: "
+            f"{checkpoint_round + 1} or more"
+        )
+    return replace(config, federation=dataclasses.replace(config.federation, rounds=rounds))
 
 
 def _finish(
@@ -169,11 +215,12 @@ def _finish(
     done: Sequence[RoundRecord],
     started: float,
     seconds_before: float,
+    restored: Manifest | None = None,
 ) -> Summary:
     """Run the rounds after ``done`` into ``writer``'s directory, checkpointing every
     ``federation.checkpoint_every`` rounds (not after the last), then write the summary."""
     fed_cfg = server.config.federation
-    checkpointer = Checkpointer(writer.path)
+    checkpointer = Checkpointer(writer.path, restored)
 
     def on_record(record: RoundRecord) -> None:
         writer.append_round(record)

@@ -7,6 +7,7 @@ summary is written atomically (temporary file, then rename) once the run ends.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from datetime import datetime
@@ -15,6 +16,8 @@ from pathlib import Path
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import ConfigError
 from pfedlora.simulation.records import RoundRecord, Summary
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -41,11 +44,20 @@ class RunWriter:
     """Creates a run directory and appends to it as the run goes."""
 
     def __init__(self, path: str | Path, config: ExperimentConfig) -> None:
+        """Claim ``path`` (new, or an existing empty directory) for one run: its ``config.toml`` is created
+        exclusively, so of two runs started on one directory at once exactly one gets it."""
         self.path = Path(path)
+        taken = ConfigError(f"output directory {str(self.path)!r} already exists and is not empty")
         if self.path.exists() and any(self.path.iterdir()):
-            raise ConfigError(f"output directory {str(self.path)!r} already exists and is not empty")
+            raise taken
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path / CONFIG_FILE, config_to_toml(config))
+        try:
+            with open(self.path / CONFIG_FILE, "x", encoding="utf-8") as handle:
+                handle.write(config_to_toml(config))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except FileExistsError:
+            raise taken from None
         self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
 
     @classmethod
@@ -83,14 +95,36 @@ def read_records(path: str | Path) -> list[RoundRecord]:
 
 
 def read_run(path: str | Path) -> tuple[list[RoundRecord], Summary]:
-    """The per-round records and the summary of a finished run directory."""
+    """The per-round records and the summary of a finished run directory.
+
+    A metrics line that is not a JSON object is skipped with a warning naming it; ConfigError when the
+    summary is unreadable or no record is.
+    """
     path = Path(path)
     summary_path, metrics_path = path / SUMMARY_FILE, path / METRICS_FILE
     if not summary_path.is_file() or not metrics_path.is_file():
         raise ConfigError(
             f"{str(path)!r} is not a finished run directory (no {SUMMARY_FILE} or {METRICS_FILE})"
         )
-    lines = metrics_path.read_text(encoding="utf-8").splitlines()
-    records: list[RoundRecord] = [json.loads(line) for line in lines if line]
-    summary: Summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    records: list[RoundRecord] = []
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+        summary: Summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{summary_path} is damaged ({error}); rerun or restore it") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{summary_path} is damaged (not a JSON object); rerun or restore it")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            record = error
+        if isinstance(record, dict) and "round" in record:
+            records.append(record)  # type: ignore[arg-type]
+        else:
+            logger.warning("%s line %d is damaged and skipped: %.60s", metrics_path, number, line)
+    if not records:
+        raise ConfigError(f"{metrics_path} holds no readable round record")
     return records, summary

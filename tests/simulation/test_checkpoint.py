@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import TIMING_KEYS, read_run, resume_run, run_experiment
-from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, read_manifest
+from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, DamagedCheckpointError, file_digest, read_manifest
 from pfedlora.simulation.results import read_records
 from tests.conftest import TINY_OVERRIDES
 
@@ -69,19 +70,22 @@ def test_sigkill_mid_round_then_resume_gives_the_uninterrupted_metrics(tmp_path,
     }
 
 
-def test_checkpoints_keep_only_what_the_manifest_names(tmp_path, tiny_dataset, tiny_config):
+def test_checkpoints_keep_only_what_the_last_two_manifests_name(tmp_path, tiny_dataset, tiny_config):
     run_experiment(tiny_config(*CRASH), tmp_path, dataset=tiny_dataset)
-    manifest = read_manifest(tmp_path)
-    assert manifest["round"] == 6  # the last checkpoint before the final round
+    manifest, previous = read_manifest(tmp_path), read_manifest(tmp_path, previous=True)
+    assert (manifest["round"], previous["round"]) == (6, 4)  # the last two checkpoints before the final round
     files = {p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()}
-    assert files == {"manifest.json", manifest["server"], *manifest["clients"].values()}
+    named = {name for m in (manifest, previous) for name in (m["server"], *m["clients"].values())}
+    assert files == {"manifest.json", "manifest.previous.json", *named}
+    assert "server-r2.safetensors" not in files
+    assert set(manifest["sha256"]) == {manifest["server"], *manifest["clients"].values()}
     rounds = {name.rsplit("-r", 1)[1] for name in manifest["clients"].values()}
     assert rounds <= {"2.safetensors", "4.safetensors", "6.safetensors"} and len(manifest["clients"]) == 6
 
 
 def test_resume_refuses_finished_and_foreign_directories(tmp_path, tiny_dataset, tiny_config):
     run_experiment(tiny_config("federation.rounds=1"), tmp_path / "done", dataset=tiny_dataset)
-    with pytest.raises(ConfigError, match="finished run"):
+    with pytest.raises(ConfigError, match="finished run of 1 rounds"):
         resume_run(tmp_path / "done", dataset=tiny_dataset)
     with pytest.raises(ConfigError, match="not a run directory"):
         resume_run(tmp_path, dataset=tiny_dataset)
@@ -112,7 +116,93 @@ def test_restore_checks_the_global_state_like_every_other_load(
     config = tiny_config(*CRASH)
     run_experiment(config, tmp_path, dataset=tiny_dataset)
     (tmp_path / "summary.json").unlink()
-    server_file = tmp_path / CHECKPOINT_DIR / read_manifest(tmp_path)["server"]
+    manifest_path = tmp_path / CHECKPOINT_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    server_file = tmp_path / CHECKPOINT_DIR / manifest["server"]
     save_file(tamper(load_file(str(server_file))), str(server_file))
+    manifest["sha256"][manifest["server"]] = file_digest(server_file)  # a consistent forgery
+    manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=f"cannot be loaded: .*{reason}"):
         resume_run(tmp_path, dataset=tiny_dataset)
+
+
+def _interrupted(tmp_path, tiny_dataset, config):
+    """A run of ``config`` that stopped after its last checkpoint (round 6): the summary removed."""
+    run_experiment(config, tmp_path / "run", dataset=tiny_dataset)
+    (tmp_path / "run" / "summary.json").unlink()
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda folder, m: _truncate(folder / m["server"]), "server-r6.safetensors is damaged"),
+        (lambda folder, m: _overwrite(folder / m["clients"]["0"]), "is damaged"),
+        (lambda folder, m: (folder / m["server"]).unlink(), "server-r6.safetensors is missing"),
+        (lambda folder, m: _truncate(folder / "manifest.json"), "manifest.json is unreadable"),
+    ],
+    ids=["truncated", "overwritten", "missing", "manifest"],
+)
+def test_a_damaged_checkpoint_is_refused_and_the_previous_one_offered(
+    tmp_path, tiny_dataset, tiny_config, damage, reason
+):
+    config = tiny_config(*CRASH)
+    run_dir = _interrupted(tmp_path, tiny_dataset, config)
+    folder = run_dir / CHECKPOINT_DIR
+    damage(folder, json.loads((folder / "manifest.json").read_text()))
+    with pytest.raises(DamagedCheckpointError, match=rf"{reason}.*round 4 is intact.*--previous-checkpoint"):
+        resume_run(run_dir, dataset=tiny_dataset)
+    resume_run(run_dir, dataset=tiny_dataset, previous_checkpoint=True)
+    run_experiment(config, tmp_path / "reference", dataset=tiny_dataset)
+    assert _strip(read_run(run_dir)[0]) == _strip(read_run(tmp_path / "reference")[0])
+
+
+def test_without_an_intact_older_checkpoint_the_refusal_says_start_again(tmp_path, tiny_dataset, tiny_config):
+    run_dir = _interrupted(tmp_path, tiny_dataset, tiny_config(*CRASH, "federation.rounds=3"))
+    _truncate(run_dir / CHECKPOINT_DIR / "server-r2.safetensors")
+    with pytest.raises(DamagedCheckpointError, match="no older intact checkpoint exists: start the run"):
+        resume_run(run_dir, dataset=tiny_dataset)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _overwrite(path):
+    state = load_file(str(path))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, str(path))
+
+
+def test_resume_refuses_an_edited_config_naming_the_keys(tmp_path, tiny_dataset, tiny_config):
+    run_dir = _interrupted(tmp_path, tiny_dataset, tiny_config(*CRASH))
+    text = (run_dir / "config.toml").read_text()
+    edited = text.replace("lr = 0.05", "lr = 0.07").replace("momentum = 0.9", "momentum = 0.5")
+    assert edited != text
+    (run_dir / "config.toml").write_text(edited)
+    changes = r"train\.lr 0\.05 -> 0\.07; train\.momentum 0\.9 -> 0\.5"
+    with pytest.raises(ConfigError, match=rf"differs .*{changes}"):
+        resume_run(run_dir, dataset=tiny_dataset)
+    assert read_records(run_dir)[-1]["round"] == 7  # nothing was touched
+
+
+def test_a_run_extended_to_more_rounds_equals_the_longer_run(tmp_path, tiny_dataset, tiny_config):
+    base = (*CRASH[:4], *CRASH[5:])  # without federation.rounds
+    run_experiment(tiny_config(*base, "federation.rounds=5"), tmp_path / "short", dataset=tiny_dataset)
+    with pytest.raises(ConfigError, match=r"finished run of 5 rounds .*give rounds > 5"):
+        resume_run(tmp_path / "short", dataset=tiny_dataset, rounds=5)
+    resume_run(tmp_path / "short", dataset=tiny_dataset, rounds=8)
+    run_experiment(tiny_config(*base, "federation.rounds=8"), tmp_path / "long", dataset=tiny_dataset)
+    (short, short_summary), (long, long_summary) = read_run(tmp_path / "short"), read_run(tmp_path / "long")
+    assert _strip(short) == _strip(long) and [r["round"] for r in short] == list(range(1, 9))
+    assert short_summary["rounds"] == 8
+    assert short_summary["mean_accuracy_last"] == long_summary["mean_accuracy_last"]
+    assert "rounds = 8" in (tmp_path / "short" / "config.toml").read_text()
+    (tmp_path / "short" / "summary.json").unlink()  # an unfinished run: its last checkpoint is of round 6
+    with pytest.raises(ConfigError, match=r"the checkpoint holds round 6, so allowed: 7 or more"):
+        resume_run(tmp_path / "short", dataset=tiny_dataset, rounds=6)
+
+
+def test_fedkd_cannot_be_extended(tmp_path, tiny_dataset, tiny_config):
+    run_experiment(tiny_config("algorithm=fedkd", "federation.rounds=2"), tmp_path, dataset=tiny_dataset)
+    with pytest.raises(ConfigError, match=r"fedkd's schedule spans federation\.rounds"):
+        resume_run(tmp_path, dataset=tiny_dataset, rounds=4)
