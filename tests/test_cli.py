@@ -112,6 +112,18 @@ def test_report_reads_what_is_valid_in_damaged_files(tmp_path, tiny_data, caplog
     assert empty.exit_code == 2 and "holds no readable round record" in " ".join(empty.stderr.split())
 
 
+def test_a_truncated_data_file_is_one_line_and_exit_2(tmp_path):
+    from tests.data.builders import write_fashion_mnist
+
+    gz = write_fashion_mnist(tmp_path / "data", num_train=100).directory / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-30])
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "train-images-idx3-ubyte.gz: cannot be read" in lines[0], result.stderr
+
+
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2

@@ -26,6 +26,7 @@ import pickle
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import pooch
 import torch
 
 from pfedlora.data.text import KjvSource, TextCorpus
-from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError
+from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError, PfedloraError
 from pfedlora.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -224,9 +225,12 @@ def read_fashion_mnist(directory: str | Path, checksums: Mapping[str, str] | Non
         path = _fashion_mnist_file(directory, stem)
         if path is None:
             raise DatasetNotFoundError(f"{directory}: missing {stem}.gz (or uncompressed {stem})")
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
+        try:
+            raw = path.read_bytes()
+            if path.suffix == ".gz":
+                raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:  # truncated or corrupted gzip, unreadable file
+            raise DataError(f"{path}: cannot be read ({_describe(error)}); {_GET_AGAIN}") from None
         _verify(path, hashlib.sha256(raw).hexdigest(), checksums[stem], "SHA-256 of the decompressed bytes")
         arrays[stem] = _parse_idx(raw, path, ndim=3 if "images" in stem else 1)
 
@@ -417,10 +421,18 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+_GET_AGAIN = "the file is damaged: delete it and get it again"
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def _verify(path: Path, actual: str, expected: str, kind: str) -> None:
     if actual != expected:
         raise ChecksumMismatchError(
-            f"{path}: {kind} is {actual}, expected {expected}; the file is corrupt or not the official one"
+            f"{path}: {kind} is {actual}, expected {expected}; the file is corrupt or not the official one: "
+            "delete it and get it again"
         )
 
 
@@ -456,6 +468,10 @@ class DatasetSource(Protocol):
         """What to read under ``root`` (a folder or an archive), or None when the dataset is not there."""
         ...
 
+    def incomplete(self, root: Path) -> str | None:
+        """What is missing where ``root`` holds the dataset's folder but not all of its files (else None)."""
+        ...
+
     def read(self, path: Path) -> Dataset | TextCorpus:
         """The dataset (a text corpus, for text) from what :meth:`find` or :meth:`download` returned,
         checksums verified."""
@@ -486,6 +502,11 @@ class FashionMnistSource:
     def find(self, root: Path) -> Path | None:
         folder = root / FASHION_MNIST_DIR
         return folder if _has_fashion_mnist(folder) else None
+
+    def incomplete(self, root: Path) -> str | None:
+        folder = root / FASHION_MNIST_DIR
+        missing = [f"{stem}.gz" for stem in FASHION_MNIST_SHA256 if _fashion_mnist_file(folder, stem) is None]
+        return f"{folder} lacks {', '.join(missing)}" if folder.is_dir() and missing else None
 
     def read(self, path: Path) -> Dataset:
         return read_fashion_mnist(path, FASHION_MNIST_SHA256)
@@ -522,6 +543,13 @@ class CifarSource:
             return root / layout.folder
         archive = root / layout.archive
         return archive if archive.is_file() else None
+
+    def incomplete(self, root: Path) -> str | None:
+        folder, layout = root / self.layout.folder, self.layout
+        missing = [name for name in layout.files if not (folder / name).is_file()]
+        if folder.is_dir() and missing and not (root / layout.archive).is_file():
+            return f"{folder} lacks {', '.join(missing)}"
+        return None
 
     def read(self, path: Path) -> Dataset:
         return read_cifar(path, self.layout.variant, _cifar_checksums(self.layout.variant))
@@ -560,11 +588,20 @@ def load_dataset(
     """
     source = DATASETS[name]
     roots = search_paths(data_dir)
+    named = {
+        Path(p).expanduser() for p in (data_dir, os.environ.get(ENV_VAR)) if p
+    }  # --data-dir, $PFEDLORA_DATA
     for root in roots:
+        missing = source.incomplete(root) if root in named else None
+        if missing:
+            raise DataError(
+                f"dataset {name!r} in {root} is incomplete: {missing}. Add the missing files, or remove the "
+                f"folder to use the other locations. {source.how_to_get()}"
+            )
         found = source.find(root)
         if found is not None:
             logger.info("reading %s from %s", name, found)
-            return _tensors(name, source.read(found), tokenize)
+            return _tensors(name, _read(source, found), tokenize)
 
     searched = ", ".join(str(root) for root in roots)
     message = f"dataset {name!r} not found: looked for {source.looked_for} in {searched}."
@@ -577,7 +614,19 @@ def load_dataset(
         fetched = source.download(target)
     except Exception as error:  # pooch raises requests/OSError/ValueError alike; report them as one message
         raise DatasetNotFoundError(f"{message} Downloading failed: {error}. {source.how_to_get()}") from error
-    return _tensors(name, source.read(fetched), tokenize)
+    return _tensors(name, _read(source, fetched), tokenize)
+
+
+def _read(source: DatasetSource, path: Path) -> Dataset | TextCorpus:
+    """``source.read(path)``, any error of reading or decoding a file turned into one DataError naming it."""
+    try:
+        return source.read(path)
+    except PfedloraError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error, pickle.UnpicklingError, tarfile.TarError) as error:
+        raise DataError(
+            f"{path}: cannot be read ({_describe(error)}); {_GET_AGAIN}. {source.how_to_get()}"
+        ) from None
 
 
 def _tensors(

@@ -186,6 +186,10 @@ class KjvSource:
             return KJV_PROGRAM_DATA
         return None
 
+    def incomplete(self, root: Path) -> str | None:
+        folder = root / KJV_DIR
+        return f"{folder} lacks {KJV_FILE}" if folder.is_dir() and not (folder / KJV_FILE).is_file() else None
+
     def read(self, path: Path) -> TextCorpus:
         if path == KJV_PROGRAM_DATA:
             path = dump_kjv(self._cache())

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from pfedlora.data import datasets
 from pfedlora.data.datasets import Dataset, load_dataset, read_cifar, read_fashion_mnist, search_paths
 from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError
 
-from .builders import FASHION_STEMS, idx_bytes, write_cifar, write_fashion_mnist
+from .builders import FASHION_STEMS, idx_bytes, md5, write_cifar, write_fashion_mnist
 
 # --- Fashion-MNIST -----------------------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ def test_lookup_order_explicit_env_cache_system(
         shutil.rmtree(tinies[key].directory)
 
 
-def test_incomplete_folder_is_skipped(
+def test_an_incomplete_folder_the_user_named_is_refused_and_elsewhere_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_roots: dict[str, Path]
 ) -> None:
     partial = write_fashion_mnist(tmp_path / "explicit", marker=1)
@@ -195,9 +196,46 @@ def test_incomplete_folder_is_skipped(
     complete = write_fashion_mnist(isolated_roots["system"], marker=2)
     monkeypatch.setattr(datasets, "FASHION_MNIST_SHA256", complete.sha256)
 
-    ds = load_dataset("fashion-mnist", data_dir=tmp_path / "explicit", download=False)
-
+    with pytest.raises(DataError, match=r"in .*explicit is incomplete: .*fashion-mnist lacks t10k-labels"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "explicit", download=False)
+    shutil.move(partial.directory, isolated_roots["cache"] / "fashion-mnist")  # not named by the user
+    ds = load_dataset("fashion-mnist", download=False)
     assert ds.train_x[0, 0, 0, 0] == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda raw: raw[: len(raw) // 2], "EOFError"),
+        (lambda raw: raw[:20] + bytes(b ^ 0xFF for b in raw[20:60]) + raw[60:], "(BadGzipFile|error)"),
+        (lambda raw: b"not gzip at all" + raw, "BadGzipFile"),
+    ],
+    ids=["truncated", "flipped", "foreign"],
+)
+def test_a_damaged_gz_is_one_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: Callable[[bytes], bytes], reason: str
+) -> None:
+    tiny = write_fashion_mnist(tmp_path / "explicit", num_train=200)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SHA256", tiny.sha256)
+    target = tiny.directory / "train-images-idx3-ubyte.gz"
+    target.write_bytes(damage(target.read_bytes()))
+    with pytest.raises(
+        DataError, match=rf"train-images-idx3-ubyte\.gz: cannot be read \(.*{reason}.*delete it"
+    ):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "explicit", download=False)
+
+
+def test_a_damaged_cifar_archive_is_one_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = write_cifar(tmp_path / "explicit", "cifar10")
+    tiny.archive.write_bytes(tiny.archive.read_bytes()[:300])
+    with pytest.raises(ChecksumMismatchError, match=r"cifar-10-python\.tar\.gz: MD5 .* delete it"):
+        load_dataset("cifar10", data_dir=tmp_path / "explicit", download=False)
+    # Damaged in a way its checksum does not catch (the table itself names the damaged bytes):
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", {**tiny.md5, tiny.archive.name: md5(tiny.archive)})
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: cannot be read \(.*delete it"):
+        load_dataset("cifar10", data_dir=tmp_path / "explicit", download=False)
 
 
 def test_cifar_archive_in_a_root_is_found_and_extracted(
