@@ -10,7 +10,11 @@ from typing import TypedDict
 
 @dataclass(frozen=True)
 class AccuracyReport:
-    """One evaluation of every client's personalized predictor on its own split."""
+    """One evaluation of every client's personalized predictor on its own split.
+
+    A client whose split holds no sample has no accuracy (None): the means and the spread are over the
+    clients that have one, and :attr:`without_samples` counts the others.
+    """
 
     correct: tuple[int, ...]
     totals: tuple[int, ...]
@@ -22,14 +26,23 @@ class AccuracyReport:
         return cls(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
 
     @property
-    def per_client(self) -> tuple[float, ...]:
-        return tuple(c / t if t else 0.0 for c, t in zip(self.correct, self.totals, strict=True))
+    def per_client(self) -> tuple[float | None, ...]:
+        return tuple(c / t if t else None for c, t in zip(self.correct, self.totals, strict=True))
+
+    @property
+    def without_samples(self) -> int:
+        """Clients whose evaluation split is empty (left out of every mean)."""
+        return sum(1 for t in self.totals if t == 0)
+
+    def _scored(self) -> list[float]:
+        return [value for value in self.per_client if value is not None]
 
     @property
     def mean(self) -> float:
-        """Unweighted mean over clients (the paper's "mean test accuracy")."""
-        values = self.per_client
-        return sum(values) / len(values)
+        """Unweighted mean over the clients with evaluation samples (the paper's "mean test accuracy");
+        NaN when no client has any."""
+        values = self._scored()
+        return sum(values) / len(values) if values else math.nan
 
     @property
     def weighted(self) -> float:
@@ -38,9 +51,9 @@ class AccuracyReport:
 
     @property
     def std(self) -> float:
-        """Population standard deviation of the per-client accuracies."""
-        values, mean = self.per_client, self.mean
-        return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        """Population standard deviation of the accuracies of the clients with evaluation samples."""
+        values, mean = self._scored(), self.mean
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else math.nan
 
 
 class CurveSummary(TypedDict):

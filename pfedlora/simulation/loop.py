@@ -165,6 +165,7 @@ def run_rounds(
     records: list[RoundRecord] = list(done)
     cumulative_bytes = records[-1]["cumulative_bytes"] if records else 0
     cumulative_flops = records[-1]["cumulative_train_flops"] if records else 0.0
+    warned_empty = False
     for server_round in range(len(records) + 1, fed_cfg.rounds + 1):
         started = time.perf_counter()
         result = run_round(server, clients, server_round, channel)
@@ -184,6 +185,16 @@ def run_rounds(
             record["weighted_accuracy"] = report.weighted
             record["std_accuracy"] = report.std
             record["client_accuracies"] = list(report.per_client)
+            record["clients_without_eval_samples"] = report.without_samples
+            if report.without_samples and not warned_empty:
+                warned_empty = True
+                logger.warning(
+                    "%d of %d clients have no %s samples: they are left out of the mean accuracy "
+                    "(clients_without_eval_samples in the records and the summary)",
+                    report.without_samples,
+                    len(report.totals),
+                    server.config.eval_split,
+                )
             logger.info("round %d: mean accuracy %.4f", server_round, report.mean)
         records.append(record)
         if on_round is not None:

@@ -56,10 +56,14 @@ class RoundRecord(RoundResult):
     round_seconds: float
     train_samples_per_second: float
     mean_accuracy: NotRequired[float]
-    """Unweighted mean over clients (the paper's "mean test accuracy"); present on evaluated rounds."""
+    """Unweighted mean over the clients with evaluation samples (the paper's "mean test accuracy"); present
+    on evaluated rounds."""
     weighted_accuracy: NotRequired[float]
     std_accuracy: NotRequired[float]
-    client_accuracies: NotRequired[list[float]]
+    client_accuracies: NotRequired[list[float | None]]
+    """Per client; None where its evaluation split is empty."""
+    clients_without_eval_samples: NotRequired[int]
+    """Clients left out of the means because their evaluation split is empty."""
 
 
 class TargetProgress(TypedDict):
@@ -88,6 +92,8 @@ class Summary(TypedDict):
     mean_accuracy_last10pct: float
     weighted_accuracy_last: float
     std_accuracy_last: float
+    clients_without_eval_samples: int
+    """Clients whose evaluation split is empty, left out of every mean (last evaluation)."""
     shared_parameters: int
     bytes_down_total: int
     bytes_up_total: int
@@ -143,6 +149,7 @@ def summarize_records(
         "mean_accuracy_last10pct": curve["mean_accuracy_last10pct"],
         "weighted_accuracy_last": last["weighted_accuracy"],
         "std_accuracy_last": last["std_accuracy"],
+        "clients_without_eval_samples": last.get("clients_without_eval_samples", 0),
         "shared_parameters": shared_parameters,
         "bytes_down_total": sum(r["bytes_down"] for r in records),
         "bytes_up_total": sum(r["bytes_up"] for r in records),

@@ -39,6 +39,16 @@ def test_accuracy_report_mean_weighted_std():
     )
 
 
+def test_clients_without_evaluation_samples_are_left_out_of_the_means():
+    report = AccuracyReport(correct=(9, 0, 30, 0), totals=(10, 0, 40, 0))
+    assert report.per_client == (0.9, None, 0.75, None)
+    assert report.without_samples == 2
+    assert report.mean == pytest.approx((0.9 + 0.75) / 2)
+    assert report.std == pytest.approx(0.075)
+    assert report.weighted == pytest.approx(39 / 50)
+    assert math.isnan(AccuracyReport(correct=(0,), totals=(0,)).mean)
+
+
 def test_summarize_curve():
     summary = summarize_curve(
         [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22], [0.1, 0.5, 0.4] + [0.3] * 6 + [0.2, 0.6]

@@ -70,3 +70,25 @@ def test_run_directory(tmp_path, tiny_dataset, tiny_config):
     assert summary["train_flops_total"] == pytest.approx(sum(r["train_flops"] for r in records))
     with pytest.raises(Exception, match="already exists"):
         run_experiment(config, tmp_path / "run", dataset=tiny_dataset)
+
+
+def test_clients_without_validation_samples_are_excluded_counted_and_warned(
+    tiny_dataset, tiny_config, caplog
+):
+    config = tiny_config(
+        "algorithm=standalone",
+        "data.partition=dirichlet",
+        "data.dirichlet_alpha=0.05",
+        "data.min_train_samples=1",  # a client with one training sample carves no validation sample
+        "data.validation_fraction=0.1",
+        "federation.num_clients=40",
+        "federation.sample_fraction=0.1",
+        "federation.rounds=1",
+    )
+    with caplog.at_level("WARNING", logger="pfedlora.simulation.loop"):
+        (record,) = run_federation(build_federation(config, tiny_dataset))
+    empty = [i for i, value in enumerate(record["client_accuracies"]) if value is None]
+    assert record["clients_without_eval_samples"] == len(empty) > 0
+    scored = [value for value in record["client_accuracies"] if value is not None]
+    assert record["mean_accuracy"] == pytest.approx(sum(scored) / len(scored))
+    assert f"{len(empty)} of 40 clients have no validation samples" in caplog.text
