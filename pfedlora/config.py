@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
+"""``federation.aggregator`` values (:func:`pfedlora.algorithms.state.combine` implements them)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,15 @@ class FederationConfig:
     """Probability that a sampled client drops out of a round (seeded): it receives but never replies."""
     checkpoint_every: int = 10
     """Rounds between crash-safe checkpoints of the whole run (0: none); ``pfedlora run --resume``."""
+    aggregator: str = "mean"
+    """How uploads are combined tensor-wise: "mean" (sample-weighted, FedAvg), or the robust "median"
+    (coordinate-wise) or "trimmed-mean" (``trim_fraction`` of the values dropped at each end), which
+    ignore sample counts. Used by every algorithm that averages tensors (all but FedProto and FedGH)."""
+    trim_fraction: float = 0.1
+    """Share of the values dropped at each end per coordinate by the "trimmed-mean" aggregator."""
+    weight_cap: float = 0.0
+    """When >= 1, no upload weighs more than this multiple of the round's median sample count in the
+    mean (0: off): a client that declares a huge count cannot dominate the average."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("auto", "on", "off"),
     "adapter.phase_order": PHASE_ORDERS,
     "train.precision": PRECISIONS,
+    "federation.aggregator": AGGREGATORS,
     "baselines.kl_reduction": ("batchmean", "mean"),
 }
 
@@ -232,6 +244,8 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "federation.min_clients": (1, _INF, True),
     "federation.drop_rate": (0, 1, True),
     "federation.checkpoint_every": (0, _INF, True),
+    "federation.trim_fraction": (0, 0.5, True),
+    "federation.weight_cap": (0, _INF, True),
     "train.batch_size": (1, _INF, True),
     "train.lr": (0, _INF, False),
     "train.momentum": (0, 1, True),
@@ -371,6 +385,11 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"privacy.noise_multiplier = {config.privacy.noise_multiplier} needs privacy.clip_norm > 0: "
             "the noise is scaled to the clipping bound"
         )
+    if config.privacy.enabled and config.federation.aggregator != "mean":
+        raise ConfigError(
+            f"federation.aggregator = {config.federation.aggregator!r} with privacy: the noise is calibrated "
+            "to the mean of clipped updates; use aggregator = 'mean' with privacy.clip_norm > 0"
+        )
     if config.train.local_epochs + config.adapter.epochs == 0:
         raise ConfigError("train.local_epochs and adapter.epochs are both 0: nothing would be trained")
     _check_federation(config.federation)
@@ -388,6 +407,13 @@ def _check_federation(fed: FederationConfig) -> None:
             f"(num_clients {fed.num_clients} × sample_fraction {fed.sample_fraction:g}): no round could "
             f"aggregate; allowed: 1 to {sampled}"
         )
+    if 0 < fed.weight_cap < 1:
+        raise ConfigError(
+            f"federation.weight_cap: {fed.weight_cap:g} would cap even the median client; allowed: 0 (off) "
+            "or a multiple of the median sample count >= 1"
+        )
+    if fed.trim_fraction == 0.5:
+        raise ConfigError("federation.trim_fraction: 0.5 would drop every value; allowed: [0, 0.5)")
     if fed.drop_rate == 1:
         raise ConfigError("federation.drop_rate = 1: every sampled client would drop out; allowed: [0, 1)")
     expected = sampled * (1 - fed.drop_rate)

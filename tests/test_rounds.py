@@ -1,5 +1,6 @@
 """Refusing bad updates, min_clients, dropout and the privacy option (the steps both runtimes share)."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from pfedlora.algorithms import Upload, create_algorithm, weighted_average
 from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update
+from pfedlora.algorithms.state import combine
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import build_federation, run_federation
 from pfedlora.simulation.rounds import server_update
@@ -117,7 +119,11 @@ def test_dropouts_are_seeded_tolerated_and_never_upload(tiny_dataset, tiny_confi
         trained = [c["client_id"] for c in record["clients"]]
         assert sorted(trained + record["dropped"]) == sorted(record["sampled"])
         assert record["aggregated"] == trained
-    everyone_gone = build_federation(tiny_config("federation.drop_rate=1"), tiny_dataset)
+    # A round where every client is lost (the config refuses drop_rate = 1; a deployment can lose every node)
+    base = tiny_config()
+    federation = dataclasses.replace(base.federation, drop_rate=1.0)
+    everyone_leaves = dataclasses.replace(base, federation=federation)
+    everyone_gone = build_federation(everyone_leaves, tiny_dataset)
     before = {k: v.clone() for k, v in everyone_gone.server_state.items()}
     records = run_federation(everyone_gone)
     assert all(r["bytes_up"] == 0 and r["aggregated"] == [] for r in records)
@@ -165,3 +171,56 @@ def test_privacy_is_refused_where_it_does_not_apply(tiny_config):
         create_algorithm(tiny_config("algorithm=fedproto", "privacy.clip_norm=1"), (1, 28, 28), 4)
     with pytest.raises(ConfigError, match=r"needs privacy\.clip_norm"):
         tiny_config("privacy.noise_multiplier=1")
+
+
+def test_median_and_trimmed_mean_are_coordinate_wise_and_ignore_weights():
+    states = [
+        {"w": torch.tensor([1.0, 10.0])},
+        {"w": torch.tensor([2.0, 20.0])},
+        {"w": torch.tensor([9.0, 0.0])},
+    ]
+    weights = [1, 1, 1000]
+    assert torch.equal(combine(states, weights, "median")["w"], torch.tensor([2.0, 10.0]))
+    assert torch.equal(combine(states[:2], weights[:2], "median")["w"], torch.tensor([1.5, 15.0]))
+    five = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    assert torch.equal(combine(five, [1] * 5, "trimmed-mean", 0.2)["w"], torch.tensor([3.0]))
+    assert torch.equal(combine(five, [1] * 5, "trimmed-mean", 0.0)["w"], torch.tensor([22.0]))
+    assert torch.allclose(combine(states, weights, "mean")["w"], weighted_average(states, weights)["w"])
+
+
+def _honest_and_inflated(federation):
+    """Clients 0 and 1 honest (5 and 6 samples); client 2 declares 10^9 and uploads a far-off state."""
+    state = federation.server_state
+    honest = _replies(federation)
+    poisoned = Reply(2, Upload({k: v + 50.0 for k, v in state.items()}, 10**9))
+    return [*honest, poisoned], {0: 100, 1: 100, 2: 10**9}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "bound"),
+    [
+        ((), None),  # the plain mean: the inflated client wins
+        (("federation.weight_cap=2",), 50.0 * 12 / 23 + 0.02),  # capped to 2 x median (6) = 12 samples
+        (("federation.aggregator=median",), 0.02),
+        (("federation.aggregator=trimmed-mean", "federation.trim_fraction=0.34"), 0.02),
+    ],
+    ids=["mean", "weight-cap", "median", "trimmed-mean"],
+)
+def test_defences_bound_a_client_that_inflates_its_sample_count(tiny_dataset, tiny_config, overrides, bound):
+    federation = build_federation(tiny_config(*overrides), tiny_dataset)
+    replies, declared = _honest_and_inflated(federation)
+    outcome = server_update(federation.algorithm, federation.server_state, replies, declared, 1)
+    shift = max(float((outcome.server_state[k] - v).abs().max()) for k, v in federation.server_state.items())
+    if bound is None:
+        assert shift > 49.9
+    else:
+        assert shift <= bound + 1e-4
+
+
+def test_defence_settings_are_checked(tiny_config):
+    with pytest.raises(ConfigError, match=r"weight_cap: 0\.5 would cap even the median client"):
+        tiny_config("federation.weight_cap=0.5")
+    with pytest.raises(ConfigError, match="aggregator: unknown value 'krum'; allowed: mean, median"):
+        tiny_config("federation.aggregator=krum")
+    with pytest.raises(ConfigError, match="calibrated to the mean"):
+        tiny_config("federation.aggregator=median", "privacy.clip_norm=1", "algorithm=lg-fedavg")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
-from pfedlora.algorithms.state import State, check_schema, weighted_average
+from pfedlora.algorithms.state import State, check_schema, combine
 from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
@@ -119,10 +119,16 @@ class Algorithm(ABC, Generic[ClientT]):
         return server_state
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
-        """The new global state: by default the sample-weighted mean of the uploads (FedAvg)."""
+        """The new global state: by default the uploads combined by :meth:`combine` (FedAvg's
+        sample-weighted mean unless ``federation.aggregator`` says otherwise)."""
         if not uploads:
             return server_state
-        return weighted_average([u.tensors for u in uploads], [u.num_examples for u in uploads])
+        return self.combine([u.tensors for u in uploads], [u.num_examples for u in uploads])
+
+    def combine(self, states: Sequence[State], weights: Sequence[float]) -> State:
+        """Tensor-wise combination of uploads by the configured ``federation.aggregator``."""
+        federation = self.config.federation
+        return combine(states, weights, federation.aggregator, federation.trim_fraction)
 
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Raise ValueError naming the problem unless ``tensors`` is what :meth:`aggregate` expects.

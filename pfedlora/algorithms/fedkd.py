@@ -48,7 +48,7 @@ from pfedlora.algorithms.distillation import (
     kl_divergence,
     load_shared_,
 )
-from pfedlora.algorithms.state import State, check_dtypes, weighted_average
+from pfedlora.algorithms.state import State, check_dtypes
 from pfedlora.models import FeatureClassifier, init_parameters_
 
 FACTOR_SUFFIXES: tuple[str, ...] = (".U", ".S", ".V")
@@ -202,5 +202,5 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
             return server_state
         shapes = {k: v.shape for k, v in server_state.items()}
         updates = [decompress(u.tensors, shapes) for u in uploads]
-        mean_update = weighted_average(updates, [u.num_examples for u in uploads])
+        mean_update = self.combine(updates, [u.num_examples for u in uploads])
         return {k: v + mean_update[k] for k, v in server_state.items()}

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from pfedlora.config import AGGREGATORS
+
 State = dict[str, torch.Tensor]
 
 
@@ -34,6 +36,33 @@ def check_dtypes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Non
     for key, value in tensors.items():
         if value.dtype != dtype:
             raise ValueError(f"{key} has dtype {value.dtype}, expected {dtype}")
+
+
+def combine(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    rule: str = "mean",
+    trim_fraction: float = 0.0,
+) -> State:
+    """The states combined key by key: "mean" is :func:`weighted_average`; "median" (coordinate-wise, the
+    mean of the two middle values for an even count) and "trimmed-mean" (per coordinate, the lowest and the
+    highest ``floor(trim_fraction · n)`` values dropped, at least one value kept, the rest averaged) ignore
+    the weights, so no client's declared sample count moves them."""
+    if rule == "mean":
+        return weighted_average(states, weights)
+    if rule not in AGGREGATORS or not states:
+        raise ValueError(f"aggregator {rule!r} with {len(states)} states; allowed: {', '.join(AGGREGATORS)}")
+    n = len(states)
+    out: State = {}
+    for key, first in states[0].items():
+        ordered = torch.stack([state[key].to(torch.float64) for state in states]).sort(dim=0).values
+        if rule == "median":
+            value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+        else:
+            cut = min(int(trim_fraction * n), (n - 1) // 2)
+            value = ordered[cut : n - cut].mean(dim=0)
+        out[key] = value.to(first.dtype)
+    return out
 
 
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:

@@ -2,12 +2,15 @@
 
 Who drops out, how a sampled client turns the server's message into an upload, and how the server turns
 the round's replies into the next global state: refusing invalid uploads, keeping the global state when
-fewer than ``federation.min_clients`` valid ones remain, and applying the privacy option.
+fewer than ``federation.min_clients`` valid ones remain, bounding any one client's weight
+(``federation.weight_cap``), and applying the privacy option.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +50,15 @@ class RoundOutcome:
     refused: list[Refusal]
 
 
+def cap_weights(uploads: Sequence[Upload], cap: float, server_round: int) -> list[Upload]:
+    """The uploads with every sample count bounded by ``cap`` × the median count of the round."""
+    bound = max(1, math.floor(cap * statistics.median(u.num_examples for u in uploads)))
+    capped = [Upload(u.tensors, min(u.num_examples, bound)) for u in uploads]
+    if any(u.num_examples > bound for u in uploads):
+        logger.info("round %d: sample counts above %d (federation.weight_cap) capped", server_round, bound)
+    return capped
+
+
 def server_update(
     algorithm: AnyAlgorithm,
     server_state: State,
@@ -66,6 +78,8 @@ def server_update(
         )
         return RoundOutcome(server_state, [], refused)
     uploads = [reply.upload for reply in valid]
+    if config.federation.weight_cap > 0:
+        uploads = cap_weights(uploads, config.federation.weight_cap, server_round)
     privacy = config.privacy
     if privacy.enabled:  # equal weights: each client's influence is bounded by the clipping norm alone
         uploads = [Upload(upload.tensors, 1) for upload in uploads]
