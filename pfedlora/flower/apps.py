@@ -72,6 +72,7 @@ def identify(message: Message, context: Context) -> Message:
         {
             "client-id": node.client_id,
             "num-train": node.data.num_train,
+            "num-eval": node.num_eval,
             "arch": node.arch,
             "input-shape": list(node.input_shape),
             "num-classes": node.num_classes,

@@ -124,6 +124,12 @@ class Node:
         save_atomic(state.state_dict(), self.checkpoint)
         return ClientResult(upload, meter.total, meter.samples)
 
+    @property
+    def num_eval(self) -> int:
+        """Samples of this client's evaluation split."""
+        data = self.data
+        return data.num_validation if self.config.eval_split == "validation" else data.num_test
+
     def evaluate(self) -> tuple[int, int]:
         """(correct, total) of the personalized predictor on this client's evaluation split."""
         return client_accuracy(self.algorithm, self.load_state(), self.data, self.config.eval_split)

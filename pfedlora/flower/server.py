@@ -53,6 +53,7 @@ class GridClients:
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.client_of_node: dict[int, int] = {}  # node id -> client id
         self.declared: dict[int, int] = {}
+        self.declared_eval: dict[int, int] = {}
         self.input_shape: tuple[int, ...] = (0, 0, 0)
         self.num_classes = 0
         self._discover()
@@ -66,21 +67,27 @@ class GridClients:
         settings = ConfigRecord(self.settings)
         queries = [Message(RecordDict({SETTINGS: settings}), node, MessageType.QUERY) for node in node_ids]
         for reply in self._send(queries):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                logger.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error)
+                logger.warning("node %d did not identify itself: %s", node, reply.error)
                 continue
-            about = reply.content.config_records[METRICS]
-            client_id = read_int(about, "client-id")
+            try:
+                about = reply.content.config_records[METRICS]
+                client_id = read_int(about, "client-id")
+                declared = read_int(about, "num-train"), read_int(about, "num-eval")
+                shape = about["input-shape"]
+                if not isinstance(shape, list) or len(shape) != 3:
+                    raise ValueError(f"input shape {shape!r} is not (C, H, W)")
+                channels, height, width = (int(v) for v in shape)
+                num_classes = read_int(about, "num-classes")
+            except (KeyError, TypeError, ValueError) as error:
+                logger.warning("node %d sent a malformed identity and is ignored: %s", node, _describe(error))
+                continue
             if client_id in self.nodes:
                 raise FederationError(f"two nodes claim client id {client_id}")
-            self.nodes[client_id] = reply.metadata.src_node_id
-            self.declared[client_id] = read_int(about, "num-train")
-            shape = about["input-shape"]
-            if not isinstance(shape, list) or len(shape) != 3:
-                raise FederationError(f"client {client_id} declared input shape {shape!r}, not (C, H, W)")
-            channels, height, width = (int(v) for v in shape)
-            self.input_shape = (channels, height, width)
-            self.num_classes = read_int(about, "num-classes")
+            self.nodes[client_id] = node
+            self.declared[client_id], self.declared_eval[client_id] = declared
+            self.input_shape, self.num_classes = (channels, height, width), num_classes
         self.client_of_node = {node: client_id for client_id, node in self.nodes.items()}
         expected = set(range(self.config.federation.num_clients))
         missing = sorted(expected - set(self.nodes))
@@ -113,22 +120,35 @@ class GridClients:
             )
             for client_id, message in messages.items()
         ]
-        results = {}
+        results: dict[int, ClientResult] = {}
         for reply in self._send(outgoing):
-            client_id = self.client_of_node[reply.metadata.src_node_id]
+            client_id = self._sender(reply, messages.keys(), results.keys(), server_round)
+            if client_id is None:
+                continue
             if reply.has_error():
                 logger.info(
                     "round %d: client %d did not reply: %s", server_round, client_id, reply.error.reason
                 )
                 continue
-            metrics = reply.content.metric_records[METRICS]
-            tensors = reply.content.array_records[TENSORS]
-            num_examples = metrics["num-examples"]  # screened as it came: a bad count is refused, not raised
-            upload = Upload(from_record(tensors), num_examples)  # type: ignore[arg-type]
-            results[client_id] = ClientResult(
-                upload, read_float(metrics, "train-flops"), read_int(metrics, "train-samples")
-            )
+            try:
+                results[client_id] = _train_result(reply)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                problem = f"malformed reply from node {reply.metadata.src_node_id}: {_describe(error)}"
+                results[client_id] = ClientResult(Upload({}, 0), 0.0, 0, problem)
         return results
+
+    def _sender(self, reply: Message, asked: Set[int], answered: Set[int], server_round: int) -> int | None:
+        """The client id of the node that sent ``reply``; None (logged) for a node that was not asked or
+        has already answered this round."""
+        node = reply.metadata.src_node_id
+        client_id = self.client_of_node.get(node)
+        if client_id is None or client_id not in asked:
+            logger.warning("round %d: ignored a reply from node %d, which was not asked", server_round, node)
+            return None
+        if client_id in answered:
+            logger.warning("round %d: ignored a second reply from node %d", server_round, node)
+            return None
+        return client_id
 
     def evaluate(self, server_round: int) -> AccuracyReport:
         clients = range(self.config.federation.num_clients)
@@ -143,20 +163,55 @@ class GridClients:
         ]
         counts: dict[int, tuple[int, int]] = {}
         for reply in self._send(outgoing):
-            if not reply.has_error():
-                metrics = reply.content.metric_records[METRICS]
-                counts[self.client_of_node[reply.metadata.src_node_id]] = (
-                    read_int(metrics, "correct"),
-                    read_int(metrics, "total"),
+            client_id = self._sender(reply, set(clients), counts.keys(), server_round)
+            if client_id is None or reply.has_error():
+                continue
+            try:
+                counts[client_id] = self._evaluation(reply, client_id)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                logger.warning(
+                    "round %d: refused the evaluation of client %d (node %d): %s",
+                    server_round,
+                    client_id,
+                    reply.metadata.src_node_id,
+                    _describe(error),
                 )
         missing = [client_id for client_id in clients if client_id not in counts]
         if missing:
             logger.warning(
-                "round %d: clients %s were not evaluated (counted as 0 of 0)", server_round, missing
+                "round %d: clients %s have no valid evaluation (left out of the means)", server_round, missing
             )
         return AccuracyReport(
             tuple(counts.get(c, (0, 0))[0] for c in clients), tuple(counts.get(c, (0, 0))[1] for c in clients)
         )
+
+    def _evaluation(self, reply: Message, client_id: int) -> tuple[int, int]:
+        """(correct, total) of an evaluation reply; ValueError unless 0 <= correct <= total and total is the
+        size of the evaluation split the client declared."""
+        metrics = reply.content.metric_records[METRICS]
+        correct, total = read_int(metrics, "correct"), read_int(metrics, "total")
+        if not 0 <= correct <= total:
+            raise ValueError(f"correct = {correct} of total = {total} is impossible")
+        if total != self.declared_eval[client_id]:
+            raise ValueError(
+                f"total = {total}, but the client declared {self.declared_eval[client_id]} evaluation samples"
+            )
+        return correct, total
+
+
+def _train_result(reply: Message) -> ClientResult:
+    """The upload and costs of a train reply; KeyError, TypeError or ValueError where it is malformed."""
+    metrics = reply.content.metric_records[METRICS]
+    tensors = reply.content.array_records[TENSORS]
+    num_examples = metrics["num-examples"]  # screened next: a bad count is refused with its reason
+    upload = Upload(from_record(tensors), num_examples)  # type: ignore[arg-type]
+    return ClientResult(upload, read_float(metrics, "train-flops"), read_int(metrics, "train-samples"))
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"it lacks {error}"
+    return str(error) or type(error).__name__
 
 
 def run_server(

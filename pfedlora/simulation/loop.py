@@ -34,6 +34,8 @@ class ClientResult:
     upload: Upload
     train_flops: float
     train_samples: int
+    problem: str | None = None
+    """Why the reply itself is unusable (a malformed Flower reply): refused like a bad upload."""
 
 
 class ServerSide(Protocol):
@@ -118,7 +120,7 @@ def run_round(server: ServerSide, clients: ClientPool, server_round: int, channe
             continue
         result = results[client_id]
         received = channel.upload(client_id, result.upload.tensors)
-        replies.append(Reply(client_id, Upload(received, result.upload.num_examples)))
+        replies.append(Reply(client_id, Upload(received, result.upload.num_examples), result.problem))
         per_client.append(
             {
                 "client_id": client_id,

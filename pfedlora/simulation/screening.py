@@ -3,7 +3,8 @@
 The server runs :func:`screen_uploads` on every round's replies in both runtimes (simulator and Flower):
 an upload holding tensors the algorithm does not declare shared, missing or extra tensors, wrong shapes or
 dtypes, NaN or Inf values, or a sample count that is not positive or exceeds what the client declared is
-refused, with the client id and the reason.
+refused, with the client id and the reason; so is a reply that cannot be read at all (a Flower reply
+lacking its records, or with values of the wrong type).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Reply:
 
     client_id: int
     upload: Upload
+    problem: str | None = None
+    """Set where the reply could not even be read (then refused with this reason)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ def screen_uploads(
     """Split ``replies`` into the valid ones and the refused ones; every refusal is logged."""
     valid, refused = [], []
     for reply in replies:
-        reason = upload_problem(algorithm, server_state, reply.upload, declared_examples[reply.client_id])
+        reason = reply.problem or upload_problem(
+            algorithm, server_state, reply.upload, declared_examples[reply.client_id]
+        )
         if reason is None:
             valid.append(reply)
         else:

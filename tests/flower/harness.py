@@ -16,7 +16,8 @@ RUN_ID = 1
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app, node_configs: list[dict]) -> None:
+    def __init__(self, client_app, node_configs: list[dict], tamper=None) -> None:
+        """``tamper(message, reply)``, if given, may replace any reply before the server sees it."""
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         self.client_app = client_app
         self.contexts = {
@@ -24,6 +25,7 @@ class InProcessGrid(Grid):
             for i, config in enumerate(node_configs)
         }
         self.sent: list[Message] = []
+        self.tamper = tamper
 
     def set_run(self, run) -> None:
         raise NotImplementedError
@@ -50,7 +52,8 @@ class InProcessGrid(Grid):
             self.sent.append(message)
             context = self.contexts[message.metadata.dst_node_id]
             try:
-                replies.append(self.client_app(message, context))
+                reply = self.client_app(message, context)
             except Exception as error:
-                replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
+                reply = Message(Error(code=0, reason=repr(error)), reply_to=message)
+            replies.append(self.tamper(message, reply) if self.tamper else reply)
         return replies

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from pfedlora.algorithms import Upload
 from pfedlora.flower import node as node_module
 from pfedlora.flower.apps import client_app
 from pfedlora.flower.node import Node, NodeSettings
+from pfedlora.flower.records import METRICS, TENSORS
 from pfedlora.flower.server import FederationError, run_server
 from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
 from pfedlora.simulation.loop import ClientResult
@@ -85,6 +87,48 @@ def test_bad_updates_are_refused_on_flower_too(tmp_path, tiny_config, tiny_nodes
     sampled_1 = [record["round"] for record in records if 1 in record["sampled"]]
     assert sampled_1 and len(refused) == len(sampled_1)
     assert all(r["client_id"] == 1 and "NaN or Inf" in r["reason"] for r in refused)
+
+
+def _malformed(message, reply):
+    """Node 1001 replies to training without metrics, node 1002 without tensors, node 1003 with a fractional
+    sample count; node 1001 claims 1000 correct of 10 evaluated, node 1002 a total it never declared."""
+    node, kind = message.metadata.dst_node_id, message.metadata.message_type
+    if reply.has_error() or node not in (1001, 1002, 1003):
+        return reply
+    content = reply.content
+    if kind == MessageType.TRAIN:
+        tensors, metrics = content.array_records[TENSORS], content.metric_records[METRICS]
+        records = {
+            1001: {TENSORS: tensors},
+            1002: {METRICS: metrics},
+            1003: {TENSORS: tensors, METRICS: MetricRecord({**metrics, "train-samples": 2.5})},
+        }[node]
+        return Message(RecordDict(records), reply_to=message)
+    if kind == MessageType.EVALUATE and node in (1001, 1002):
+        counts = {1001: (1000, 10), 1002: (1, content.metric_records[METRICS]["total"] + 1)}[node]
+        correct, total = counts
+        return Message(
+            RecordDict({METRICS: MetricRecord({"correct": correct, "total": total})}), reply_to=message
+        )
+    return reply
+
+
+def test_malformed_replies_are_refused_and_the_run_goes_on(tmp_path, tiny_config, tiny_nodes, caplog):
+    config = tiny_config(*SETTING, "federation.sample_fraction=1")
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state"), tamper=_malformed)
+    run_server(grid, config, tmp_path / "run", "t")
+    records, _ = read_run(tmp_path / "run")
+    for record in records:
+        reasons = {r["client_id"]: r["reason"] for r in record["refused"]}
+        assert set(reasons) == {1, 2, 3} and record["aggregated"] == [0]
+        assert "lacks 'metrics'" in reasons[1] and "lacks 'tensors'" in reasons[2]
+        assert "train-samples is 2.5, not a whole number" in reasons[3]
+        assert all(reason.startswith("malformed reply from node") for reason in reasons.values())
+        accuracies = record["client_accuracies"]
+        assert accuracies[1] is None and accuracies[2] is None and record["clients_without_eval_samples"] == 2
+        assert record["mean_accuracy"] == pytest.approx((accuracies[0] + accuracies[3]) / 2)
+    assert "correct = 1000 of total = 10 is impossible" in caplog.text
+    assert "but the client declared" in caplog.text
 
 
 def test_a_missing_or_duplicate_client_is_named(tmp_path, tiny_config, tiny_nodes):
