@@ -165,6 +165,8 @@ class PrivacyConfig:
     """Each client's update (upload minus what it received) is scaled to L2 norm at most this."""
     noise_multiplier: float = 0.0
     """The server adds N(0, (noise_multiplier · clip_norm / m)²) to the mean of m clipped updates."""
+    delta: float = 1e-5
+    """δ of the (ε, δ) reported by the accountant (keep it well below 1 / num_clients)."""
 
     @property
     def enabled(self) -> bool:
@@ -271,6 +273,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "baselines.fedapen_lambda_lr": (0, _INF, False),
     "privacy.clip_norm": (0, _INF, True),
     "privacy.noise_multiplier": (0, _INF, True),
+    "privacy.delta": (0, 1, False),
 }
 
 

@@ -2,15 +2,17 @@
 
 import dataclasses
 import logging
+import math
 
 import pytest
 import torch
 
 from pfedlora.algorithms import Upload, create_algorithm, weighted_average
-from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update
+from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update, epsilon_spent
 from pfedlora.algorithms.state import combine
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import build_federation, run_federation
+from pfedlora.simulation.records import privacy_budget
 from pfedlora.simulation.rounds import server_update
 from pfedlora.simulation.screening import Reply
 
@@ -224,3 +226,33 @@ def test_defence_settings_are_checked(tiny_config):
         tiny_config("federation.aggregator=krum")
     with pytest.raises(ConfigError, match="calibrated to the mean"):
         tiny_config("federation.aggregator=median", "privacy.clip_norm=1", "algorithm=lg-fedavg")
+
+
+def test_the_accountant_gives_a_sound_and_monotone_epsilon():
+    delta = 1e-5
+    # Without subsampling one round is the Gaussian mechanism: its RDP is α / (2σ²), and the classic
+    # conversion min_α [α / (2σ²) + log(1/δ) / (α − 1)] bounds ε from above (Opacus converts more tightly).
+    sigma = 2.0
+    classic = min(
+        a / (2 * sigma**2) + math.log(1 / delta) / (a - 1) for a in (1 + x / 10 for x in range(1, 2000))
+    )
+    one = epsilon_spent(sigma, 1.0, 1, delta)
+    assert 0.5 * classic < one <= classic
+    assert epsilon_spent(sigma, 0.1, 1, delta) < one  # subsampling amplifies privacy
+    by_rounds = [epsilon_spent(1.0, 0.1, rounds, delta) for rounds in (1, 10, 80)]
+    assert by_rounds == sorted(by_rounds) and by_rounds[0] < by_rounds[-1]
+    assert epsilon_spent(2.0, 0.1, 80, delta) < by_rounds[-1]  # more noise, less ε
+    assert math.isinf(epsilon_spent(0.0, 0.1, 80, delta))
+
+
+def test_a_private_run_reports_its_epsilon_per_round_and_in_all(tiny_dataset, tiny_config):
+    config = tiny_config("algorithm=lg-fedavg", "privacy.clip_norm=1", "privacy.noise_multiplier=1.1")
+    records = run_federation(build_federation(config, tiny_dataset))
+    spent = [record["privacy_epsilon"] for record in records]
+    assert all(eps > 0 for eps in spent) and spent == sorted(spent) and spent[0] < spent[-1]
+    budget = privacy_budget(config, len(records))
+    assert budget["epsilon"] == spent[-1] and budget["epsilon_one_round"] == spent[0]
+    assert budget["sample_rate"] == 3 / 5 and budget["delta"] == 1e-5 and "Poisson" in budget["assumptions"]
+    assert privacy_budget(tiny_config(), 3) is None
+    clipped_only = privacy_budget(tiny_config("algorithm=lg-fedavg", "privacy.clip_norm=1"), 3)
+    assert clipped_only["epsilon"] is None  # no noise: no guarantee

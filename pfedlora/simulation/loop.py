@@ -19,7 +19,7 @@ from typing import Protocol
 from pfedlora.algorithms import AnyAlgorithm, State, Upload
 from pfedlora.config import ExperimentConfig
 from pfedlora.metrics import AccuracyReport, Channel
-from pfedlora.simulation.records import ClientCost, RoundRecord, RoundResult
+from pfedlora.simulation.records import ClientCost, RoundRecord, RoundResult, privacy_budget
 from pfedlora.simulation.rounds import drops_out, server_update
 from pfedlora.simulation.sampling import sample_clients
 from pfedlora.simulation.screening import Reply
@@ -181,6 +181,9 @@ def run_rounds(
             "round_seconds": seconds,
             "train_samples_per_second": result["train_samples"] / seconds if seconds > 0 else 0.0,
         }
+        budget = privacy_budget(server.config, server_round)
+        if budget is not None:
+            record["privacy_epsilon"] = budget["epsilon"]
         if server_round % fed_cfg.eval_every == 0 or server_round == fed_cfg.rounds:
             report = clients.evaluate(server_round)
             record["mean_accuracy"] = report.mean

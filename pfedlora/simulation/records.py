@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NotRequired, TypedDict
 
+from pfedlora.algorithms.privacy import PrivacySpent, privacy_spent
 from pfedlora.config import ExperimentConfig
 from pfedlora.metrics import summarize_curve
+from pfedlora.simulation.sampling import clients_per_round
 
 TIMING_KEYS = frozenset({"wall_seconds", "train_samples_per_second", "round_seconds"})
 """Record and summary keys that measure the clock; everything else is identical for identical seeds."""
@@ -64,6 +66,8 @@ class RoundRecord(RoundResult):
     """Per client; None where its evaluation split is empty."""
     clients_without_eval_samples: NotRequired[int]
     """Clients left out of the means because their evaluation split is empty."""
+    privacy_epsilon: NotRequired[float | None]
+    """With privacy on: ε spent by the end of this round (None without noise); see ``Summary.privacy``."""
 
 
 class TargetProgress(TypedDict):
@@ -106,6 +110,18 @@ class Summary(TypedDict):
     train_flops_to_target: float | None
     wall_seconds: float
     train_samples_per_second: float
+    privacy: PrivacySpent | None
+    """With privacy on: the (ε, δ) spent in all and per round, and the assumptions of the accounting."""
+
+
+def privacy_budget(config: ExperimentConfig, rounds: int) -> PrivacySpent | None:
+    """What ``rounds`` rounds of ``config`` spend of the privacy budget (None with privacy off)."""
+    privacy, federation = config.privacy, config.federation
+    if not privacy.enabled:
+        return None
+    sampled = clients_per_round(federation.num_clients, federation.sample_fraction)
+    rate = sampled / federation.num_clients
+    return privacy_spent(privacy.noise_multiplier, rate, rounds, privacy.delta)
 
 
 def is_evaluated(record: RoundRecord) -> bool:
@@ -162,4 +178,5 @@ def summarize_records(
         "train_flops_to_target": target["train_flops_to_target"],
         "wall_seconds": wall_seconds,
         "train_samples_per_second": train_samples / wall_seconds if wall_seconds > 0 else 0.0,
+        "privacy": privacy_budget(config, len(records)),
     }
