@@ -3,7 +3,8 @@
 Run configuration keys (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``):
 ``config-file`` (a pfedlora TOML file on the server, "" for the defaults), ``overrides`` (space-separated
 ``key=value`` pfedlora overrides), ``out-dir`` (the run directory the server writes), ``experiment`` (names
-the clients' checkpoint folder; "" for the out-dir's name) and ``round-timeout`` (seconds).
+the clients' checkpoint folder; "" for the out-dir's name), ``round-timeout`` (seconds) and ``resume``
+(true: continue the unfinished run in ``out-dir`` from its last checkpoint, e.g. after the ServerApp died).
 Node configuration keys: ``partition-id`` (the stable client id, required), ``num-partitions``, ``arch``,
 ``data-dir``, ``state-dir`` (see :class:`pfedlora.flower.node.NodeSettings`).
 """
@@ -46,7 +47,9 @@ def serve(grid: Grid, context: Context) -> None:
     config = load_config(config_file, overrides)
     out_dir = Path(str(run_config.get("out-dir", "runs/flower")))
     experiment = str(run_config.get("experiment", "")) or out_dir.name
-    summary = run_server(grid, config, out_dir, experiment, float(run_config.get("round-timeout", 600)))
+    timeout = float(run_config.get("round-timeout", 600))
+    resume = str(run_config.get("resume", "false")).lower() in ("true", "1")
+    summary = run_server(grid, config, out_dir, experiment, timeout, resume=resume)
     logger.warning(
         "pfedlora on Flower: mean accuracy %.4f after %d rounds; results in %s",
         summary["mean_accuracy_last"],
@@ -104,7 +107,8 @@ def train(message: Message, context: Context) -> Message:
 @client_app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Correct predictions and total samples on this client's evaluation split."""
-    correct, total = _node(message, context).evaluate()
+    settings = message.content.config_records[SETTINGS]
+    correct, total = _node(message, context).evaluate(read_int(settings, "round"))
     return Message(
         RecordDict({METRICS: MetricRecord({"correct": correct, "total": total})}), reply_to=message
     )

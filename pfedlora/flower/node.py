@@ -2,9 +2,13 @@
 
 A node is one client, named by a stable id (``partition-id`` in its node config, the simulator's client
 id). Its private state (the algorithm's whole client module: local model, shared copies, adapters, any
-learned coefficients; no optimizer state outlives a round) lives in a per-client checkpoint file
-``<state-dir>/<experiment>/client-<id>.safetensors``, written atomically after every round it trains, so
-nothing depends on the process (Flower runs every message in a new one) or on ``context.state``.
+learned coefficients; no optimizer state outlives a round) lives in per-round checkpoint files
+``<state-dir>/<experiment>/client-<id>-r<round>.safetensors``, written atomically after every round it
+trains, so nothing depends on the process (Flower runs every message in a new one) or on
+``context.state``. Training round R starts from the newest file of a round before R; evaluation in round R
+reads the newest of a round up to R. A node keeps the newest file no later than the server's last
+checkpoint (round ⌊(R−1)/checkpoint_every⌋·checkpoint_every) and every later one, so that a restarted
+server replaying the rounds after its checkpoint finds each client as it was then.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pfedlora.simulation.local import client_accuracy
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.rounds import client_update
 
+STATE_SUFFIX = ".safetensors"
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pfedlora" / "flower"
 
 
@@ -99,18 +104,47 @@ class Node:
         self.input_shape, self.num_classes = dataset.input_shape, dataset.num_classes
         self.data: ClientData = build_clients(config, dataset, self.device)[self.client_id]
         self.algorithm: AnyAlgorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
-        self.checkpoint = settings.state_dir / experiment / f"client-{self.client_id}.safetensors"
+        self.folder = settings.state_dir / experiment
 
-    def load_state(self) -> nn.Module:
-        """The client's private state: its checkpoint, or the seeded initial state before its first round."""
+    def _saved(self) -> dict[int, Path]:
+        """Round -> this client's state file of that round."""
+        prefix = f"client-{self.client_id}-r"
+        if not self.folder.is_dir():
+            return {}
+        return {
+            int(path.name[len(prefix) : -len(STATE_SUFFIX)]): path
+            for path in self.folder.glob(f"{prefix}*{STATE_SUFFIX}")
+            if path.name[len(prefix) : -len(STATE_SUFFIX)].isdigit()
+        }
+
+    def load_state(self, before_round: int) -> nn.Module:
+        """The client's private state as it was before ``before_round``: the newest file of an earlier
+        round, or the seeded initial state when it has not trained before."""
         state = create_client_state(self.algorithm, self.client_id, self.device, self.arch)
-        if self.checkpoint.is_file():
-            state.load_state_dict(load_file(str(self.checkpoint), device=str(self.device)))
+        earlier = [r for r in self._saved() if r < before_round]
+        if earlier:
+            path = self._saved()[max(earlier)]
+            state.load_state_dict(load_file(str(path), device=str(self.device)))
         return state
+
+    def _save(self, state: nn.Module, server_round: int) -> None:
+        """Write the state after ``server_round``; drop files a restarted server can no longer need (older
+        than the newest one up to its last checkpoint) and any from a timeline it abandoned (later rounds)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_atomic(
+            state.state_dict(), self.folder / f"client-{self.client_id}-r{server_round}{STATE_SUFFIX}"
+        )
+        every = self.config.federation.checkpoint_every
+        checkpointed = (server_round - 1) // every * every if every else server_round
+        saved = self._saved()
+        base = max((r for r in saved if r <= checkpointed), default=0)
+        for saved_round, path in saved.items():
+            if saved_round < base or saved_round > server_round:
+                path.unlink(missing_ok=True)
 
     def train(self, message: State, server_round: int) -> ClientResult:
         """One round of the algorithm's client training; the new state is checkpointed before replying."""
-        state, meter = self.load_state(), FlopMeter()
+        state, meter = self.load_state(server_round), FlopMeter()
         ctx = ClientContext(
             client_id=self.client_id,
             arch=self.arch,
@@ -120,8 +154,7 @@ class Node:
             meter=meter,
         )
         upload = client_update(self.algorithm, state, {k: v.to(self.device) for k, v in message.items()}, ctx)
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(state.state_dict(), self.checkpoint)
+        self._save(state, server_round)
         return ClientResult(upload, meter.total, meter.samples)
 
     @property
@@ -130,9 +163,11 @@ class Node:
         data = self.data
         return data.num_validation if self.config.eval_split == "validation" else data.num_test
 
-    def evaluate(self) -> tuple[int, int]:
-        """(correct, total) of the personalized predictor on this client's evaluation split."""
-        return client_accuracy(self.algorithm, self.load_state(), self.data, self.config.eval_split)
+    def evaluate(self, server_round: int) -> tuple[int, int]:
+        """(correct, total) of the personalized predictor, as it is after ``server_round``, on this client's
+        evaluation split."""
+        state = self.load_state(server_round + 1)
+        return client_accuracy(self.algorithm, state, self.data, self.config.eval_split)
 
 
 def release_memory() -> None:

@@ -4,7 +4,7 @@
 it asks every node once for its stable client id, then turns the loop's per-client messages into Flower
 messages and the replies back into uploads. Sampling, dropout, screening, aggregation, evaluation and the
 run directory are the simulator's own code, so a Flower run and a simulated run of the same configuration
-and seed give the same metrics.
+and seed give the same metrics; so are the checkpoints, from which a restarted ServerApp continues.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from pfedlora.algorithms import State, Upload, create_algorithm
 from pfedlora.config import ExperimentConfig, config_to_toml
-from pfedlora.errors import PfedloraError
+from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.flower.records import (
     METRICS,
     SETTINGS,
@@ -32,10 +32,12 @@ from pfedlora.flower.records import (
     to_record,
 )
 from pfedlora.metrics import AccuracyReport
-from pfedlora.simulation.federation import create_client_state, initial_global_state
-from pfedlora.simulation.loop import ClientResult, Server, run_rounds
-from pfedlora.simulation.records import Summary, summarize_records
-from pfedlora.simulation.results import RunWriter
+from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, check_config, read_manifest
+from pfedlora.simulation.experiment import continue_run, finish_run
+from pfedlora.simulation.federation import initial_global_state
+from pfedlora.simulation.loop import ClientResult, Server
+from pfedlora.simulation.records import Summary
+from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,13 @@ class GridClients:
 
     def declared_examples(self) -> Mapping[int, int]:
         return self.declared
+
+    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
+        """Nothing: private states live on the nodes (see :mod:`pfedlora.flower.node`)."""
+        return {}
+
+    def load_state_dicts(self, states: Mapping[int, State]) -> None:
+        """Nothing to load: each node restores its own state for the round it is asked to train."""
 
     def _instruction(self, server_round: int, **extra: ConfigValue) -> ConfigRecord:
         return ConfigRecord({**self.settings, "round": server_round, **extra})
@@ -215,22 +224,39 @@ def _describe(error: Exception) -> str:
 
 
 def run_server(
-    grid: Grid, config: ExperimentConfig, out_dir: str | Path, experiment: str, timeout: float = 600.0
+    grid: Grid,
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    experiment: str,
+    timeout: float = 600.0,
+    resume: bool = False,
 ) -> Summary:
-    """Run ``config`` over the nodes of ``grid`` and write the run directory; returns the summary."""
+    """Run ``config`` over the nodes of ``grid`` and write the run directory; returns the summary.
+
+    The server checkpoints its global state every ``federation.checkpoint_every`` rounds, as the simulator
+    does (the clients' private states live on their nodes, which keep what a restart needs). ``resume``:
+    continue the unfinished run in ``out_dir`` from its last checkpoint (under the same configuration), or
+    start it when ``out_dir`` holds none; the metrics equal an uninterrupted run's.
+    """
     started = time.perf_counter()
+    out_dir = Path(out_dir)
+    resuming = resume and (out_dir / CONFIG_FILE).is_file()
+    manifest = None
+    if resuming:
+        if (out_dir / SUMMARY_FILE).is_file():
+            raise ConfigError(
+                f"{str(out_dir)!r} holds a finished run (it has {SUMMARY_FILE}); nothing to resume"
+            )
+        manifest = read_manifest(out_dir)
+        if manifest is not None:
+            check_config(manifest, config, out_dir / CHECKPOINT_DIR)
     clients = GridClients(grid, config, experiment, timeout)
     algorithm = create_algorithm(config, clients.input_shape, clients.num_classes)
     cpu = torch.device("cpu")  # the server only averages: its state stays on the CPU
     server = Server(config, algorithm, initial_global_state(algorithm, cpu))
-    shared = algorithm.shared_state(create_client_state(algorithm, 0, cpu))
-    writer = RunWriter(out_dir, config)
-    try:
-        records = run_rounds(server, clients, writer.append_round)
-        summary = summarize_records(
-            config, records, time.perf_counter() - started, sum(t.numel() for t in shared.values())
-        )
-        writer.write_summary(summary)
-    finally:
-        writer.close()
-    return summary
+    if resuming:
+        write_atomic(out_dir / CONFIG_FILE, config_to_toml(config))
+        writer, done = continue_run(out_dir, server, clients, manifest)
+    else:
+        writer, done = RunWriter(out_dir, config), []
+    return finish_run(server, clients, writer, None, done, started, manifest)

@@ -134,7 +134,7 @@ def run_experiment(
         if out_dir is None:
             records = run_rounds(server, clients, on_round)
             return summarize(server, records, time.perf_counter() - started)
-        return _finish(server, clients, RunWriter(out_dir, config), on_round, (), started, 0.0)
+        return finish_run(server, clients, RunWriter(out_dir, config), on_round, (), started)
 
 
 def resume_run(
@@ -179,16 +179,24 @@ def resume_run(
             (run_dir / SUMMARY_FILE).unlink()
         write_atomic(run_dir / CONFIG_FILE, config_to_toml(config))
     with open_run(config, dataset, workers) as (server, clients):
-        if manifest is not None:
-            restore(run_dir, server, clients, manifest)
-        done = [record for record in read_records(run_dir) if record["round"] <= last]
-        logger.info("resuming %s after round %d", run_dir, last)
-        writer = RunWriter.reopen(run_dir, done)
+        writer, done = continue_run(run_dir, server, clients, manifest)
         if on_round is not None:
             for record in done:
                 on_round(record)
-        seconds_before = manifest["wall_seconds"] if manifest else 0.0
-        return _finish(server, clients, writer, on_round, done, started, seconds_before, manifest)
+        return finish_run(server, clients, writer, on_round, done, started, manifest)
+
+
+def continue_run(
+    run_dir: Path, server: ServerSide, clients: StatefulPool, manifest: Manifest | None
+) -> tuple[RunWriter, list[RoundRecord]]:
+    """Load checkpoint ``manifest`` (None: start over) of ``run_dir`` into ``server`` and ``clients``; the
+    run directory's writer, its metrics cut to the rounds the checkpoint holds, and those rounds' records."""
+    if manifest is not None:
+        restore(run_dir, server, clients, manifest)
+    last = manifest["round"] if manifest else 0
+    done = [record for record in read_records(run_dir) if record["round"] <= last]
+    logger.info("resuming %s after round %d", run_dir, last)
+    return RunWriter.reopen(run_dir, done), done
 
 
 def _with_rounds(config: ExperimentConfig, rounds: int, checkpoint_round: int) -> ExperimentConfig:
@@ -207,18 +215,19 @@ def _with_rounds(config: ExperimentConfig, rounds: int, checkpoint_round: int) -
     return replace(config, federation=dataclasses.replace(config.federation, rounds=rounds))
 
 
-def _finish(
+def finish_run(
     server: ServerSide,
     clients: StatefulPool,
     writer: RunWriter,
     on_round: RoundCallback | None,
     done: Sequence[RoundRecord],
     started: float,
-    seconds_before: float,
     restored: Manifest | None = None,
 ) -> Summary:
-    """Run the rounds after ``done`` into ``writer``'s directory, checkpointing every
-    ``federation.checkpoint_every`` rounds (not after the last), then write the summary."""
+    """Run the rounds after ``done`` (those of checkpoint ``restored``) into ``writer``'s directory,
+    checkpointing every ``federation.checkpoint_every`` rounds (not after the last), then write the
+    summary (the wall time counts the checkpoint's and the time since ``started``)."""
+    seconds_before = restored["wall_seconds"] if restored else 0.0
     fed_cfg = server.config.federation
     checkpointer = Checkpointer(writer.path, restored)
 

@@ -16,8 +16,9 @@ RUN_ID = 1
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app, node_configs: list[dict], tamper=None) -> None:
-        """``tamper(message, reply)``, if given, may replace any reply before the server sees it."""
+    def __init__(self, client_app, node_configs: list[dict], tamper=None, die_on_call: int = 0) -> None:
+        """``tamper(message, reply)``, if given, may replace any reply before the server sees it;
+        ``die_on_call`` = k > 0: the k-th exchange reaches the nodes, then the server dies (ServerDied)."""
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         self.client_app = client_app
         self.contexts = {
@@ -26,6 +27,7 @@ class InProcessGrid(Grid):
         }
         self.sent: list[Message] = []
         self.tamper = tamper
+        self.die_on_call, self.calls = die_on_call, 0
 
     def set_run(self, run) -> None:
         raise NotImplementedError
@@ -56,4 +58,11 @@ class InProcessGrid(Grid):
             except Exception as error:
                 reply = Message(Error(code=0, reason=repr(error)), reply_to=message)
             replies.append(self.tamper(message, reply) if self.tamper else reply)
+        self.calls += 1
+        if self.calls == self.die_on_call:
+            raise ServerDied(f"the server died in exchange {self.calls}, after the nodes had answered")
         return replies
+
+
+class ServerDied(Exception):
+    """The in-process server was killed (a test's doing)."""
