@@ -150,6 +150,11 @@ def _read_manifest_file(path: Path) -> Manifest:
     missing = [key for key in keys if not isinstance(manifest, dict) or key not in manifest]
     if missing:
         raise ConfigError(f"checkpoint manifest {path} is incomplete (no {', '.join(missing)})")
+    names = (
+        [manifest["server"], *manifest["clients"].values()] if isinstance(manifest["clients"], dict) else []
+    )
+    if not names or any(not isinstance(n, str) or n != Path(n).name or n.startswith(".") for n in names):
+        raise ConfigError(f"checkpoint manifest {path} names files outside its folder or none at all")
     if "sha256" not in manifest:
         logger.warning("%s was written by an older pfedlora: its files carry no digests, unverified", path)
     checked: Manifest = manifest
@@ -214,8 +219,9 @@ def check_config(manifest: Manifest, config: ExperimentConfig, folder: Path) -> 
     if changed:
         details = "; ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in changed)
         raise ConfigError(
-            f"config.toml differs from the configuration checkpoint {folder} was written under ({details}): "
-            "continuing would mix two configurations in one run; restore those keys, or start a new run"
+            f"the configuration (config.toml) differs from the one checkpoint {folder} was written under "
+            f"({details}): continuing would mix two configurations in one run; restore those keys, or start "
+            "a new run"
         )
 
 

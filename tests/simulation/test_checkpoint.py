@@ -140,8 +140,9 @@ def _interrupted(tmp_path, tiny_dataset, config):
         (lambda folder, m: _overwrite(folder / m["clients"]["0"]), "is damaged"),
         (lambda folder, m: (folder / m["server"]).unlink(), "server-r6.safetensors is missing"),
         (lambda folder, m: _truncate(folder / "manifest.json"), "manifest.json is unreadable"),
+        (lambda folder, m: _point_outside(folder / "manifest.json", m), "names files outside its folder"),
     ],
-    ids=["truncated", "overwritten", "missing", "manifest"],
+    ids=["truncated", "overwritten", "missing", "manifest", "outside"],
 )
 def test_a_damaged_checkpoint_is_refused_and_the_previous_one_offered(
     tmp_path, tiny_dataset, tiny_config, damage, reason
@@ -162,6 +163,10 @@ def test_without_an_intact_older_checkpoint_the_refusal_says_start_again(tmp_pat
     _truncate(run_dir / CHECKPOINT_DIR / "server-r2.safetensors")
     with pytest.raises(DamagedCheckpointError, match="no older intact checkpoint exists: start the run"):
         resume_run(run_dir, dataset=tiny_dataset)
+
+
+def _point_outside(path, manifest):
+    path.write_text(json.dumps({**manifest, "server": "../../config.toml"}))
 
 
 def _truncate(path):
