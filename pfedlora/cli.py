@@ -72,6 +72,7 @@ def _summary_cells(s: Summary) -> dict[str, str]:
     return {
         "algorithm": s["algorithm"],
         "clients × fraction, rounds": f"{s['num_clients']} × {s['sample_fraction']:g}, {s['rounds']}",
+        "clients scored": s.get("evaluation", "after-training"),
         "best mean acc (round)": f"{100 * s['mean_accuracy_best']:.2f}% ({s['best_round']})",
         "last mean acc": f"{100 * s['mean_accuracy_last']:.2f}%",
         "last-10% mean acc": f"{100 * s['mean_accuracy_last10pct']:.2f}%",
@@ -232,7 +233,7 @@ def report(
     Damaged metrics lines are skipped with a warning naming them; a run that cannot be read at all is
     left out with one line saying why (exit status 2 when no run can be read).
     """
-    from pfedlora.plots import plot_runs
+    from pfedlora.plots import evaluation_note, plot_runs
     from pfedlora.simulation import read_run
 
     loaded = []
@@ -247,7 +248,8 @@ def report(
         raise _fail(ConfigError("none of the run directories can be read"))
     console.print(_summary_table([(label, summary) for label, _, summary in loaded], title="runs"))
     plot_dir = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
-    for path in plot_runs([(label, records) for label, records, _ in loaded], plot_dir):
+    note = evaluation_note([summary.get("evaluation", "after-training") for _, _, summary in loaded])
+    for path in plot_runs([(label, records) for label, records, _ in loaded], plot_dir, note):
         console.print(f"plot written to [bold]{path}[/]")
 
 

@@ -28,7 +28,7 @@ from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.models import PLACEMENTS, is_transformer
-from pfedlora.plots import plot_runs
+from pfedlora.plots import evaluation_note, plot_runs
 from pfedlora.simulation import read_run, resume_run, run_experiment
 from pfedlora.simulation.federation import load_run_dataset
 from pfedlora.simulation.loop import RoundCallback
@@ -351,8 +351,9 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(results)
     target = results[0][2]["target_accuracy"] if results else 0.0
+    note = evaluation_note([summary.get("evaluation", "after-training") for _, _, summary in results])
     markdown = [
-        f"Target accuracy: {100 * target:g}% (mean over clients). FLOPs are client training FLOPs; "
+        f"Target accuracy: {100 * target:g}% (mean over clients); {note}. FLOPs are client training FLOPs; "
         '"acc @ equal FLOPs" is each curve read at the smallest total any method spent.',
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -365,5 +366,5 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
     writer.writerow(COLUMNS)
     writer.writerows(rows)
     write_atomic(out / "comparison.csv", buffer.getvalue())
-    plots = plot_runs([(label, records) for label, records, _ in results], out)
+    plots = plot_runs([(label, records) for label, records, _ in results], out, note)
     return [out / "comparison.md", out / "comparison.csv", *plots]

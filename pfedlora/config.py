@@ -32,6 +32,8 @@ PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
+EVALUATION_PROTOCOLS: tuple[str, ...] = ("after-training", "after-download")
+BATCH_ORDERS: tuple[str, ...] = ("reshuffle", "fixed")
 """``federation.aggregator`` values (:func:`pfedlora.algorithms.state.combine` implements them)."""
 
 
@@ -71,6 +73,10 @@ class FederationConfig:
     """Probability that a sampled client drops out of a round (seeded): it receives but never replies."""
     checkpoint_every: int = 10
     """Rounds between crash-safe checkpoints of the whole run (0: none); ``pfedlora run --resume``."""
+    evaluate: str = "after-training"
+    """When a client is scored on evaluation rounds: "after-training" (what it holds at the end of its own
+    last round; the protocol of the paper's authors) or "after-download" (every client first takes in the
+    current global state, without training, as HtFLlib scores; training is unaffected)."""
     aggregator: str = "mean"
     """How uploads are combined tensor-wise: "mean" (sample-weighted, FedAvg), or the robust "median"
     (coordinate-wise) or "trimmed-mean" (``trim_fraction`` of the values dropped at each end), which
@@ -96,6 +102,11 @@ class TrainConfig:
     """When > 0, every private training phase runs exactly this many minibatch steps instead of
     ``local_epochs`` passes (passes repeat as needed): the cost of a round no longer grows with a client's
     data, as federated fine-tuning of large models usually runs."""
+    batch_order: str = "reshuffle"
+    """"reshuffle": a new seeded order of the client's samples every epoch; "fixed": index order every
+    epoch (a DataLoader without shuffling), to compare with peers that train so."""
+    drop_last: bool = False
+    """Drop each epoch's last, smaller batch (never a client's only one)."""
     precision: str = "fp32"
     """"fp32", or "bf16": forward passes and losses under bfloat16 autocast (weights, updates stay fp32)."""
     channels_last: bool = True
@@ -209,7 +220,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("auto", "on", "off"),
     "adapter.phase_order": PHASE_ORDERS,
     "train.precision": PRECISIONS,
+    "train.batch_order": BATCH_ORDERS,
     "federation.aggregator": AGGREGATORS,
+    "federation.evaluate": EVALUATION_PROTOCOLS,
     "baselines.kl_reduction": ("batchmean", "mean"),
 }
 

@@ -24,14 +24,16 @@ def _curve(records: list[RoundRecord], x_key: XKey, scale: float = 1.0) -> tuple
     return [r[x_key] / scale for r in evaluated], [100 * r["mean_accuracy"] for r in evaluated]
 
 
-def _plot(runs: Sequence[Run], x_key: XKey, scale: float, xlabel: str, title: str, path: Path) -> Path:
+def _plot(
+    runs: Sequence[Run], x_key: XKey, scale: float, xlabel: str, title: str, path: Path, note: str
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for label, records in runs:
         xs, ys = _curve(records, x_key, scale)
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean accuracy over clients (%)")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{note}" if note else title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
@@ -39,13 +41,19 @@ def _plot(runs: Sequence[Run], x_key: XKey, scale: float, xlabel: str, title: st
     return path
 
 
-def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+def evaluation_note(protocols: Sequence[str]) -> str:
+    """How the runs' clients were scored, for titles: e.g. "clients scored after-training"."""
+    distinct = sorted(set(protocols))
+    return f"clients scored {' / '.join(distinct)}" if distinct else ""
+
+
+def plot_runs(runs: Sequence[Run], out_dir: str | Path, note: str = "") -> list[Path]:
     """Write ``accuracy_per_round.png``, ``accuracy_vs_megabytes.png`` and ``accuracy_vs_tflops.png``
-    into ``out_dir``."""
+    into ``out_dir``; ``note`` (e.g. :func:`evaluation_note`) is a second title line."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [
-        _plot(runs, "round", 1.0, "round", "Mean accuracy per round", out / "accuracy_per_round.png"),
+        _plot(runs, "round", 1.0, "round", "Mean accuracy per round", out / "accuracy_per_round.png", note),
         _plot(
             runs,
             "cumulative_bytes",
@@ -53,6 +61,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             "cumulative megabytes sent (down + up, all clients)",
             "Mean accuracy against communication",
             out / "accuracy_vs_megabytes.png",
+            note,
         ),
         _plot(
             runs,
@@ -61,5 +70,6 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             "cumulative client training TFLOPs (all clients)",
             "Mean accuracy against computation",
             out / "accuracy_vs_tflops.png",
+            note,
         ),
     ]

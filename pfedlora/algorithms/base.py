@@ -62,6 +62,8 @@ class Algorithm(ABC, Generic[ClientT]):
     """True where every client must run the same architecture (FedAvg, FedIT: homogeneous references)."""
     adapter_placements: ClassVar[bool] = False
     """True where ``adapter.placement`` changes the algorithm (``compare`` runs one variant per placement)."""
+    received: ClassVar[str] = "shared tensors"
+    """What a client receives, in words (for error messages)."""
     schedule_spans_rounds: ClassVar[bool] = False
     """True where a round's training depends on ``federation.rounds`` (a schedule from first to last round),
     so a run cannot be extended to more rounds with the metrics of a longer run from the start."""
@@ -104,7 +106,17 @@ class Algorithm(ABC, Generic[ClientT]):
 
     @abstractmethod
     def train(self, client: ClientT, message: State, ctx: ClientContext) -> Upload:
-        """Train ``client`` in place for one round, starting from the server's ``message``."""
+        """Train ``client`` in place for one round, starting from the server's ``message`` (which it first
+        takes in with :meth:`receive`)."""
+
+    def receive(self, client: ClientT, message: State) -> None:
+        """Take in the server's ``message``: by default it must hold exactly the client's shared tensors
+        (:meth:`shared_state`), which it overwrites. Also used to score a client right after a download
+        (``federation.evaluate = "after-download"``)."""
+        expected = set(self.shared_state(client))
+        if set(message) != expected:
+            raise ValueError(f"expected the global {self.received} {sorted(expected)}, got {sorted(message)}")
+        client.load_state_dict(message, strict=False)  # shapes are checked by load_state_dict
 
     def shared_state(self, client: ClientT) -> State:
         """The tensors of ``client``'s state that :meth:`is_shared` selects, detached."""

@@ -36,7 +36,6 @@ from pfedlora.algorithms.distillation import (
     SharedModelAlgorithm,
     build_pair,
     kl_divergence,
-    load_shared_,
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
@@ -144,7 +143,7 @@ class FedAPEN(SharedModelAlgorithm[MixedPair]):
             )
 
     def train(self, client: MixedPair, message: State, ctx: ClientContext) -> Upload:
-        load_shared_(client, message)
+        self.receive(client, message)  # the global shared model overwrites the client's copy
         rest, holdout = self.split(ctx.data, ctx.client_id)
         self.fit_mixing_weight(client, holdout, ctx)
         self.train_mutually(client, [*client.local.parameters(), *client.shared.parameters()], ctx, rest)

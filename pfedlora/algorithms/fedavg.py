@@ -54,6 +54,6 @@ class FedAvg(Algorithm[FeatureClassifier]):
         return key in self.model_keys
 
     def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
-        client.load_state_dict(message)  # strict: exactly the model's keys and shapes
+        self.receive(client, message)  # every tensor is shared: the global model overwrites the client's
         train_on_client_data(client, list(client.parameters()), ctx, self.config.train, phase="local")
         return Upload(self.shared_state(client), ctx.data.num_train)

@@ -55,7 +55,7 @@ class FedGH(LGFedAvg):
         )
 
     def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
-        self.load_head(client, message)
+        self.receive(client, message)  # the global header overwrites the client's head
         self.train_whole_model(client, ctx)
         return prototype_upload(
             client, ctx, self.num_classes, self.config.train.batch_size, with_counts=False

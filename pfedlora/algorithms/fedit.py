@@ -16,7 +16,7 @@ from pfedlora.algorithms.fedavg import require_one_architecture
 from pfedlora.algorithms.pfedlora import PFedLoRA
 from pfedlora.algorithms.state import State
 from pfedlora.config import ExperimentConfig
-from pfedlora.models import PersonalizedModel, load_adapter_state_dict
+from pfedlora.models import PersonalizedModel
 
 
 @register_algorithm
@@ -31,6 +31,6 @@ class FedIT(PFedLoRA):
         super().__init__(config, input_shape, num_classes)
 
     def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
-        load_adapter_state_dict(client, message)
+        self.receive(client, message)
         self.train_adapter_phase(client, ctx)
         return Upload(self.shared_state(client), ctx.data.num_train)

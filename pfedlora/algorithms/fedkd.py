@@ -176,9 +176,13 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
         )
         return loss_mentor, loss_mentee
 
-    def train(self, client: MentorMentee, message: State, ctx: ClientContext) -> Upload:
+    def receive(self, client: MentorMentee, message: State) -> None:
+        """The global mentee, rebuilt from its factors, overwrites the client's."""
         shapes = {k: v.shape for k, v in self.shared_state(client).items()}
         load_shared_(client, decompress(message, shapes))
+
+    def train(self, client: MentorMentee, message: State, ctx: ClientContext) -> Upload:
+        self.receive(client, message)
         received = {k: v.clone() for k, v in self.shared_state(client).items()}
         self.train_mutually(client, list(client.parameters()), ctx, ctx.data)
         update = {k: v - received[k] for k, v in self.shared_state(client).items()}  # ΔS

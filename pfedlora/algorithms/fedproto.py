@@ -120,9 +120,13 @@ class FedProto(Algorithm[PrototypeClient]):
         present = torch.nonzero(server_state[PRESENT] > 0).flatten().tolist()
         return {f"{PROTOTYPE_PREFIX}{c}": server_state[PROTOTYPES][c] for c in present}
 
-    def train(self, client: PrototypeClient, message: State, ctx: ClientContext) -> Upload:
+    def receive(self, client: PrototypeClient, message: State) -> None:
+        """The global prototypes replace the client's stored ones."""
         received = read_prototypes(message, self.num_classes, self.feature_dim, with_counts=False)
         client.load_prototypes({c: prototype for c, (prototype, _) in received.items()})
+
+    def train(self, client: PrototypeClient, message: State, ctx: ClientContext) -> Upload:
+        self.receive(client, message)
         self.train_local(client, ctx)
         return prototype_upload(
             client.model, ctx, self.num_classes, self.config.train.batch_size, with_counts=True

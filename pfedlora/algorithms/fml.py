@@ -24,7 +24,6 @@ from pfedlora.algorithms.distillation import (
     SharedModelAlgorithm,
     build_pair,
     kl_divergence,
-    load_shared_,
 )
 from pfedlora.algorithms.state import State
 
@@ -55,6 +54,6 @@ class FML(SharedModelAlgorithm[ModelPair]):
         return loss_local, loss_shared
 
     def train(self, client: ModelPair, message: State, ctx: ClientContext) -> Upload:
-        load_shared_(client, message)
+        self.receive(client, message)  # the global shared model overwrites the client's copy
         self.train_mutually(client, list(client.parameters()), ctx, ctx.data)
         return Upload(self.shared_state(client), ctx.data.num_train)

@@ -26,6 +26,7 @@ class LGFedAvg(Algorithm[FeatureClassifier]):
 
     name = "lg-fedavg"
     uploads_global_state = True
+    received = "head"
 
     def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
         return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
@@ -34,16 +35,9 @@ class LGFedAvg(Algorithm[FeatureClassifier]):
         return key.startswith(self.head_prefix)
 
     def train(self, client: FeatureClassifier, message: State, ctx: ClientContext) -> Upload:
-        self.load_head(client, message)
+        self.receive(client, message)  # the global head overwrites the client's
         self.train_whole_model(client, ctx)
         return Upload(self.shared_state(client), ctx.data.num_train)
-
-    def load_head(self, client: FeatureClassifier, message: State) -> None:
-        """Overwrite the client's head with the global one; the message must hold exactly the head."""
-        expected = set(self.shared_state(client))
-        if set(message) != expected:
-            raise ValueError(f"expected the global head {sorted(expected)}, got {sorted(message)}")
-        client.load_state_dict(message, strict=False)  # shapes are checked by load_state_dict
 
     def train_whole_model(self, client: FeatureClassifier, ctx: ClientContext) -> None:
         """``train.local_epochs`` epochs of SGD on CE, every parameter trainable."""

@@ -73,8 +73,12 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
     def is_shared(self, key: str) -> bool:
         return is_adapter_key(key)
 
-    def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
+    def receive(self, client: PersonalizedModel, message: State) -> None:
+        """The global adapter overwrites the client's (strictly: AdapterMismatchError names a difference)."""
         load_adapter_state_dict(client, message)
+
+    def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
+        self.receive(client, message)
         phases = [self.train_local_phase, self.train_adapter_phase]
         if self.config.adapter.phase_order == "adapter-first":
             phases.reverse()

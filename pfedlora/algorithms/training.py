@@ -106,7 +106,8 @@ def train_on_client_data(
     data: ClientData | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> None:
-    """SGD on ``parameters`` alone (the rest of ``client`` frozen) over the client's shuffled batches.
+    """SGD on ``parameters`` alone (the rest of ``client`` frozen) over the client's batches (in the order
+    ``train.batch_order`` says).
 
     Defaults: ``train.local_epochs`` epochs at ``train.lr`` of cross-entropy on ``client(x)`` over
     ``ctx.data`` (``train.local_steps`` steps instead, when set). Charged to ``ctx.meter`` as
@@ -123,7 +124,9 @@ def train_on_client_data(
         run_sgd(
             parameters,
             train.local_epochs if epochs is None else epochs,
-            lambda: data.train_batches(train.batch_size, ctx.generator),
+            lambda: data.train_batches(
+                train.batch_size, ctx.generator, train.batch_order == "reshuffle", train.drop_last
+            ),
             cross_entropy if loss_fn is None else loss_fn,
             train,
             train.lr if lr is None else lr,

@@ -45,18 +45,24 @@ class ClientData:
         return int(self.validation_indices.numel())
 
     def train_batches(
-        self, batch_size: int, generator: torch.Generator
+        self, batch_size: int, generator: torch.Generator, shuffle: bool = True, drop_last: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of shuffled (normalised float32 x, int64 y) batches; the last may be smaller.
+        """One epoch of (normalised float32 x, int64 y) batches, shuffled (else in index order, as a
+        DataLoader without shuffling); the last may be smaller, unless ``drop_last`` drops it (never a
+        client's only batch).
 
         ``generator`` (on the CPU) orders the batches and draws the augmentation when ``augment`` is set.
         """
         _check_batch_size(batch_size)
         if generator.device.type != "cpu":
             raise ConfigError(f"train_batches needs a CPU generator, got one on {generator.device}")
-        order = torch.randperm(self.num_train, generator=generator).to(self.train_indices.device)
-        shuffled = self.train_indices[order]
-        for start in range(0, self.num_train, batch_size):
+        shuffled = self.train_indices
+        if shuffle:
+            shuffled = shuffled[torch.randperm(self.num_train, generator=generator).to(shuffled.device)]
+        end = self.num_train
+        if drop_last and end > batch_size:
+            end -= end % batch_size
+        for start in range(0, end, batch_size):
             index = shuffled[start : start + batch_size]
             x = self.dataset.train_x[index]  # (B, C, H, W) uint8
             if self.augment:

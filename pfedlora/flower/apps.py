@@ -108,7 +108,9 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Correct predictions and total samples on this client's evaluation split."""
     settings = message.content.config_records[SETTINGS]
-    correct, total = _node(message, context).evaluate(read_int(settings, "round"))
+    arrays = message.content.array_records
+    download = from_record(arrays[TENSORS]) if TENSORS in arrays else None  # after-download protocol
+    correct, total = _node(message, context).evaluate(read_int(settings, "round"), download)
     return Message(
         RecordDict({METRICS: MetricRecord({"correct": correct, "total": total})}), reply_to=message
     )

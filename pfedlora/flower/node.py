@@ -163,10 +163,12 @@ class Node:
         data = self.data
         return data.num_validation if self.config.eval_split == "validation" else data.num_test
 
-    def evaluate(self, server_round: int) -> tuple[int, int]:
-        """(correct, total) of the personalized predictor, as it is after ``server_round``, on this client's
-        evaluation split."""
+    def evaluate(self, server_round: int, download: State | None = None) -> tuple[int, int]:
+        """(correct, total) of the personalized predictor, as it is after ``server_round`` (having taken in
+        ``download`` when given; nothing is saved), on this client's evaluation split."""
         state = self.load_state(server_round + 1)
+        if download is not None:
+            self.algorithm.receive(state, {k: v.to(self.device) for k, v in download.items()})
         return client_accuracy(self.algorithm, state, self.data, self.config.eval_split)
 
 

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from pfedlora.algorithms import State, Upload, create_algorithm
+from pfedlora.algorithms import AnyAlgorithm, State, Upload, create_algorithm
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.flower.records import (
@@ -58,6 +58,8 @@ class GridClients:
         self.declared_eval: dict[int, int] = {}
         self.input_shape: tuple[int, ...] = (0, 0, 0)
         self.num_classes = 0
+        self.algorithm: AnyAlgorithm | None = None
+        """Set once the data's shape is known (it builds what ``after-download`` evaluation sends)."""
         self._discover()
 
     def _send(self, messages: list[Message]) -> Iterable[Message]:
@@ -159,14 +161,25 @@ class GridClients:
             return None
         return client_id
 
-    def evaluate(self, server_round: int) -> AccuracyReport:
+    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
         clients = range(self.config.federation.num_clients)
+
+        def content(client_id: int) -> RecordDict:
+            records: dict[str, ConfigRecord | ArrayRecord | MetricRecord] = {
+                SETTINGS: self._instruction(server_round)
+            }
+            if global_state is not None:  # after-download: scored right after taking this in
+                if self.algorithm is None:
+                    raise RuntimeError(
+                        "GridClients.algorithm must be set before an after-download evaluation"
+                    )
+                message = self.algorithm.broadcast(global_state, client_id, server_round + 1)
+                records[TENSORS] = to_record(message)
+            return RecordDict(records)
+
         outgoing = [
             Message(
-                RecordDict({SETTINGS: self._instruction(server_round)}),
-                self.nodes[client_id],
-                MessageType.EVALUATE,
-                group_id=str(server_round),
+                content(client_id), self.nodes[client_id], MessageType.EVALUATE, group_id=str(server_round)
             )
             for client_id in clients
         ]
@@ -252,6 +265,7 @@ def run_server(
             check_config(manifest, config, out_dir / CHECKPOINT_DIR)
     clients = GridClients(grid, config, experiment, timeout)
     algorithm = create_algorithm(config, clients.input_shape, clients.num_classes)
+    clients.algorithm = algorithm
     cpu = torch.device("cpu")  # the server only averages: its state stays on the CPU
     server = Server(config, algorithm, initial_global_state(algorithm, cpu))
     if resuming:

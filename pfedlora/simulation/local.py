@@ -3,6 +3,7 @@ another (a worker process of :mod:`pfedlora.simulation.workers` runs one over it
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Set
 
 import torch
@@ -32,6 +33,18 @@ def client_accuracy(
             hits += (algorithm.predict(state, x).argmax(dim=1) == y).sum()
             count += len(y)
     return int(hits), count  # one device-to-host copy per client, not per batch
+
+
+def scored_state(
+    algorithm: AnyAlgorithm, state: nn.Module, client_id: int, server_round: int, global_state: State | None
+) -> nn.Module:
+    """The state a client is scored with after ``server_round``: its own, or (``global_state`` given,
+    ``federation.evaluate = "after-download"``) a copy that has taken in the next broadcast."""
+    if global_state is None:
+        return state
+    downloaded = copy.deepcopy(state)
+    algorithm.receive(downloaded, algorithm.broadcast(global_state, client_id, server_round + 1))
+    return downloaded
 
 
 def evaluate(federation: Federation) -> AccuracyReport:
@@ -72,17 +85,25 @@ class LocalClients:
             results[client_id] = ClientResult(upload, meter.total, meter.samples - samples_before)
         return results
 
-    def evaluate_counts(self) -> dict[int, tuple[int, int]]:
-        """(correct, total) of every held client on its evaluation split."""
+    def evaluate_counts(
+        self, server_round: int = 0, global_state: State | None = None
+    ) -> dict[int, tuple[int, int]]:
+        """(correct, total) of every held client on its evaluation split (see :func:`scored_state`)."""
         federation = self.federation
-        split = federation.config.eval_split
+        algorithm, split = federation.algorithm, federation.config.eval_split
         return {
-            cid: client_accuracy(federation.algorithm, state, federation.clients[cid], split)
+            cid: client_accuracy(
+                algorithm,
+                scored_state(algorithm, state, cid, server_round, global_state),
+                federation.clients[cid],
+                split,
+            )
             for cid, state in federation.client_states.items()
         }
 
-    def evaluate(self, server_round: int) -> AccuracyReport:
-        return AccuracyReport.from_counts(self.evaluate_counts(), len(self.federation.clients))
+    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
+        counts = self.evaluate_counts(server_round, global_state)
+        return AccuracyReport.from_counts(counts, len(self.federation.clients))
 
     def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
         """The private states of ``client_ids`` (for a checkpoint)."""

@@ -68,8 +68,10 @@ class ClientPool(Protocol):
         """Deliver each client its message; clients in ``dropping`` (and any that fail) do not reply."""
         ...
 
-    def evaluate(self, server_round: int) -> AccuracyReport:
-        """Every client's personalized predictor on its own evaluation split."""
+    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
+        """Every client's personalized predictor on its own evaluation split; with ``global_state``, each
+        client is scored right after taking in what the server would send it next (on a copy: the client's
+        own state is unchanged)."""
         ...
 
 
@@ -185,7 +187,8 @@ def run_rounds(
         if budget is not None:
             record["privacy_epsilon"] = budget["epsilon"]
         if server_round % fed_cfg.eval_every == 0 or server_round == fed_cfg.rounds:
-            report = clients.evaluate(server_round)
+            download = fed_cfg.evaluate == "after-download"
+            report = clients.evaluate(server_round, server.server_state if download else None)
             record["mean_accuracy"] = report.mean
             record["weighted_accuracy"] = report.weighted
             record["std_accuracy"] = report.std

@@ -90,6 +90,8 @@ class Summary(TypedDict):
     rounds: int
     seed: int
     eval_split: str
+    evaluation: str
+    """When clients were scored (``federation.evaluate``): "after-training" or "after-download"."""
     mean_accuracy_best: float
     best_round: int
     mean_accuracy_last: float
@@ -159,6 +161,7 @@ def summarize_records(
         "rounds": config.federation.rounds,
         "seed": config.seed,
         "eval_split": config.eval_split,
+        "evaluation": config.federation.evaluate,
         "mean_accuracy_best": curve["mean_accuracy_best"],
         "best_round": curve["best_round"],
         "mean_accuracy_last": curve["mean_accuracy_last"],

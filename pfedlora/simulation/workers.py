@@ -190,9 +190,10 @@ class WorkerPool:
         for cid, (_, target) in moves.items():
             self.owners[cid] = target
 
-    def evaluate(self, server_round: int) -> AccuracyReport:
+    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
+        state = None if global_state is None else _cpu(global_state)
         for worker in self.workers:
-            self._send(worker, f"the evaluation after round {server_round}", "evaluate")
+            self._send(worker, f"the evaluation after round {server_round}", "evaluate", server_round, state)
         counts: dict[int, tuple[int, int]] = {}
         for worker in self.workers:
             counts.update(self._receive(worker, f"the evaluation after round {server_round}"))
@@ -321,7 +322,7 @@ def _serve(
             if command == "train":
                 reply: Any = pool.train(*args)
             elif command == "evaluate":
-                reply = pool.evaluate_counts()
+                reply = pool.evaluate_counts(*args)
             elif command == "state_dicts":
                 reply = {cid: _cpu(federation.client_states[cid].state_dict()) for cid in args[0]}
             elif command == "peak_memory":

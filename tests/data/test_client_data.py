@@ -54,6 +54,17 @@ def test_train_batches_cover_each_index_once_per_epoch(augment: bool) -> None:
     assert all(y.dtype == torch.int64 for _, y in batches)
 
 
+def test_a_fixed_batch_order_and_drop_last() -> None:
+    client = _clients()[0]  # 14 train samples
+    fixed = [y for _, y in client.train_batches(4, _generator(3), shuffle=False)]
+    assert torch.equal(torch.cat(fixed), client.train_indices)  # index order, every epoch alike
+    assert [len(y) for y in fixed] == [4, 4, 4, 2]
+    dropped = [len(y) for _, y in client.train_batches(4, _generator(3), drop_last=True)]
+    assert dropped == [4, 4, 4]
+    only = [len(y) for _, y in client.train_batches(20, _generator(3), drop_last=True)]
+    assert only == [14]  # a client's only batch is never dropped
+
+
 def test_train_batches_are_normalised_images_of_their_labels() -> None:
     client = _clients(augment=False)[1]
     ds = client.dataset
