@@ -286,6 +286,15 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _split(text)]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds {text!r}: expected whole numbers separated by commas, e.g. 0,1,2"
+        ) from None
+
+
 def _run_variants(
     quiet: bool,
     work: Callable[[Callable[[Variant, bool], None], Callable[[str, RoundRecord], None]], T],
@@ -330,6 +339,14 @@ def compare(
             "federation.target_accuracy. Changing it reruns nothing."
         ),
     ] = None,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seeds",
+            help="Run every method with each of these seeds (e.g. 0,1,2) into DIR/<method>/seed-<s>; the "
+            "table gives mean ± std across seeds and the plots bands. Default: the config's seed once.",
+        ),
+    ] = "",
     quiet: QuietOption = False,
     jobs: JobsOption = 1,
     workers: WorkersOption = None,
@@ -338,10 +355,19 @@ def compare(
 
     Variants whose run already finished in the comparison directory are reused, so rerunning resumes.
     """
-    from pfedlora.compare import check_target, plan_variants, retarget, run_comparison, write_comparison
+    from pfedlora.compare import (
+        check_target,
+        plan_variants,
+        retarget,
+        run_comparison,
+        with_seeds,
+        write_comparison,
+    )
 
     try:
         variants = plan_variants(_split(algorithms), _split(placements), config, overrides or ())
+        if seeds:
+            variants = with_seeds(variants, _seeds(seeds))
         if target is not None:
             check_target(target)
     except PfedloraError as error:

@@ -13,6 +13,7 @@ import io
 import logging
 import queue
 import shutil
+import statistics
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from typing import Any
 import torch.multiprocessing as torch_mp
 
 from pfedlora.algorithms import algorithm_class
-from pfedlora.config import ExperimentConfig, load_config
+from pfedlora.config import ExperimentConfig, load_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.models import PLACEMENTS, is_transformer
-from pfedlora.plots import evaluation_note, plot_runs
+from pfedlora.plots import evaluation_note, plot_groups
 from pfedlora.simulation import read_run, resume_run, run_experiment
 from pfedlora.simulation.federation import load_run_dataset
 from pfedlora.simulation.loop import RoundCallback
@@ -317,54 +318,168 @@ def accuracy_within_flops(records: Sequence[RoundRecord], budget: float) -> floa
     return within[-1]["mean_accuracy"] if within else None
 
 
+FORMATS: tuple[tuple[float, int], ...] = (
+    *[(0.01, 2)] * 5,  # accuracies and their spread over clients, in percent
+    (1.0, 0),  # rounds to target
+    (1e6, 2),
+    (1e12, 3),
+    (1e6, 2),
+    (1e12, 3),
+    (1.0, 1),
+)
+"""(divisor, digits) of each numeric column of :data:`COLUMNS` (all but the method)."""
+
+
+def _values(records: Sequence[RoundRecord], s: Summary, budget: float) -> list[float | None]:
+    """One run's numeric columns (:data:`COLUMNS` after the method), unscaled; None where not reached."""
+    return [
+        s["mean_accuracy_best"],
+        s["mean_accuracy_last"],
+        s["mean_accuracy_last10pct"],
+        accuracy_within_flops(records, budget),
+        s["std_accuracy_last"],
+        s["target_round"],
+        s["bytes_to_target"],
+        s["train_flops_to_target"],
+        s["bytes_total"],
+        s["train_flops_total"],
+        s["wall_seconds"],
+    ]
+
+
+def _flops_budget(results: Sequence[Result]) -> float:
+    """The smallest total client FLOPs any run spent: where "acc @ equal FLOPs" reads every curve."""
+    return min((s["train_flops_total"] for _, _, s in results), default=0.0)
+
+
 def comparison_rows(results: Sequence[Result]) -> list[list[str]]:
     """The comparison table's rows, one per variant, formatted.
 
     "acc @ equal FLOPs" reads every curve at the smallest total client FLOPs any variant spent, so a
     method that trains more per round is not flattered by a comparison at equal rounds.
     """
-    budget = min((s["train_flops_total"] for _, _, s in results), default=0.0)
-    rows = []
-    for label, records, s in results:
-        rows.append(
-            [
-                label,
-                _fmt(s["mean_accuracy_best"], 0.01),
-                _fmt(s["mean_accuracy_last"], 0.01),
-                _fmt(s["mean_accuracy_last10pct"], 0.01),
-                _fmt(accuracy_within_flops(records, budget), 0.01),
-                _fmt(s["std_accuracy_last"], 0.01),
-                "–" if s["target_round"] is None else str(s["target_round"]),
-                _fmt(s["bytes_to_target"], 1e6),
-                _fmt(s["train_flops_to_target"], 1e12, 3),
-                _fmt(s["bytes_total"], 1e6),
-                _fmt(s["train_flops_total"], 1e12, 3),
-                _fmt(s["wall_seconds"], 1.0, 1),
-            ]
+    budget = _flops_budget(results)
+    return [
+        [
+            label,
+            *(
+                _fmt(value, scale, digits)
+                for value, (scale, digits) in zip(_values(records, s, budget), FORMATS, strict=True)
+            ),
+        ]
+        for label, records, s in results
+    ]
+
+
+SEED_SEPARATOR = "/seed-"
+"""A seeded variant's label is ``<method>/seed-<seed>`` (and so is its run directory under the comparison)."""
+
+
+def with_seeds(variants: Sequence[Variant], seeds: Sequence[int]) -> list[Variant]:
+    """Every variant once per seed, labelled ``<label>/seed-<seed>``."""
+    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+        raise ConfigError(f"seeds: {list(seeds)} must be distinct whole numbers >= 0, e.g. 0,1,2")
+    return [
+        Variant(
+            f"{v.label}{SEED_SEPARATOR}{seed}", replace(v.config, seed=seed), (*v.overrides, f"seed={seed}")
         )
-    return rows
+        for v in variants
+        for seed in seeds
+    ]
+
+
+def group_by_method(results: Sequence[Result]) -> list[tuple[str, list[Result]]]:
+    """The results grouped by method (the label before ``/seed-``), in first-seen order."""
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result[0].split(SEED_SEPARATOR)[0], []).append(result)
+    return list(groups.items())
+
+
+def seed_rows(results: Sequence[Result]) -> tuple[list[list[str]], list[list[float | None]]]:
+    """One row per method: each column's mean ± standard deviation across seeds (n − 1), with "(k/n)"
+    where only k of n seeds reached a value; and the numbers behind them (mean, std per column)."""
+    budget = _flops_budget(results)
+    rows: list[list[str]] = []
+    numbers: list[list[float | None]] = []
+    for method, runs in group_by_method(results):
+        cells: list[str] = [method]
+        values: list[float | None] = []
+        columns = zip(*(_values(records, s, budget) for _, records, s in runs), strict=True)
+        for column, (scale, digits) in zip(columns, FORMATS, strict=True):
+            present = [float(v) for v in column if v is not None]
+            if not present:
+                cells.append("–")
+                values += [None, None]
+                continue
+            mean = statistics.fmean(present)
+            spread = statistics.stdev(present) if len(present) > 1 else 0.0
+            reached = f" ({len(present)}/{len(runs)})" if len(present) < len(runs) else ""
+            cells.append(f"{mean / scale:.{digits}f} ± {spread / scale:.{digits}f}{reached}")
+            values += [mean, spread]
+        rows.append(cells)
+        numbers.append(values)
+    return rows, numbers
+
+
+def lead_verdict(methods: Sequence[str], numbers: Sequence[Sequence[float | None]]) -> str:
+    """Whether the best method by last mean accuracy leads the runner-up by more than the spread across
+    seeds (the gap must exceed the sum of their standard deviations)."""
+    last = [
+        (row[2], row[3], method) for method, row in zip(methods, numbers, strict=True) if row[2] is not None
+    ]
+    if len(last) < 2:
+        return ""
+    (best, best_sd, first), (second, second_sd, runner_up) = sorted(last, reverse=True)[:2]
+    gap, spread = 100 * (best - second), 100 * ((best_sd or 0.0) + (second_sd or 0.0))
+    verdict = "a lead" if gap > spread else "no lead: within the spread across seeds"
+    return (
+        f"Last mean accuracy: {first} is ahead of {runner_up} by {gap:.2f} points; their standard deviations "
+        f"across seeds add up to {spread:.2f} points: {verdict}."
+    )
 
 
 def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Path]:
-    """Write ``comparison.md``, ``comparison.csv`` and the plots of :func:`plot_runs` (all variants)."""
+    """Write ``comparison.md``, ``comparison.csv`` and the plots of :func:`plot_runs` (all variants).
+
+    With several seeds (labels ``<method>/seed-<seed>``), every cell is the mean ± standard deviation
+    across seeds, the CSV has a mean and a std column for each, the plots show bands, and the Markdown
+    says whether the leader's margin exceeds the spread.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = comparison_rows(results)
     target = results[0][2]["target_accuracy"] if results else 0.0
     note = evaluation_note([summary.get("evaluation", "after-training") for _, _, summary in results])
-    markdown = [
+    seeded = any(SEED_SEPARATOR in label for label, _, _ in results)
+    header = (
         f"Target accuracy: {100 * target:g}% (mean over clients); {note}. FLOPs are client training FLOPs; "
-        '"acc @ equal FLOPs" is each curve read at the smallest total any method spent.',
+        '"acc @ equal FLOPs" is each curve read at the smallest total any method spent.'
+    )
+    groups = group_by_method(results)
+    if seeded:
+        rows, numbers = seed_rows(results)
+        seeds = sorted({s["seed"] for _, _, s in results})
+        header += f" Mean ± standard deviation across seeds {', '.join(map(str, seeds))}."
+        verdict = lead_verdict([method for method, _ in groups], numbers)
+        csv_header = ["method", *(f"{c} {stat}" for c in COLUMNS[1:] for stat in ("mean", "std"))]
+        csv_rows: list[list[Any]] = [[row[0], *number] for row, number in zip(rows, numbers, strict=True)]
+    else:
+        rows, verdict = comparison_rows(results), ""
+        csv_header, csv_rows = list(COLUMNS), [list(row) for row in rows]
+    markdown = [
+        header,
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(row) + " |" for row in rows),
+        *(["", verdict] if verdict else []),
     ]
     write_atomic(out / "comparison.md", "\n".join(markdown) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(COLUMNS)
-    writer.writerows(rows)
+    writer.writerow(csv_header)
+    writer.writerows(csv_rows)
     write_atomic(out / "comparison.csv", buffer.getvalue())
-    plots = plot_runs([(label, records) for label, records, _ in results], out, note)
+    plot_input = [(method, [records for _, records, _ in runs]) for method, runs in groups]
+    plots = plot_groups(plot_input, out, note)
     return [out / "comparison.md", out / "comparison.csv", *plots]

@@ -1,5 +1,6 @@
 """PNG plots of finished runs: mean accuracy per round, against cumulative megabytes sent, and against
-cumulative client training FLOPs."""
+cumulative client training FLOPs. A method run with several seeds is one line (the mean over seeds) in a
+band of ± one standard deviation across seeds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -16,6 +18,8 @@ from pfedlora.simulation.records import RoundRecord, is_evaluated
 
 Run = tuple[str, list[RoundRecord]]
 """A label and the run's per-round records."""
+Group = tuple[str, list[list[RoundRecord]]]
+"""A label and the per-round records of each of its runs (one per seed)."""
 XKey = Literal["round", "cumulative_bytes", "cumulative_train_flops"]
 
 
@@ -25,12 +29,23 @@ def _curve(records: list[RoundRecord], x_key: XKey, scale: float = 1.0) -> tuple
 
 
 def _plot(
-    runs: Sequence[Run], x_key: XKey, scale: float, xlabel: str, title: str, path: Path, note: str
+    groups: Sequence[Group], x_key: XKey, scale: float, xlabel: str, title: str, path: Path, note: str
 ) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for label, records in runs:
-        xs, ys = _curve(records, x_key, scale)
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    for label, runs in groups:
+        curves = [_curve(records, x_key, scale) for records in runs]
+        length = min(len(xs) for xs, _ in curves)  # the same evaluated rounds for every seed
+        xs = np.mean([xs[:length] for xs, _ in curves], axis=0)
+        ys = np.array([ys[:length] for _, ys in curves])
+        mean = ys.mean(axis=0)
+        line = ax.plot(
+            xs, mean, marker="o", markersize=3, label=label if len(runs) == 1 else f"{label} (n={len(runs)})"
+        )
+        if len(runs) > 1:
+            spread = ys.std(axis=0, ddof=1)  # as the tables: the sample standard deviation
+            ax.fill_between(
+                xs, mean - spread, mean + spread, color=line[0].get_color(), alpha=0.2, linewidth=0
+            )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean accuracy over clients (%)")
     ax.set_title(f"{title}\n{note}" if note else title, fontsize="medium")
@@ -49,13 +64,19 @@ def evaluation_note(protocols: Sequence[str]) -> str:
 
 def plot_runs(runs: Sequence[Run], out_dir: str | Path, note: str = "") -> list[Path]:
     """Write ``accuracy_per_round.png``, ``accuracy_vs_megabytes.png`` and ``accuracy_vs_tflops.png``
-    into ``out_dir``; ``note`` (e.g. :func:`evaluation_note`) is a second title line."""
+    into ``out_dir``, one line per run; ``note`` (e.g. :func:`evaluation_note`) is a second title line."""
+    return plot_groups([(label, [records]) for label, records in runs], out_dir, note)
+
+
+def plot_groups(groups: Sequence[Group], out_dir: str | Path, note: str = "") -> list[Path]:
+    """The plots of :func:`plot_runs`, one line per group: the mean over its runs (seeds), in a band of ±
+    one standard deviation where it has several (x: the mean over seeds of the bytes or FLOPs)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [
-        _plot(runs, "round", 1.0, "round", "Mean accuracy per round", out / "accuracy_per_round.png", note),
+        _plot(groups, "round", 1.0, "round", "Mean accuracy per round", out / "accuracy_per_round.png", note),
         _plot(
-            runs,
+            groups,
             "cumulative_bytes",
             1e6,
             "cumulative megabytes sent (down + up, all clients)",
@@ -64,7 +85,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, note: str = "") -> list[
             note,
         ),
         _plot(
-            runs,
+            groups,
             "cumulative_train_flops",
             1e12,
             "cumulative client training TFLOPs (all clients)",

@@ -1,5 +1,6 @@
 import csv
 import json
+import statistics
 
 import pytest
 from typer.testing import CliRunner
@@ -180,3 +181,39 @@ def test_a_failing_job_stops_the_comparison_with_its_message(tmp_path, tiny_data
     (tmp_path / "standalone" / "config.toml").write_text("not toml at all [")  # an unreadable run directory
     with pytest.raises(ConfigError, match="standalone"):
         run_comparison(variants, tmp_path, jobs=2, workers=1)
+
+
+def test_seeds_give_mean_and_spread_per_method_and_a_lead_only_beyond_the_spread(tmp_path, tiny_data):
+    args = ["compare", "-q", "-a", "standalone,lg-fedavg", "--seeds", "0,1,2", "--out", str(tmp_path)]
+    for item in TINY:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summaries = {
+        (method, seed): json.loads((tmp_path / method / f"seed-{seed}" / "summary.json").read_text())
+        for method in ("standalone", "lg-fedavg")
+        for seed in (0, 1, 2)
+    }
+    assert {s["seed"] for s in summaries.values()} == {0, 1, 2}
+    rows = {row[0]: row for row in csv.reader((tmp_path / "comparison.csv").open())}
+    assert set(rows) == {"method", "standalone", "lg-fedavg"}
+    header = rows["method"]
+    for method in ("standalone", "lg-fedavg"):
+        last = [summaries[method, seed]["mean_accuracy_last"] for seed in (0, 1, 2)]
+        mean = float(rows[method][header.index("last acc % mean")])
+        spread = float(rows[method][header.index("last acc % std")])
+        assert mean == pytest.approx(sum(last) / 3)
+        assert spread == pytest.approx(statistics.stdev(last))
+    text = (tmp_path / "comparison.md").read_text()
+    assert "Mean ± standard deviation across seeds 0, 1, 2" in text and " ± " in text
+    assert "Last mean accuracy:" in text and ("a lead." in text or "no lead" in text)
+    bad = CliRunner().invoke(app, [*args[:-2], "--seeds", "0,x", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--seeds '0,x'" in bad.stderr
+
+
+def test_the_lead_verdict_weighs_the_gap_against_the_spread():
+    near = [[None, None, 0.90, 0.02], [None, None, 0.89, 0.01]]
+    assert "no lead" in compare.lead_verdict(["a", "b"], near)
+    far = [[None, None, 0.90, 0.002], [None, None, 0.85, 0.001]]
+    assert "a is ahead of b by 5.00 points" in compare.lead_verdict(["a", "b"], far)
+    assert compare.lead_verdict(["a", "b"], far).endswith(": a lead.")
