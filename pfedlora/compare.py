@@ -376,15 +376,16 @@ SEED_SEPARATOR = "/seed-"
 
 
 def with_seeds(variants: Sequence[Variant], seeds: Sequence[int]) -> list[Variant]:
-    """Every variant once per seed, labelled ``<label>/seed-<seed>``."""
+    """Every variant once per seed, labelled ``<label>/seed-<seed>``, seed by seed (so that an interrupted
+    comparison has every method at the first seeds)."""
     if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
         raise ConfigError(f"seeds: {list(seeds)} must be distinct whole numbers >= 0, e.g. 0,1,2")
     return [
         Variant(
             f"{v.label}{SEED_SEPARATOR}{seed}", replace(v.config, seed=seed), (*v.overrides, f"seed={seed}")
         )
-        for v in variants
         for seed in seeds
+        for v in variants
     ]
 
 
