@@ -4,6 +4,8 @@
 #
 #   bash docs/regenerate.sh            # everything, one setting after another (hours on a 2-core CPU)
 #   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
+#   bash docs/regenerate.sh seeds        # pFedLoRA-branch, FedAPEN, LG-FedAvg at N=100, C=10%, 5 classes,
+#                                        # seeds 0, 1, 2 (section "Three seeds")
 #
 # Every step reuses what already finished under runs/, so an interrupted run of this script resumes.
 # To use more cores, run the same compare command with `-a ALGO` subsets side by side (one thread each:
@@ -56,7 +58,18 @@ comparison() {
   done
 }
 
-if [[ $# -eq 0 ]]; then
+seeds() {
+  "$PFEDLORA" compare -q -a pfedlora,fedapen,lg-fedavg -p branch --seeds 0,1,2 \
+    --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" --target 0.8 \
+    --out runs/seeds-n100-c10-k5
+  for plot in accuracy_per_round accuracy_vs_tflops; do
+    cp "runs/seeds-n100-c10-k5/$plot.png" "docs/figures/seeds-n100-c10-k5-${plot//_/-}.png"
+  done
+}
+
+if [[ $# -eq 1 && $1 == seeds ]]; then
+  seeds
+elif [[ $# -eq 0 ]]; then
   search
   for name in n100-c10-k5-tuned n100-c10-k2 n50-c20-k5 n50-c20-k2 n10-c100-k5 n10-c100-k2; do
     comparison "$name"
