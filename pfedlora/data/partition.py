@@ -350,6 +350,22 @@ def make_partition(
     train_groups: np.ndarray | None = None,
     test_groups: np.ndarray | None = None,
 ) -> Partition:
-    """Partition by ``name`` (a ``PARTITIONS`` entry); settings a partition does not use are ignored."""
+    """Partition by ``name`` (a ``PARTITIONS`` entry); settings a partition does not use are ignored.
+
+    A federation that no partition could serve (fewer training samples than ``num_clients`` ×
+    ``min_train_samples``, or fewer test samples than clients: each needs one) is refused first, naming the
+    numbers, before anything is drawn or allocated.
+    """
+    if num_clients * min_train_samples > len(train_labels):
+        raise ConfigError(
+            f"federation.num_clients = {num_clients} clients of at least data.min_train_samples = "
+            f"{min_train_samples} training samples need {num_clients * min_train_samples:,}; the dataset has "
+            f"{len(train_labels):,}: use at most {len(train_labels) // min_train_samples:,} clients"
+        )
+    if num_clients > len(test_labels):
+        raise ConfigError(
+            f"federation.num_clients = {num_clients} exceeds the {len(test_labels):,} test samples; each "
+            "client needs one"
+        )
     settings = PartitionSettings(classes_per_client, alpha, min_train_samples, train_groups, test_groups)
     return PARTITIONS[name](train_labels, test_labels, num_clients, rng, settings)

@@ -326,3 +326,17 @@ def test_make_partition_unknown_name_lists_allowed() -> None:
             alpha=1.0,
             min_train_samples=0,
         )
+
+
+@pytest.mark.parametrize("name", ["pathological", "dirichlet", "iid"])
+def test_an_impossible_federation_is_refused_before_anything_is_drawn(name):
+    train, test = np.arange(60_000) % 10, np.arange(10_000) % 10
+    settings = {"classes_per_client": 5, "alpha": 0.5, "min_train_samples": 10}
+    with pytest.raises(
+        ConfigError, match=r"100000 clients .* need 1,000,000; the dataset has 60,000: use at most 6,000"
+    ):
+        make_partition(name, train, test, 100_000, np.random.default_rng(0), **settings)
+    with pytest.raises(ConfigError, match=r"exceeds the 10,000 test samples"):
+        make_partition(
+            name, train, test, 12_000, np.random.default_rng(0), **{**settings, "min_train_samples": 1}
+        )
