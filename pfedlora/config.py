@@ -73,6 +73,9 @@ class FederationConfig:
     """Probability that a sampled client drops out of a round (seeded): it receives but never replies."""
     checkpoint_every: int = 10
     """Rounds between crash-safe checkpoints of the whole run (0: none); ``pfedlora run --resume``."""
+    eval_sample: int = 0
+    """Clients scored at the evaluations before the last round: a seeded sample of this many, drawn anew
+    each time (0: every client). Every client is scored after the last round. For large federations."""
     evaluate: str = "after-training"
     """When a client is scored on evaluation rounds: "after-training" (what it holds at the end of its own
     last round; the protocol of the paper's authors) or "after-download" (every client first takes in the
@@ -255,6 +258,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "federation.sample_fraction": (0, 1, False),
     "federation.rounds": (1, _INF, True),
     "federation.eval_every": (1, _INF, True),
+    "federation.eval_sample": (0, _INF, True),
     "federation.target_accuracy": (0, 1, True),
     "federation.min_clients": (1, _INF, True),
     "federation.drop_rate": (0, 1, True),
@@ -430,6 +434,11 @@ def _check_federation(fed: FederationConfig) -> None:
         )
     if fed.trim_fraction == 0.5:
         raise ConfigError("federation.trim_fraction: 0.5 would drop every value; allowed: [0, 0.5)")
+    if fed.eval_sample > fed.num_clients:
+        raise ConfigError(
+            f"federation.eval_sample: {fed.eval_sample} exceeds the {fed.num_clients} clients; allowed: 0 "
+            f"(every client) to {fed.num_clients}"
+        )
     if fed.drop_rate == 1:
         raise ConfigError("federation.drop_rate = 1: every sampled client would drop out; allowed: [0, 1)")
     expected = sampled * (1 - fed.drop_rate)

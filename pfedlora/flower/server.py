@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
 
 import torch
@@ -161,8 +161,10 @@ class GridClients:
             return None
         return client_id
 
-    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
-        clients = range(self.config.federation.num_clients)
+    def evaluate(
+        self, server_round: int, global_state: State | None = None, client_ids: Sequence[int] | None = None
+    ) -> AccuracyReport:
+        clients = range(self.config.federation.num_clients) if client_ids is None else client_ids
 
         def content(client_id: int) -> RecordDict:
             records: dict[str, ConfigRecord | ArrayRecord | MetricRecord] = {

@@ -20,10 +20,12 @@ class AccuracyReport:
     totals: tuple[int, ...]
 
     @classmethod
-    def from_counts(cls, counts: Mapping[int, tuple[int, int]], num_clients: int) -> AccuracyReport:
-        """The report of clients 0..num_clients-1 from their (correct, total) counts."""
-        clients = range(num_clients)
-        return cls(tuple(counts[c][0] for c in clients), tuple(counts[c][1] for c in clients))
+    def from_counts(
+        cls, counts: Mapping[int, tuple[int, int]], clients: int | Sequence[int]
+    ) -> AccuracyReport:
+        """The report of ``clients`` (a count n: clients 0..n-1) from their (correct, total) counts."""
+        ids = range(clients) if isinstance(clients, int) else clients
+        return cls(tuple(counts[c][0] for c in ids), tuple(counts[c][1] for c in ids))
 
     @property
     def per_client(self) -> tuple[float | None, ...]:

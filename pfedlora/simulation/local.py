@@ -4,7 +4,7 @@ another (a worker process of :mod:`pfedlora.simulation.workers` runs one over it
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 
 import torch
 from torch import nn
@@ -86,11 +86,16 @@ class LocalClients:
         return results
 
     def evaluate_counts(
-        self, server_round: int = 0, global_state: State | None = None
+        self,
+        server_round: int = 0,
+        global_state: State | None = None,
+        client_ids: Sequence[int] | None = None,
     ) -> dict[int, tuple[int, int]]:
-        """(correct, total) of every held client on its evaluation split (see :func:`scored_state`)."""
+        """(correct, total) of every held client (of those in ``client_ids``, if given) on its evaluation
+        split (see :func:`scored_state`)."""
         federation = self.federation
         algorithm, split = federation.algorithm, federation.config.eval_split
+        wanted = None if client_ids is None else set(client_ids)
         return {
             cid: client_accuracy(
                 algorithm,
@@ -99,11 +104,15 @@ class LocalClients:
                 split,
             )
             for cid, state in federation.client_states.items()
+            if wanted is None or cid in wanted
         }
 
-    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
-        counts = self.evaluate_counts(server_round, global_state)
-        return AccuracyReport.from_counts(counts, len(self.federation.clients))
+    def evaluate(
+        self, server_round: int, global_state: State | None = None, client_ids: Sequence[int] | None = None
+    ) -> AccuracyReport:
+        counts = self.evaluate_counts(server_round, global_state, client_ids)
+        everyone = len(self.federation.clients)
+        return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
 
     def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
         """The private states of ``client_ids`` (for a checkpoint)."""

@@ -21,7 +21,7 @@ from pfedlora.config import ExperimentConfig
 from pfedlora.metrics import AccuracyReport, Channel
 from pfedlora.simulation.records import ClientCost, RoundRecord, RoundResult, privacy_budget
 from pfedlora.simulation.rounds import drops_out, server_update
-from pfedlora.simulation.sampling import sample_clients
+from pfedlora.simulation.sampling import evaluation_sample, sample_clients
 from pfedlora.simulation.screening import Reply
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,12 @@ class ClientPool(Protocol):
         """Deliver each client its message; clients in ``dropping`` (and any that fail) do not reply."""
         ...
 
-    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
-        """Every client's personalized predictor on its own evaluation split; with ``global_state``, each
-        client is scored right after taking in what the server would send it next (on a copy: the client's
-        own state is unchanged)."""
+    def evaluate(
+        self, server_round: int, global_state: State | None = None, client_ids: Sequence[int] | None = None
+    ) -> AccuracyReport:
+        """Every client's (or only ``client_ids``') personalized predictor on its own evaluation split; with
+        ``global_state``, each client is scored right after taking in what the server would send it next
+        (on a copy: the client's own state is unchanged)."""
         ...
 
 
@@ -188,11 +190,16 @@ def run_rounds(
             record["privacy_epsilon"] = budget["epsilon"]
         if server_round % fed_cfg.eval_every == 0 or server_round == fed_cfg.rounds:
             download = fed_cfg.evaluate == "after-download"
-            report = clients.evaluate(server_round, server.server_state if download else None)
+            last = server_round == fed_cfg.rounds
+            seed, size = server.config.seed, fed_cfg.eval_sample
+            sample = None if last else evaluation_sample(fed_cfg.num_clients, size, seed, server_round)
+            report = clients.evaluate(server_round, server.server_state if download else None, sample)
             record["mean_accuracy"] = report.mean
             record["weighted_accuracy"] = report.weighted
             record["std_accuracy"] = report.std
             record["client_accuracies"] = list(report.per_client)
+            if sample is not None:
+                record["evaluated_clients"] = sample
             record["clients_without_eval_samples"] = report.without_samples
             if report.without_samples and not warned_empty:
                 warned_empty = True

@@ -66,6 +66,9 @@ class RoundRecord(RoundResult):
     """Per client; None where its evaluation split is empty."""
     clients_without_eval_samples: NotRequired[int]
     """Clients left out of the means because their evaluation split is empty."""
+    evaluated_clients: NotRequired[list[int]]
+    """Where only a sample was scored (``federation.eval_sample``): their ids, in the order of
+    ``client_accuracies``."""
     privacy_epsilon: NotRequired[float | None]
     """With privacy on: ε spent by the end of this round (None without noise); see ``Summary.privacy``."""
 
@@ -92,6 +95,8 @@ class Summary(TypedDict):
     eval_split: str
     evaluation: str
     """When clients were scored (``federation.evaluate``): "after-training" or "after-download"."""
+    eval_sample: int
+    """Clients scored at the evaluations before the last (0: every client); the last scores every one."""
     mean_accuracy_best: float
     best_round: int
     mean_accuracy_last: float
@@ -162,6 +167,7 @@ def summarize_records(
         "seed": config.seed,
         "eval_split": config.eval_split,
         "evaluation": config.federation.evaluate,
+        "eval_sample": config.federation.eval_sample,
         "mean_accuracy_best": curve["mean_accuracy_best"],
         "best_round": curve["best_round"],
         "mean_accuracy_last": curve["mean_accuracy_last"],

@@ -10,6 +10,15 @@ def clients_per_round(num_clients: int, fraction: float) -> int:
     return max(1, min(num_clients, round(fraction * num_clients)))
 
 
+def evaluation_sample(num_clients: int, size: int, seed: int, server_round: int) -> list[int] | None:
+    """Sorted ids of the clients scored after ``server_round`` when only ``size`` are (None: every client),
+    drawn from the round's own stream."""
+    if size == 0 or size >= num_clients:
+        return None
+    rng = numpy_generator(seed, "evaluation", server_round)
+    return sorted(int(i) for i in rng.choice(num_clients, size=size, replace=False))
+
+
 def sample_clients(num_clients: int, fraction: float, seed: int, server_round: int) -> list[int]:
     """Sorted ids of the clients sampled without replacement in ``server_round`` (1-based)."""
     count = clients_per_round(num_clients, fraction)

@@ -23,7 +23,7 @@ import logging
 import os
 import resource
 import traceback
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -190,14 +190,18 @@ class WorkerPool:
         for cid, (_, target) in moves.items():
             self.owners[cid] = target
 
-    def evaluate(self, server_round: int, global_state: State | None = None) -> AccuracyReport:
+    def evaluate(
+        self, server_round: int, global_state: State | None = None, client_ids: Sequence[int] | None = None
+    ) -> AccuracyReport:
         state = None if global_state is None else _cpu(global_state)
+        during = f"the evaluation after round {server_round}"
         for worker in self.workers:
-            self._send(worker, f"the evaluation after round {server_round}", "evaluate", server_round, state)
+            self._send(worker, during, "evaluate", server_round, state, client_ids)
         counts: dict[int, tuple[int, int]] = {}
         for worker in self.workers:
             counts.update(self._receive(worker, f"the evaluation after round {server_round}"))
-        return AccuracyReport.from_counts(counts, self.config.federation.num_clients)
+        everyone = self.config.federation.num_clients
+        return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
 
     def peak_memory(self) -> list[int]:
         """Each worker's peak resident memory so far, in bytes (pages of the shared dataset included)."""
