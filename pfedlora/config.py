@@ -416,10 +416,13 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """max(1, round(C · N)) clients take part in a round."""
+    return max(1, min(num_clients, round(fraction * num_clients)))
+
+
 def _check_federation(fed: FederationConfig) -> None:
     """Refuse a schedule under which no round could ever aggregate; warn where few would."""
-    from pfedlora.simulation.sampling import clients_per_round
-
     sampled = clients_per_round(fed.num_clients, fed.sample_fraction)
     if fed.min_clients > sampled:
         raise ConfigError(

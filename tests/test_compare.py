@@ -130,10 +130,13 @@ def test_scoped_overrides_apply_to_their_variant_only():
         plan_variants(["standalone"], ["branch"], None, ["fml:train.lr=0.1"])
 
 
+def _compare_args(*options):
+    """``pfedlora compare -q OPTIONS`` on the tiny federation."""
+    return ["compare", "-q", *options, *(arg for item in TINY for arg in ("--set", item))]
+
+
 def test_compare_command(tmp_path, tiny_data):
-    args = ["compare", "-q", "-a", "pfedlora,standalone", "-p", "layers", "--out", str(tmp_path)]
-    for item in TINY:
-        args += ["--set", item]
+    args = _compare_args("-a", "pfedlora,standalone", "-p", "layers", "--out", str(tmp_path))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "comparison.md").is_file() and (
@@ -184,9 +187,7 @@ def test_a_failing_job_stops_the_comparison_with_its_message(tmp_path, tiny_data
 
 
 def test_seeds_give_mean_and_spread_per_method_and_a_lead_only_beyond_the_spread(tmp_path, tiny_data):
-    args = ["compare", "-q", "-a", "standalone,lg-fedavg", "--seeds", "0,1,2", "--out", str(tmp_path)]
-    for item in TINY:
-        args += ["--set", item]
+    args = _compare_args("-a", "standalone,lg-fedavg", "--seeds", "0,1,2", "--out", str(tmp_path))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summaries = {
@@ -207,7 +208,9 @@ def test_seeds_give_mean_and_spread_per_method_and_a_lead_only_beyond_the_spread
     text = (tmp_path / "comparison.md").read_text()
     assert "Mean ± standard deviation across seeds 0, 1, 2" in text and " ± " in text
     assert "Last mean accuracy:" in text and ("a lead." in text or "no lead" in text)
-    bad = CliRunner().invoke(app, [*args[:-2], "--seeds", "0,x", "--out", str(tmp_path / "bad")])
+    bad = CliRunner().invoke(
+        app, _compare_args("-a", "standalone", "--seeds", "0,x", "--out", str(tmp_path / "x"))
+    )
     assert bad.exit_code == 2 and "--seeds '0,x'" in bad.stderr
 
 

@@ -121,9 +121,10 @@ class Node:
         """The client's private state as it was before ``before_round``: the newest file of an earlier
         round, or the seeded initial state when it has not trained before."""
         state = create_client_state(self.algorithm, self.client_id, self.device, self.arch)
-        earlier = [r for r in self._saved() if r < before_round]
+        saved = self._saved()
+        earlier = [r for r in saved if r < before_round]
         if earlier:
-            path = self._saved()[max(earlier)]
+            path = saved[max(earlier)]
             state.load_state_dict(load_file(str(path), device=str(self.device)))
         return state
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pfedlora.algorithms.state import check_schema
 from pfedlora.config import ExperimentConfig, config_from_dict, config_to_dict, flat_config
@@ -73,11 +73,14 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write ``tensors`` to a safetensors file so that readers see either the old or the whole new file."""
+def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
+    """Write ``tensors`` to a safetensors file so that readers see either the old or the whole new file;
+    returns the SHA-256 of the bytes written."""
+    data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    tmp.write_bytes(data)
     tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 class Checkpointer:
@@ -110,12 +113,10 @@ class Checkpointer:
         }
         for client_id, state in sorted(clients.state_dicts(trained).items()):
             name = f"client-{client_id}-r{server_round}.safetensors"
-            save_atomic(state, self.path / name)
+            self.sha256[name] = save_atomic(state, self.path / name)
             self.clients[str(client_id)] = name
-            self.sha256[name] = file_digest(self.path / name)
         server_file = f"server-r{server_round}.safetensors"
-        save_atomic(server.server_state, self.path / server_file)
-        self.sha256[server_file] = file_digest(self.path / server_file)
+        self.sha256[server_file] = save_atomic(server.server_state, self.path / server_file)
         names = {server_file, *self.clients.values()}
         for name in names - self.sha256.keys():  # carried over from a checkpoint without digests
             self.sha256[name] = file_digest(self.path / name)

@@ -119,8 +119,8 @@ def read_run(path: str | Path) -> tuple[list[RoundRecord], Summary]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as error:
-            record = error
+        except json.JSONDecodeError:
+            record = None
         if isinstance(record, dict) and "round" in record:
             records.append(record)  # type: ignore[arg-type]
         else:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from pfedlora.config import clients_per_round
 from pfedlora.seeding import numpy_generator
 
-
-def clients_per_round(num_clients: int, fraction: float) -> int:
-    """max(1, round(C · N)) clients take part in a round."""
-    return max(1, min(num_clients, round(fraction * num_clients)))
+__all__ = ["clients_per_round", "evaluation_sample", "sample_clients"]
 
 
 def evaluation_sample(num_clients: int, size: int, seed: int, server_round: int) -> list[int] | None:
