@@ -73,6 +73,11 @@ class FederationConfig:
     """Probability that a sampled client drops out of a round (seeded): it receives but never replies."""
     checkpoint_every: int = 10
     """Rounds between crash-safe checkpoints of the whole run (0: none); ``pfedlora run --resume``."""
+    client_memory_mb: float = 2048.0
+    """Memory for the private states of clients between their rounds, per run (divided among worker
+    processes; 0: no bound). Beyond it the least recently used go to the run directory's ``clients/``
+    store and are read back when needed. Clients are created when first needed either way; the value
+    changes where states live, never the results."""
     eval_sample: int = 0
     """Clients scored at the evaluations before the last round: a seeded sample of this many, drawn anew
     each time (0: every client). Every client is scored after the last round. For large federations."""
@@ -259,6 +264,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "federation.rounds": (1, _INF, True),
     "federation.eval_every": (1, _INF, True),
     "federation.eval_sample": (0, _INF, True),
+    "federation.client_memory_mb": (0, _INF, True),
     "federation.target_accuracy": (0, 1, True),
     "federation.min_clients": (1, _INF, True),
     "federation.drop_rate": (0, 1, True),

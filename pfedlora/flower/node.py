@@ -30,10 +30,10 @@ from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import MODELS
 from pfedlora.seeding import torch_generator
-from pfedlora.simulation.checkpoint import save_atomic
 from pfedlora.simulation.federation import build_clients, create_client_state, resolve_device
 from pfedlora.simulation.local import client_accuracy
 from pfedlora.simulation.loop import ClientResult
+from pfedlora.simulation.results import save_atomic
 from pfedlora.simulation.rounds import client_update
 
 STATE_SUFFIX = ".safetensors"

@@ -38,6 +38,7 @@ from pfedlora.simulation.federation import initial_global_state
 from pfedlora.simulation.loop import ClientResult, Server
 from pfedlora.simulation.records import Summary
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, write_atomic
+from pfedlora.simulation.store import SavedFiles, StateFiles
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,12 @@ class GridClients:
     def declared_examples(self) -> Mapping[int, int]:
         return self.declared
 
-    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
+    def save_states(self, client_ids: Set[int], folder: Path, server_round: int) -> SavedFiles:
         """Nothing: private states live on the nodes (see :mod:`pfedlora.flower.node`)."""
         return {}
 
-    def load_state_dicts(self, states: Mapping[int, State]) -> None:
-        """Nothing to load: each node restores its own state for the round it is asked to train."""
+    def restore_states(self, files: StateFiles) -> None:
+        """Nothing to restore: each node restores its own state for the round it is asked to train."""
 
     def _instruction(self, server_round: int, **extra: ConfigValue) -> ConfigRecord:
         return ConfigRecord({**self.settings, "round": server_round, **extra})

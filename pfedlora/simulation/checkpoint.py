@@ -2,8 +2,9 @@
 
 Every ``federation.checkpoint_every`` rounds the run directory's ``checkpoint/`` receives the global state
 and the private state of every client trained since the previous checkpoint (safetensors files whose names
-carry the round), then ``manifest.json`` naming the round, the resolved configuration and the SHA-256 of
-every file it needs, written atomically last; the manifest it replaces becomes ``manifest.previous.json``.
+carry the round; a state already in the run's client store is hard-linked, not written again), then
+``manifest.json`` naming the round, the resolved configuration and the SHA-256 of every file it needs,
+written atomically last; the manifest it replaces becomes ``manifest.previous.json``.
 A crash at any moment leaves the last complete checkpoint intact, and the one before it too; files neither
 manifest names are removed. Random streams need no saving: every one is derived from (seed, purpose, round,
 client), so a resumed round draws exactly what it would have drawn. Clients never trained since the start
@@ -16,15 +17,13 @@ one (:class:`DamagedCheckpointError`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from pfedlora.algorithms.state import check_schema
 from pfedlora.config import ExperimentConfig, config_from_dict, config_to_dict, flat_config
@@ -32,13 +31,18 @@ from pfedlora.errors import ConfigError
 from pfedlora.simulation.federation import resolve_device
 from pfedlora.simulation.loop import ServerSide, StatefulPool
 from pfedlora.simulation.records import RoundRecord
-from pfedlora.simulation.results import write_atomic
+from pfedlora.simulation.results import file_digest, save_atomic, write_atomic
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 PREVIOUS_MANIFEST = "manifest.previous.json"
+
+
+FREE_ON_RESUME = ("federation.rounds", "federation.client_memory_mb")
+"""Keys a resumed run may change: the number of rounds (see :func:`check_config`) and where client states
+live (which never changes the results)."""
 
 
 class Manifest(TypedDict):
@@ -62,25 +66,6 @@ class DamagedCheckpointError(ConfigError):
     def __init__(self, message: str, previous: int | None) -> None:
         super().__init__(message)
         self.previous = previous
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
-    """Write ``tensors`` to a safetensors file so that readers see either the old or the whole new file;
-    returns the SHA-256 of the bytes written."""
-    data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return hashlib.sha256(data).hexdigest()
 
 
 class Checkpointer:
@@ -111,9 +96,9 @@ class Checkpointer:
             if record["round"] > self.round
             for client in record["clients"]
         }
-        for client_id, state in sorted(clients.state_dicts(trained).items()):
-            name = f"client-{client_id}-r{server_round}.safetensors"
-            self.sha256[name] = save_atomic(state, self.path / name)
+        saved = clients.save_states(trained, self.path, server_round)
+        for client_id, (name, digest) in sorted(saved.items()):
+            self.sha256[name] = digest
             self.clients[str(client_id)] = name
         server_file = f"server-r{server_round}.safetensors"
         self.sha256[server_file] = save_atomic(server.server_state, self.path / server_file)
@@ -210,13 +195,13 @@ def read_manifest(run_dir: str | Path, previous: bool = False) -> Manifest | Non
 
 def check_config(manifest: Manifest, config: ExperimentConfig, folder: Path) -> None:
     """Refuse to continue under a configuration other than the checkpoint's, naming every key that changed;
-    ``federation.rounds`` alone may differ (a run extended or shortened, see :func:`pfedlora.simulation.
-    resume_run`)."""
+    ``federation.rounds`` (a run extended or shortened, see :func:`pfedlora.simulation.resume_run`) and the
+    memory budget of the client store may differ."""
     if "config" not in manifest:
         logger.warning("%s records no configuration: config.toml is trusted as it is", folder)
         return
     before, now = flat_config(config_from_dict(manifest["config"])), flat_config(config)
-    changed = [key for key in now if key != "federation.rounds" and before[key] != now[key]]
+    changed = [key for key in now if key not in FREE_ON_RESUME and before[key] != now[key]]
     if changed:
         details = "; ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in changed)
         raise ConfigError(
@@ -231,7 +216,8 @@ def restore(run_dir: str | Path, server: ServerSide, clients: StatefulPool, mani
     ``clients``.
 
     The global state must have exactly the keys, shapes and dtypes of the server's initial one, and every
-    client state those of the client's module (``load_state_dict`` is strict); else ConfigError.
+    client file those of the client's architecture; else ConfigError. Client files are linked into the
+    client store and read when each client is next needed.
     """
     device = resolve_device(server.config.device)
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -239,8 +225,9 @@ def restore(run_dir: str | Path, server: ServerSide, clients: StatefulPool, mani
         server_state = load_file(str(folder / manifest["server"]))
         check_schema(server_state, server.server_state)
         server.server_state = {key: value.to(device) for key, value in server_state.items()}
-        clients.load_state_dicts(
-            {int(client_id): load_file(str(folder / name)) for client_id, name in manifest["clients"].items()}
+        digests = manifest.get("sha256", {})
+        clients.restore_states(
+            {int(cid): (folder / name, digests.get(name)) for cid, name in manifest["clients"].items()}
         )
     except (OSError, RuntimeError, KeyError, ValueError) as error:
         raise ConfigError(f"checkpoint in {folder} cannot be loaded: {error}") from error

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 
 WORKERS_ENV = "PFEDLORA_WORKERS"
+STORE_DIR = "clients"
+"""The run directory's folder of client states that did not fit the memory budget (while the run runs)."""
 
 
 def default_workers(config: ExperimentConfig) -> int:
@@ -60,7 +63,10 @@ def default_workers(config: ExperimentConfig) -> int:
 
 @contextmanager
 def open_run(
-    config: ExperimentConfig, dataset: Dataset | None = None, workers: int | None = None
+    config: ExperimentConfig,
+    dataset: Dataset | None = None,
+    workers: int | None = None,
+    run_dir: Path | None = None,
 ) -> Iterator[tuple[ServerSide, StatefulPool]]:
     """The server side and the client pool of a run (``workers`` None: :func:`default_workers`).
 
@@ -70,22 +76,31 @@ def open_run(
     - N > 1: the clients live in N worker processes of one intra-op thread each, stopped when the block
       ends.
 
-    Every N >= 1 computes the same numbers: each client trains on one thread, wherever it lives.
+    Every N >= 1 computes the same numbers: each client trains on one thread, wherever it lives. Client
+    states beyond the memory budget spill into ``run_dir``'s ``clients/`` folder (a temporary folder when
+    None), emptied when the block starts and removed when it ends.
     """
     if dataset is None:
         dataset = load_run_dataset(config)
     workers = default_workers(config) if workers is None else workers
     if workers < 0:
         raise ConfigError(f"workers: {workers} is out of range; allowed: 0 (this process) or more")
-    if workers <= 1:
-        federation = build_federation(config, dataset)
-        with intra_op_threads(1 if workers == 1 else torch.get_num_threads()):
-            yield federation, LocalClients(federation, FlopMeter())
-        return
-    algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
-    server = Server(config, algorithm, initial_global_state(algorithm, resolve_device(config.device)))
-    with WorkerPool(config, dataset, workers) as pool:
-        yield server, pool
+    store_folder = None if run_dir is None else Path(run_dir) / STORE_DIR
+    if store_folder is not None:
+        shutil.rmtree(store_folder, ignore_errors=True)  # what a crashed run left: newer than its checkpoint
+    try:
+        if workers <= 1:
+            federation = build_federation(config, dataset, store_folder=store_folder)
+            with intra_op_threads(1 if workers == 1 else torch.get_num_threads()):
+                yield federation, LocalClients(federation, FlopMeter())
+            return
+        algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
+        server = Server(config, algorithm, initial_global_state(algorithm, resolve_device(config.device)))
+        with WorkerPool(config, dataset, workers, store_folder=store_folder) as pool:
+            yield server, pool
+    finally:
+        if store_folder is not None:
+            shutil.rmtree(store_folder, ignore_errors=True)
 
 
 @contextmanager
@@ -130,7 +145,8 @@ def run_experiment(
     Returns the summary.
     """
     started = time.perf_counter()
-    with open_run(config, dataset, workers) as (server, clients):
+    run_dir = None if out_dir is None else Path(out_dir)
+    with open_run(config, dataset, workers, run_dir) as (server, clients):
         if out_dir is None:
             records = run_rounds(server, clients, on_round)
             return summarize(server, records, time.perf_counter() - started)
@@ -178,7 +194,7 @@ def resume_run(
         if finished:
             (run_dir / SUMMARY_FILE).unlink()
         write_atomic(run_dir / CONFIG_FILE, config_to_toml(config))
-    with open_run(config, dataset, workers) as (server, clients):
+    with open_run(config, dataset, workers, run_dir) as (server, clients):
         writer, done = continue_run(run_dir, server, clients, manifest)
         if on_round is not None:
             for record in done:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from pfedlora.data import (
 from pfedlora.data.text import TextCorpus, tokenize_corpus
 from pfedlora.models import check_homogeneous
 from pfedlora.seeding import numpy_generator, torch_generator
+from pfedlora.simulation.store import ClientStore
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,13 +42,14 @@ def resolve_device(name: str) -> torch.device:
 class Federation:
     """Everything a run works on: the algorithm, each client's data and private state, the global state.
 
-    ``client_states`` may hold only some clients (a worker process holds its share).
+    ``client_states`` may hold only some clients (a worker process holds its share); each is created when
+    first needed (see :class:`~pfedlora.simulation.store.ClientStore`).
     """
 
     config: ExperimentConfig
     algorithm: AnyAlgorithm
     clients: list[ClientData]
-    client_states: dict[int, nn.Module]
+    client_states: ClientStore
     server_state: State
 
 
@@ -144,11 +147,37 @@ def initial_global_state(algorithm: AnyAlgorithm, device: torch.device) -> State
     return algorithm.initial_server_state(template.to(device))
 
 
+def client_store(
+    algorithm: AnyAlgorithm,
+    device: torch.device,
+    client_ids: Iterable[int],
+    share: float = 1.0,
+    folder: Path | None = None,
+) -> ClientStore:
+    """The store of the private states of ``client_ids``, with ``share`` of the run's memory budget
+    (``federation.client_memory_mb``), spilling to ``folder`` (a temporary one when None)."""
+    config = algorithm.config
+    budget = int(config.federation.client_memory_mb * share * 2**20)
+    return ClientStore(
+        lambda client_id: create_client_state(algorithm, client_id, device),
+        config.architecture_of,
+        client_ids,
+        memory_bytes=budget,
+        folder=folder,
+    )
+
+
 def build_federation(
-    config: ExperimentConfig, dataset: Dataset | None = None, client_ids: Iterable[int] | None = None
+    config: ExperimentConfig,
+    dataset: Dataset | None = None,
+    client_ids: Iterable[int] | None = None,
+    *,
+    memory_share: float = 1.0,
+    store_folder: Path | None = None,
 ) -> Federation:
-    """Load and partition the data, create the private state of every client (or of ``client_ids``) and
-    the initial global state.
+    """Load and partition the data, set up the store of the private states of every client (or of
+    ``client_ids``; created when first needed, see :func:`client_store` for the other arguments) and the
+    initial global state.
 
     Refuses (AdapterMismatchError) a federation whose shared tensors differ between architectures
     before any training happens.
@@ -160,5 +189,5 @@ def build_federation(
     algorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)
     server_state = initial_global_state(algorithm, device)
     owned = range(config.federation.num_clients) if client_ids is None else client_ids
-    client_states = {client_id: create_client_state(algorithm, client_id, device) for client_id in owned}
-    return Federation(config, algorithm, clients, client_states, server_state)
+    store = client_store(algorithm, device, owned, memory_share, store_folder)
+    return Federation(config, algorithm, clients, store, server_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence, Set
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from pfedlora.seeding import torch_generator
 from pfedlora.simulation.federation import Federation
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.rounds import client_update
+from pfedlora.simulation.store import SavedFiles, StateFiles, checkpoint_file
 
 EVAL_BATCH_SIZE = 1024
 
@@ -94,17 +96,16 @@ class LocalClients:
         """(correct, total) of every held client (of those in ``client_ids``, if given) on its evaluation
         split (see :func:`scored_state`)."""
         federation = self.federation
-        algorithm, split = federation.algorithm, federation.config.eval_split
-        wanted = None if client_ids is None else set(client_ids)
+        algorithm, split, store = federation.algorithm, federation.config.eval_split, federation.client_states
+        wanted = store if client_ids is None else sorted(set(client_ids) & store.owned)
         return {
             cid: client_accuracy(
                 algorithm,
-                scored_state(algorithm, state, cid, server_round, global_state),
+                scored_state(algorithm, store.view(cid), cid, server_round, global_state),
                 federation.clients[cid],
                 split,
             )
-            for cid, state in federation.client_states.items()
-            if wanted is None or cid in wanted
+            for cid in wanted
         }
 
     def evaluate(
@@ -115,10 +116,19 @@ class LocalClients:
         return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
 
     def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
-        """The private states of ``client_ids`` (for a checkpoint)."""
-        return {cid: self.federation.client_states[cid].state_dict() for cid in sorted(client_ids)}
+        """The private states of ``client_ids``."""
+        return {cid: self.federation.client_states.state_dict(cid) for cid in sorted(client_ids)}
 
-    def load_state_dicts(self, states: Mapping[int, State]) -> None:
-        """Overwrite the private states of the clients in ``states`` (resuming from a checkpoint)."""
-        for cid, state in states.items():
-            self.federation.client_states[cid].load_state_dict(state)
+    def save_states(self, client_ids: Set[int], folder: Path, server_round: int) -> SavedFiles:
+        store = self.federation.client_states
+        saved = {}
+        for cid in sorted(client_ids & store.owned):
+            name = checkpoint_file(cid, server_round)
+            saved[cid] = (name, store.save(cid, folder / name))
+        return saved
+
+    def restore_states(self, files: StateFiles) -> None:
+        store = self.federation.client_states
+        for cid, (path, digest) in files.items():
+            if cid in store.owned:
+                store.restore(cid, path, digest)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from pfedlora.algorithms import AnyAlgorithm, State, Upload
@@ -23,6 +24,7 @@ from pfedlora.simulation.records import ClientCost, RoundRecord, RoundResult, pr
 from pfedlora.simulation.rounds import drops_out, server_update
 from pfedlora.simulation.sampling import evaluation_sample, sample_clients
 from pfedlora.simulation.screening import Reply
+from pfedlora.simulation.store import SavedFiles, StateFiles
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +82,14 @@ class ClientPool(Protocol):
 class StatefulPool(ClientPool, Protocol):
     """A client pool whose private states can be saved and restored (checkpoints)."""
 
-    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
-        """The private states of ``client_ids``."""
+    def save_states(self, client_ids: Set[int], folder: Path, server_round: int) -> SavedFiles:
+        """Write the private states of ``client_ids`` into ``folder`` (files named by
+        :func:`~pfedlora.simulation.store.checkpoint_file`); the name and SHA-256 of each client's file."""
         ...
 
-    def load_state_dicts(self, states: Mapping[int, State]) -> None:
-        """Overwrite the private states of the clients in ``states``."""
+    def restore_states(self, files: StateFiles) -> None:
+        """Take the private states of the clients in ``files`` from those safetensors files (each with its
+        SHA-256, if known); ValueError where a file does not hold the client's tensors."""
         ...
 
 

@@ -6,12 +6,16 @@ summary is written atomically (temporary file, then rename) once the run ends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+
+import torch
+from safetensors.torch import save
 
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import ConfigError
@@ -38,6 +42,25 @@ def write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
+    """Write ``tensors`` to a safetensors file so that readers see either the old or the whole new file;
+    returns the SHA-256 of the bytes written."""
+    data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 class RunWriter:

@@ -1,7 +1,8 @@
 """A pool of worker processes that train and evaluate a run's clients in parallel.
 
-Worker ``w`` of ``W`` starts owning the clients ``c`` with ``c mod W == w``: their private states are built
-in that process and stay there (a checkpoint asks for the state dicts of the clients it saves). Per round
+Worker ``w`` of ``W`` starts owning the clients ``c`` with ``c mod W == w``: their private states live in
+that process's client store (created when first needed, spilling to disk beyond ``1/W`` of the memory
+budget) and stay there (a checkpoint asks each worker to write the files of its clients). Per round
 only the server's messages go out and the uploads and their costs come back. A round's sampled clients
 rarely split evenly between fixed owners (10 of 100 over 2 workers: 80% of the cores busy on average), so
 before each round the pool moves the few private states that balance the round's estimated work
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -38,14 +40,10 @@ from pfedlora.config import ExperimentConfig
 from pfedlora.data import Dataset
 from pfedlora.errors import PfedloraError
 from pfedlora.metrics import AccuracyReport, FlopMeter
-from pfedlora.simulation.federation import (
-    build_federation,
-    client_counts,
-    create_client_state,
-    resolve_device,
-)
+from pfedlora.simulation.federation import build_federation, client_counts
 from pfedlora.simulation.local import LocalClients
 from pfedlora.simulation.loop import ClientResult
+from pfedlora.simulation.store import SavedFiles, StateFiles
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +107,16 @@ class WorkerPool:
     Use it as a context manager (or call :meth:`close`): the workers stop when it closes.
     """
 
-    def __init__(self, config: ExperimentConfig, dataset: Dataset, workers: int, threads: int = 1) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        dataset: Dataset,
+        workers: int,
+        threads: int = 1,
+        store_folder: Path | None = None,
+    ) -> None:
+        """``store_folder``: where the workers' client stores spill over (a temporary folder each when
+        None); each worker gets ``1/workers`` of the memory budget ``federation.client_memory_mb``."""
         if workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {workers}")
         self.config = config
@@ -130,7 +137,7 @@ class WorkerPool:
                 here, there = context.Pipe()
                 process = context.Process(
                     target=_serve,
-                    args=(there, config, shared, clients, threads),
+                    args=(there, config, shared, clients, threads, store_folder, 1 / workers),
                     name=f"pfedlora-worker-{index}",
                     daemon=True,
                 )
@@ -212,7 +219,7 @@ class WorkerPool:
     # --- checkpoints -----------------------------------------------------------------------------------
 
     def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
-        """The private states of ``client_ids``, on the CPU (for a checkpoint)."""
+        """The private states of ``client_ids``, on the CPU."""
         asked = []
         for worker in self.workers:
             share = [cid for cid in sorted(client_ids) if self.owners[cid] == worker.index]
@@ -224,12 +231,33 @@ class WorkerPool:
             states.update(self._receive(worker, "a checkpoint"))
         return states
 
-    def load_state_dicts(self, states: Mapping[int, State]) -> None:
-        """Overwrite the private states of the clients in ``states`` (resuming from a checkpoint)."""
+    def save_states(self, client_ids: Set[int], folder: Path, server_round: int) -> SavedFiles:
+        """Each worker writes the states of its clients among ``client_ids`` into ``folder``."""
+        return self._ask_all("a checkpoint", "save_states", client_ids, folder, server_round)
+
+    def restore_states(self, files: StateFiles) -> None:
+        """Each worker takes the states of its clients among ``files`` from those files (resuming)."""
         for worker in self.workers:
-            self._send(worker, "restoring a checkpoint", "load_state_dicts", self._share(worker, states))
+            self._send(worker, "restoring a checkpoint", "restore_states", self._share(worker, files))
         for worker in self.workers:
             self._receive(worker, "restoring a checkpoint")
+
+    def store_figures(self) -> list[dict[str, int]]:
+        """Each worker's client store: bytes in memory, bytes on disk, states written to disk so far."""
+        return [self._ask(worker, "a store query", "store_figures") for worker in self.workers]
+
+    def _ask(self, worker: _Worker, during: str, command: str, *args: Any) -> Any:
+        self._send(worker, during, command, *args)
+        return self._receive(worker, during)
+
+    def _ask_all(self, during: str, command: str, *args: Any) -> dict[Any, Any]:
+        """Send ``command`` to every worker, then merge their replies (dictionaries)."""
+        for worker in self.workers:
+            self._send(worker, during, command, *args)
+        merged: dict[Any, Any] = {}
+        for worker in self.workers:
+            merged.update(self._receive(worker, during))
+        return merged
 
     # --- plumbing --------------------------------------------------------------------------------------
 
@@ -252,6 +280,8 @@ class WorkerPool:
             status, payload = worker.connection.recv()
         except (EOFError, ConnectionResetError):
             raise self._died(worker, during) from None
+        if status == "invalid":  # the command's input was refused: the caller's own error
+            raise ValueError(payload)
         if status == "error":
             raise WorkerError(f"worker {worker.index} failed during {during}:\n{payload}")
         return payload
@@ -304,12 +334,21 @@ def _ids(clients: list[int]) -> str:
 
 
 def _serve(
-    connection: Connection, config: ExperimentConfig, dataset: Dataset, clients: list[int], threads: int
+    connection: Connection,
+    config: ExperimentConfig,
+    dataset: Dataset,
+    clients: list[int],
+    threads: int,
+    store_folder: Path | None,
+    memory_share: float,
 ) -> None:
-    """A worker's main loop: build the owned clients, then answer commands until told to stop."""
+    """A worker's main loop: set up the owned clients, then answer commands until told to stop."""
     torch.set_num_threads(threads)
     try:
-        federation = build_federation(config, dataset, client_ids=clients)
+        federation = build_federation(
+            config, dataset, client_ids=clients, memory_share=memory_share, store_folder=store_folder
+        )
+        store = federation.client_states
         pool = LocalClients(federation, FlopMeter())
         connection.send(("ok", None))
     except BaseException:
@@ -328,21 +367,30 @@ def _serve(
             elif command == "evaluate":
                 reply = pool.evaluate_counts(*args)
             elif command == "state_dicts":
-                reply = {cid: _cpu(federation.client_states[cid].state_dict()) for cid in args[0]}
+                reply = {cid: _cpu(store.state_dict(cid)) for cid in args[0]}
             elif command == "peak_memory":
                 reply = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
             elif command == "release":  # hand these clients over to another worker
-                reply = {cid: _cpu(federation.client_states.pop(cid).state_dict()) for cid in args[0]}
+                reply = {cid: _cpu(store.release(cid)) for cid in args[0]}
             elif command == "adopt":  # take these clients over from another worker
-                device = resolve_device(config.device)
                 for cid, state in args[0].items():
-                    federation.client_states[cid] = create_client_state(federation.algorithm, cid, device)
-                    federation.client_states[cid].load_state_dict(state)
+                    store.adopt(cid, state)
                 reply = None
-            elif command == "load_state_dicts":
-                for cid, state in args[0].items():
-                    federation.client_states[cid].load_state_dict(state)
+            elif command == "save_states":
+                reply = pool.save_states(*args)
+            elif command == "restore_states":
+                try:
+                    pool.restore_states(*args)
+                except ValueError as error:
+                    connection.send(("invalid", str(error)))
+                    continue
                 reply = None
+            elif command == "store_figures":
+                reply = {
+                    "bytes_in_memory": store.bytes_in_memory(),
+                    "bytes_on_disk": store.bytes_on_disk(),
+                    "writes": store.writes,
+                }
             else:
                 raise ValueError(f"unknown command {command!r}")
             connection.send(("ok", reply))
