@@ -6,6 +6,8 @@
 #   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
 #   bash docs/regenerate.sh seeds        # pFedLoRA-branch, FedAPEN, LG-FedAvg at N=100, C=10%, 5 classes,
 #                                        # seeds 0, 1, 2 (section "Three seeds")
+#   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
+#                                        # Dirichlet (section "A thousand clients")
 #
 # Every step reuses what already finished under runs/, so an interrupted run of this script resumes.
 # To use more cores, run the same compare command with `-a ALGO` subsets side by side (one thread each:
@@ -67,8 +69,21 @@ seeds() {
   done
 }
 
+scale() {
+  "$PFEDLORA" compare -q -a pfedlora,standalone,lg-fedavg,fedapen -p branch \
+    --set federation.num_clients=1000 --set federation.sample_fraction=0.01 \
+    --set data.partition=dirichlet --set federation.rounds=500 --set federation.eval_every=25 \
+    --set federation.eval_sample=100 "${TUNED[@]}" --target "${SCALE_TARGET:-0.7}" \
+    --out runs/scale-n1000-c1-dirichlet
+  for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
+    cp "runs/scale-n1000-c1-dirichlet/$plot.png" "docs/figures/scale-n1000-c1-dirichlet-${plot//_/-}.png"
+  done
+}
+
 if [[ $# -eq 1 && $1 == seeds ]]; then
   seeds
+elif [[ $# -eq 1 && $1 == scale ]]; then
+  scale
 elif [[ $# -eq 0 ]]; then
   search
   for name in n100-c10-k5-tuned n100-c10-k2 n50-c20-k5 n50-c20-k2 n10-c100-k5 n10-c100-k2; do
