@@ -69,11 +69,21 @@ seeds() {
   done
 }
 
+# The TUNED overrides of the algorithms named (comma-separated) only.
+tuned_for() {
+  local algorithms=",$1," i
+  for ((i = 1; i < ${#TUNED[@]}; i += 2)); do
+    [[ $algorithms == *",${TUNED[i]%%:*},"* ]] && printf '%s\n' --set "${TUNED[i]}"
+  done
+}
+
 scale() {
-  "$PFEDLORA" compare -q -a pfedlora,standalone,lg-fedavg,fedapen -p branch \
+  local methods=pfedlora,standalone,lg-fedavg,fedapen
+  mapfile -t tuned < <(tuned_for "$methods")
+  "$PFEDLORA" compare -q -a "$methods" -p branch \
     --set federation.num_clients=1000 --set federation.sample_fraction=0.01 \
     --set data.partition=dirichlet --set federation.rounds=500 --set federation.eval_every=25 \
-    --set federation.eval_sample=100 "${TUNED[@]}" --target "${SCALE_TARGET:-0.7}" \
+    --set federation.eval_sample=100 "${tuned[@]}" --target "${SCALE_TARGET:-0.7}" \
     --out runs/scale-n1000-c1-dirichlet
   for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
     cp "runs/scale-n1000-c1-dirichlet/$plot.png" "docs/figures/scale-n1000-c1-dirichlet-${plot//_/-}.png"

@@ -248,7 +248,7 @@ def report(
         raise _fail(ConfigError("none of the run directories can be read"))
     console.print(_summary_table([(label, summary) for label, _, summary in loaded], title="runs"))
     plot_dir = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
-    note = evaluation_note([summary.get("evaluation", "after-training") for _, _, summary in loaded])
+    note = evaluation_note([summary for _, _, summary in loaded])
     for path in plot_runs([(label, records) for label, records, _ in loaded], plot_dir, note):
         console.print(f"plot written to [bold]{path}[/]")
 

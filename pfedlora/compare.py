@@ -450,7 +450,7 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = results[0][2]["target_accuracy"] if results else 0.0
-    note = evaluation_note([summary.get("evaluation", "after-training") for _, _, summary in results])
+    note = evaluation_note([summary for _, _, summary in results])
     seeded = any(SEED_SEPARATOR in label for label, _, _ in results)
     header = (
         f"Target accuracy: {100 * target:g}% (mean over clients); {note}. FLOPs are client training FLOPs; "

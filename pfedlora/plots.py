@@ -14,7 +14,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from pfedlora.simulation.records import RoundRecord, is_evaluated
+from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated
 
 Run = tuple[str, list[RoundRecord]]
 """A label and the run's per-round records."""
@@ -56,10 +56,17 @@ def _plot(
     return path
 
 
-def evaluation_note(protocols: Sequence[str]) -> str:
-    """How the runs' clients were scored, for titles: e.g. "clients scored after-training"."""
-    distinct = sorted(set(protocols))
-    return f"clients scored {' / '.join(distinct)}" if distinct else ""
+def evaluation_note(summaries: Sequence[Summary]) -> str:
+    """How the runs' clients were scored, for titles and tables: e.g. "clients scored after-training", and
+    where intermediate evaluations scored a sample, "; before the last round a sample of 100 clients"."""
+    if not summaries:
+        return ""
+    protocols = sorted({summary.get("evaluation", "after-training") for summary in summaries})
+    note = f"clients scored {' / '.join(protocols)}"
+    samples = sorted({summary.get("eval_sample", 0) for summary in summaries} - {0})
+    if samples:
+        note += f"; before the last round a sample of {' / '.join(map(str, samples))} clients"
+    return note
 
 
 def plot_runs(runs: Sequence[Run], out_dir: str | Path, note: str = "") -> list[Path]:

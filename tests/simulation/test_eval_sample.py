@@ -36,3 +36,15 @@ def test_the_sample_is_the_same_with_worker_processes(tmp_path, tiny_dataset, ti
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]  # noqa: E731
     (local, summary), (pool, _) = read_run(tmp_path / "local"), read_run(tmp_path / "pool")
     assert strip(local) == strip(pool) and summary["eval_sample"] == 3
+
+
+def test_titles_and_tables_name_the_sample(tmp_path, tiny_dataset, tiny_config):
+    from pfedlora.plots import evaluation_note
+
+    run_experiment(tiny_config("federation.eval_sample=3"), tmp_path / "sampled", dataset=tiny_dataset)
+    run_experiment(tiny_config(), tmp_path / "everyone", dataset=tiny_dataset)
+    sampled, everyone = read_run(tmp_path / "sampled")[1], read_run(tmp_path / "everyone")[1]
+    assert evaluation_note([everyone]) == "clients scored after-training"
+    assert evaluation_note([sampled, everyone]) == (
+        "clients scored after-training; before the last round a sample of 3 clients"
+    )
