@@ -57,6 +57,7 @@ def test_a_small_budget_spills_states_to_disk_and_changes_no_metric(tmp_path, ti
     store = federation.client_states
     assert _strip(records) == _strip(reference)
     assert store.writes > 0 and len(store.resident) == 1  # only the state in use stays in memory
+    assert all(p.grad is None for p in store[records[-1]["sampled"][-1]].parameters())  # gradients dropped
     assert store.bytes_in_memory() == state_bytes(next(iter(store.resident.values())))
     files = sorted(p.name for p in (tmp_path / "store").iterdir())
     assert files == sorted(f"client-{cid}.safetensors" for cid in store.on_disk) and store.bytes_on_disk() > 0
