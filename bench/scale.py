@@ -7,10 +7,11 @@ clients per round, each ``train.local_steps`` steps of 5 samples. Only the last 
 client, timed apart from the rounds. Reported per N: median seconds per round (rounds 2..R), peak resident
 memory of the whole process (setup, rounds and the final evaluation), resident memory after setup, the
 client store (states in memory, bytes spilled to disk, states written out), and the final evaluation's
-seconds; then ratios against the smallest N.
+seconds (medians over ``--repeats``, the order of sizes alternating; memory: the largest); then ratios
+against the smallest N.
 
     python bench/scale.py [--clients 100,1000,10000] [--rounds 20] [--sampled 10] [--memory-mb 256]
-                          [--workers 1] [--json FILE] [--smoke]
+                          [--workers 1] [--repeats 2] [--json FILE] [--smoke]
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="local steps of 5 samples per client")
     parser.add_argument("--memory-mb", type=float, default=256.0, help="federation.client_memory_mb")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per size, the order of sizes alternating"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="a few seconds on synthetic data")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -164,35 +168,51 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.clients, args.rounds, args.sampled, args.steps, args.memory_mb = "10,40", 3, 4, 2, 8.0
+        args.repeats = 1
     if args.one is not None:  # a child: one size, figures as one JSON line
         print(json.dumps(one_size(args, args.one, args.run_dir)))
         return
     sizes = [int(n) for n in args.clients.split(",")]
-    results = []
+    runs: dict[int, list[dict]] = {n: [] for n in sizes}
     with tempfile.TemporaryDirectory(prefix="pfedlora-scale-") as scratch:
-        for num_clients in sizes:
-            run_dir = Path(scratch) / f"n{num_clients}"
-            if args.smoke:  # in this process: the figures mean nothing, the code runs
-                results.append(one_size(args, num_clients, run_dir))
-                continue
-            # a fresh process per size, so that its peak memory is its own
-            command = [sys.executable, __file__, "--one", str(num_clients), "--run-dir", str(run_dir)]
-            command += [
-                "--rounds",
-                str(args.rounds),
-                "--sampled",
-                str(args.sampled),
-                "--steps",
-                str(args.steps),
-            ]
-            command += ["--memory-mb", str(args.memory_mb), "--workers", str(args.workers)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            console.print(f"N={num_clients:,}: done")
+        for repeat in range(args.repeats):
+            for num_clients in sizes if repeat % 2 == 0 else sizes[::-1]:  # drift falls on every size
+                run_dir = Path(scratch) / f"n{num_clients}-{repeat}"
+                runs[num_clients].append(measure(args, num_clients, run_dir))
+                console.print(f"N={num_clients:,}, repeat {repeat + 1}: done")
+    results = [combine(runs[n]) for n in sizes]
     report(results, args)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps({"repeats": runs, "combined": results}, indent=1) + "\n")
+
+
+def measure(args: argparse.Namespace, num_clients: int, run_dir: Path) -> dict:
+    """One size's figures: in this process with --smoke (the figures mean nothing, the code runs), else in
+    a fresh process, so that its peak memory is its own."""
+    if args.smoke:
+        return one_size(args, num_clients, run_dir)
+    command = [sys.executable, __file__, "--one", str(num_clients), "--run-dir", str(run_dir)]
+    for option in ("rounds", "sampled", "steps", "memory_mb", "workers"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    figures: dict = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def combine(repeats: list[dict]) -> dict:
+    """One size's figures over its repeats: median seconds, largest memory and store."""
+    combined = dict(repeats[0])
+    for key in ("seconds_per_round", "setup_seconds", "final_evaluation_seconds"):
+        combined[key] = statistics.median(r[key] for r in repeats)
+    for key in (
+        "setup_resident_bytes",
+        "peak_resident_bytes",
+        "store_bytes_in_memory",
+        "store_bytes_on_disk",
+    ):
+        combined[key] = max(r[key] for r in repeats)
+    return combined
 
 
 if __name__ == "__main__":
