@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import resource
+import tempfile
 import traceback
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ class WorkerPool:
         threads: int = 1,
         store_folder: Path | None = None,
     ) -> None:
-        """``store_folder``: where the workers' client stores spill over (a temporary folder each when
-        None); each worker gets ``1/workers`` of the memory budget ``federation.client_memory_mb``."""
+        """``store_folder``: where the workers' client stores spill over (a temporary folder, removed on
+        :meth:`close`, when None); each worker gets ``1/workers`` of the memory budget
+        ``federation.client_memory_mb``."""
         if workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {workers}")
         self.config = config
@@ -127,6 +129,8 @@ class WorkerPool:
         context = torch_mp.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         shared = dataset.share_memory()
+        self.scratch = None if store_folder else tempfile.TemporaryDirectory(prefix="pfedlora-clients-")
+        store_folder = Path(self.scratch.name) if self.scratch else store_folder
         num_clients = config.federation.num_clients
         self.owners = {cid: owner(cid, workers) for cid in range(num_clients)}
         self.flops_per_sample: dict[str, float] = {}  # measured per architecture, for balancing
@@ -318,6 +322,8 @@ class WorkerPool:
                 worker.process.join()
             worker.connection.close()
         self.workers = []
+        if self.scratch is not None:
+            self.scratch.cleanup()
 
     def __enter__(self) -> WorkerPool:
         return self

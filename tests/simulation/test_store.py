@@ -3,10 +3,12 @@ disk; the same metrics whatever the budget, the workers or an interruption."""
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
 
+from pfedlora.algorithms import create_algorithm
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import (
     TIMING_KEYS,
@@ -18,9 +20,11 @@ from pfedlora.simulation import (
 )
 from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, file_digest
 from pfedlora.simulation.experiment import STORE_DIR
-from pfedlora.simulation.federation import create_client_state
+from pfedlora.simulation.federation import create_client_state, initial_global_state
+from pfedlora.simulation.loop import Server, run_rounds
 from pfedlora.simulation.results import save_atomic
 from pfedlora.simulation.store import state_bytes
+from pfedlora.simulation.workers import WorkerPool
 from tests.simulation.test_checkpoint import CRASH
 
 TINY_BUDGET = "federation.client_memory_mb=0.001"  # about 1 KB: every state but the one in use spills
@@ -131,3 +135,17 @@ def test_resume_refuses_a_client_file_of_another_architecture(tmp_path, tiny_dat
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"cannot be loaded: .*does not hold client 0's state \(cnn1\)"):
         resume_run(run_dir, dataset=tiny_dataset, workers=workers)
+
+
+def test_without_a_run_directory_the_workers_spill_to_a_folder_removed_at_the_end(
+    tmp_path, tiny_dataset, tiny_config, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = tiny_config(TINY_BUDGET)
+    algorithm = create_algorithm(config, tiny_dataset.input_shape, tiny_dataset.num_classes)
+    server = Server(config, algorithm, initial_global_state(algorithm, torch.device("cpu")))
+    with WorkerPool(config, tiny_dataset, workers=2) as pool:
+        run_rounds(server, pool)
+        assert sum(figures["writes"] for figures in pool.store_figures()) > 0
+        assert len(list(tmp_path.glob("pfedlora-clients-*/client-*.safetensors"))) > 0
+    assert not list(tmp_path.glob("pfedlora-clients-*"))
