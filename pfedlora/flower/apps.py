@@ -3,8 +3,9 @@
 Run configuration keys (``[tool.flwr.app.config]`` of the app, or ``flwr run --run-config``):
 ``config-file`` (a pfedlora TOML file on the server, "" for the defaults), ``overrides`` (space-separated
 ``key=value`` pfedlora overrides), ``out-dir`` (the run directory the server writes), ``experiment`` (names
-the clients' checkpoint folder; "" for the out-dir's name), ``round-timeout`` (seconds) and ``resume``
-(true: continue the unfinished run in ``out-dir`` from its last checkpoint, e.g. after the ServerApp died).
+the clients' checkpoint folder; "" for the out-dir's name), ``round-timeout`` (seconds to wait for one batch
+of replies), ``messages-in-flight`` (the most messages sent at once; 0: all of a step) and ``resume`` (true:
+continue the unfinished run in ``out-dir`` from its last checkpoint, e.g. after the ServerApp died).
 Node configuration keys: ``partition-id`` (the stable client id, required), ``num-partitions``, ``arch``,
 ``data-dir``, ``state-dir`` (see :class:`pfedlora.flower.node.NodeSettings`).
 """
@@ -49,7 +50,8 @@ def serve(grid: Grid, context: Context) -> None:
     experiment = str(run_config.get("experiment", "")) or out_dir.name
     timeout = float(run_config.get("round-timeout", 600))
     resume = str(run_config.get("resume", "false")).lower() in ("true", "1")
-    summary = run_server(grid, config, out_dir, experiment, timeout, resume=resume)
+    in_flight = int(run_config.get("messages-in-flight", 0))
+    summary = run_server(grid, config, out_dir, experiment, timeout, resume=resume, in_flight=in_flight)
     logger.warning(
         "pfedlora on Flower: mean accuracy %.4f after %d rounds; results in %s",
         summary["mean_accuracy_last"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 
 import torch
@@ -50,8 +50,13 @@ class FederationError(PfedloraError):
 class GridClients:
     """The clients of a run, reached through ``grid``; node ids are mapped to stable client ids."""
 
-    def __init__(self, grid: Grid, config: ExperimentConfig, experiment: str, timeout: float) -> None:
+    def __init__(
+        self, grid: Grid, config: ExperimentConfig, experiment: str, timeout: float, in_flight: int = 0
+    ) -> None:
+        """``timeout``: seconds to wait for the replies to one batch of messages; ``in_flight``: the most
+        messages sent at once (0: all of a step at once), the rest following as replies come back."""
         self.grid, self.config, self.experiment, self.timeout = grid, config, experiment, timeout
+        self.in_flight = in_flight
         self.settings: dict[str, ConfigValue] = {"config": config_to_toml(config), "experiment": experiment}
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.client_of_node: dict[int, int] = {}  # node id -> client id
@@ -63,8 +68,13 @@ class GridClients:
         """Set once the data's shape is known (it builds what ``after-download`` evaluation sends)."""
         self._discover()
 
-    def _send(self, messages: list[Message]) -> Iterable[Message]:
-        return self.grid.send_and_receive(messages, timeout=self.timeout)
+    def _send(self, messages: list[Message]) -> Iterator[Message]:
+        """Send ``messages`` (``in_flight`` at a time) and yield the replies. Flower's simulation engine
+        scans every pending message for every node on each pass, so a thousand messages at once stall it
+        (1,000 nodes identified too slowly to finish in 10 minutes; see the README's *Scale*)."""
+        batch = self.in_flight or max(1, len(messages))
+        for start in range(0, len(messages), batch):
+            yield from self.grid.send_and_receive(messages[start : start + batch], timeout=self.timeout)
 
     def _discover(self) -> None:
         """Ask every node who it is: its client id, training samples, input shape and classes."""
@@ -246,13 +256,15 @@ def run_server(
     experiment: str,
     timeout: float = 600.0,
     resume: bool = False,
+    in_flight: int = 0,
 ) -> Summary:
     """Run ``config`` over the nodes of ``grid`` and write the run directory; returns the summary.
 
     The server checkpoints its global state every ``federation.checkpoint_every`` rounds, as the simulator
     does (the clients' private states live on their nodes, which keep what a restart needs). ``resume``:
     continue the unfinished run in ``out_dir`` from its last checkpoint (under the same configuration), or
-    start it when ``out_dir`` holds none; the metrics equal an uninterrupted run's.
+    start it when ``out_dir`` holds none; the metrics equal an uninterrupted run's. ``timeout`` and
+    ``in_flight``: see :class:`GridClients`.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -266,7 +278,7 @@ def run_server(
         manifest = read_manifest(out_dir)
         if manifest is not None:
             check_config(manifest, config, out_dir / CHECKPOINT_DIR)
-    clients = GridClients(grid, config, experiment, timeout)
+    clients = GridClients(grid, config, experiment, timeout, in_flight)
     algorithm = create_algorithm(config, clients.input_shape, clients.num_classes)
     clients.algorithm = algorithm
     cpu = torch.device("cpu")  # the server only averages: its state stays on the CPU

@@ -35,7 +35,7 @@ def client_update(algorithm: AnyAlgorithm, client: nn.Module, message: State, ct
     """Train ``client`` on the server's ``message``; with privacy on, clip the update before it leaves."""
     client.train()
     upload = algorithm.train(client, message, ctx)
-    client.zero_grad(set_to_none=True)  # gradients are no part of the state: idle clients keep half the memory
+    client.zero_grad(set_to_none=True)  # gradients are no part of the state: idle clients hold half as much
     privacy = algorithm.config.privacy
     if privacy.enabled:
         upload = Upload(clip_update(message, upload.tensors, privacy.clip_norm), upload.num_examples)

@@ -26,6 +26,7 @@ class InProcessGrid(Grid):
             for i, config in enumerate(node_configs)
         }
         self.sent: list[Message] = []
+        self.batches: list[int] = []  # messages per send_and_receive call
         self.tamper = tamper
         self.die_on_call, self.calls = die_on_call, 0
 
@@ -50,6 +51,8 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
+        messages = list(messages)
+        self.batches.append(len(messages))
         for message in messages:
             self.sent.append(message)
             context = self.contexts[message.metadata.dst_node_id]

@@ -73,6 +73,15 @@ def test_flower_run_equals_the_simulated_run(tmp_path, tiny_dataset, tiny_config
     }
 
 
+def test_messages_in_flight_are_bounded_and_change_nothing(tmp_path, tiny_dataset, tiny_config, tiny_nodes):
+    config = tiny_config(*SETTING)
+    run_experiment(config, tmp_path / "simulated", dataset=tiny_dataset)
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state"))
+    run_server(grid, config, tmp_path / "flower", experiment="t", in_flight=3)
+    assert max(grid.batches) == 3 and grid.batches[0] == 3 and grid.batches[1] == 1  # 4 nodes identified
+    assert _strip(read_run(tmp_path / "flower")[0]) == _strip(read_run(tmp_path / "simulated")[0])
+
+
 def test_bad_updates_are_refused_on_flower_too(tmp_path, tiny_config, tiny_nodes, monkeypatch):
     config = tiny_config(*SETTING)
     original = Node.train
