@@ -71,7 +71,7 @@ class GridClients:
     def _send(self, messages: list[Message]) -> Iterator[Message]:
         """Send ``messages`` (``in_flight`` at a time) and yield the replies. Flower's simulation engine
         scans every pending message for every node on each pass, so a thousand messages at once stall it
-        (1,000 nodes identified too slowly to finish in 10 minutes; see the README's *Scale*)."""
+        (1,000 at once: 166 nodes identified in 10 minutes; 25 at a time: all in 3; README, *Scale*)."""
         batch = self.in_flight or max(1, len(messages))
         for start in range(0, len(messages), batch):
             yield from self.grid.send_and_receive(messages[start : start + batch], timeout=self.timeout)

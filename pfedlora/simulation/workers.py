@@ -206,19 +206,13 @@ class WorkerPool:
     ) -> AccuracyReport:
         state = None if global_state is None else _cpu(global_state)
         during = f"the evaluation after round {server_round}"
-        for worker in self.workers:
-            self._send(worker, during, "evaluate", server_round, state, client_ids)
-        counts: dict[int, tuple[int, int]] = {}
-        for worker in self.workers:
-            counts.update(self._receive(worker, f"the evaluation after round {server_round}"))
+        counts = self._ask_all(during, "evaluate", server_round, state, client_ids)
         everyone = self.config.federation.num_clients
         return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
 
     def peak_memory(self) -> list[int]:
         """Each worker's peak resident memory so far, in bytes (pages of the shared dataset included)."""
-        for worker in self.workers:
-            self._send(worker, "a memory query", "peak_memory")
-        return [self._receive(worker, "a memory query") for worker in self.workers]
+        return [self._ask(worker, "a memory query", "peak_memory") for worker in self.workers]
 
     # --- checkpoints -----------------------------------------------------------------------------------
 
