@@ -4,8 +4,9 @@
   steps of a round (dropout, client update, server update); :mod:`~pfedlora.simulation.screening`: checks
   on uploads; :mod:`~pfedlora.simulation.sampling`: seeded client sampling.
 - :mod:`~pfedlora.simulation.federation`: building a federation (data, client states, global state).
-- :mod:`~pfedlora.simulation.local`: the simulator's client pool; :mod:`~pfedlora.simulation.experiment`:
-  a run from configuration to run directory, and resuming it.
+- :mod:`~pfedlora.simulation.local`: the simulator's client pool; :mod:`~pfedlora.simulation.workers`: the
+  same over worker processes; :mod:`~pfedlora.simulation.store`: where the client states live;
+  :mod:`~pfedlora.simulation.experiment`: a run from configuration to run directory, and resuming it.
 - :mod:`~pfedlora.simulation.records`: the typed per-round records and summary;
   :mod:`~pfedlora.simulation.results`: the run directory; :mod:`~pfedlora.simulation.checkpoint`: checkpoints.
 """
