@@ -84,9 +84,7 @@ def one_size(args: argparse.Namespace, num_clients: int, run_dir: Path) -> dict:
             worker_peaks = clients.peak_memory()
         else:
             assert isinstance(server, Federation)
-            store = server.client_states
-            stores = [{"bytes_in_memory": store.bytes_in_memory(), "bytes_on_disk": store.bytes_on_disk(),
-                       "writes": store.writes}]  # fmt: skip
+            stores = [server.client_states.figures()]
             worker_peaks = []
     wall = time.perf_counter() - started
     rounds = [r["round_seconds"] for r in records]

@@ -32,9 +32,9 @@ PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
+"""``federation.aggregator`` values (:func:`pfedlora.algorithms.state.combine` implements them)."""
 EVALUATION_PROTOCOLS: tuple[str, ...] = ("after-training", "after-download")
 BATCH_ORDERS: tuple[str, ...] = ("reshuffle", "fixed")
-"""``federation.aggregator`` values (:func:`pfedlora.algorithms.state.combine` implements them)."""
 
 
 @dataclass(frozen=True)

@@ -118,10 +118,6 @@ class LocalClients:
         everyone = len(self.federation.clients)
         return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
 
-    def state_dicts(self, client_ids: Set[int]) -> dict[int, State]:
-        """The private states of ``client_ids``."""
-        return {cid: self.federation.client_states.state_dict(cid) for cid in sorted(client_ids)}
-
     def save_states(self, client_ids: Set[int], folder: Path, server_round: int) -> SavedFiles:
         store = self.federation.client_states
         saved = {}

@@ -187,6 +187,14 @@ class ClientStore(Mapping[int, nn.Module]):
         """Bytes of the states held in the folder."""
         return sum(self._file(cid).stat().st_size for cid in self.on_disk)
 
+    def figures(self) -> dict[str, int]:
+        """Bytes in memory, bytes on disk, and states written to disk so far (for the scale benchmark)."""
+        return {
+            "bytes_in_memory": self.bytes_in_memory(),
+            "bytes_on_disk": self.bytes_on_disk(),
+            "writes": self.writes,
+        }
+
     # --- internals -----------------------------------------------------------------------------------------
 
     def _check(self, client_id: int) -> None:

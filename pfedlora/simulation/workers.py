@@ -386,11 +386,7 @@ def _serve(
                     continue
                 reply = None
             elif command == "store_figures":
-                reply = {
-                    "bytes_in_memory": store.bytes_in_memory(),
-                    "bytes_on_disk": store.bytes_on_disk(),
-                    "writes": store.writes,
-                }
+                reply = store.figures()
             else:
                 raise ValueError(f"unknown command {command!r}")
             connection.send(("ok", reply))
