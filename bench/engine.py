@@ -1,8 +1,9 @@
 """The engine against today's engine, as ratios measured in one run (prints figures, asserts nothing).
 
 1. The default ``pfedlora run`` with today's engine (every client in one process with all cores as intra-op
-   threads, NCHW layout; ``--workers 0 --set train.channels_last=false``) and with this one (a worker
-   process per usable core, one thread each, channels-last), in fp32 and in bf16: wall seconds (setup and
+   threads, NCHW layout, foreach SGD; ``--workers 0 --set train.channels_last=false --set
+   train.sgd_kernel=foreach``) and with this one (a worker process per usable core, one thread each,
+   channels-last, fused SGD), in fp32 and in bf16: wall seconds (setup and
    evaluations included), their ratio, mean accuracy, and peak resident memory of every process. Each run
    is a fresh subprocess; the order of the variants alternates between repeats.
 2. The CNN training step on one core, in fp32 and bf16, against the same-precision dense matmul rate of that
@@ -31,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from pfedlora.algorithms.training import autocast
+from pfedlora.algorithms.training import autocast, clip_gradients, sgd
 from pfedlora.compare import plan_variants, run_comparison
 from pfedlora.config import TrainConfig, load_config
 from pfedlora.data import Dataset, load_dataset
@@ -42,10 +43,12 @@ from pfedlora.simulation.loop import run_rounds
 from pfedlora.simulation.workers import WorkerPool, usable_cores
 
 console = Console()
-TODAY = ("today's engine", 0, ("train.channels_last=false",))
+TODAY = ("today's engine", 0, ("train.channels_last=false", "train.sgd_kernel=foreach"))
 THIS = ("this engine", None, ())
 THIS_BF16 = ("this engine, bf16", None, ("train.precision=bf16",))
 ENGINES = (TODAY, THIS, THIS_BF16)
+STEP_VARIANTS = ((False, "foreach"), (True, "foreach"), (True, "fused"))
+"""(channels_last, sgd_kernel) of the training steps measured: today's engine's step, then this one's."""
 NINE = ["pfedlora", "standalone", "lg-fedavg", "fml", "fedkd", "fedgh", "fedapen", "fedproto"]
 
 
@@ -129,13 +132,13 @@ def matmul_rate(dtype: torch.dtype, size: int, seconds: float) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
-def step_rate(arch: str, precision: str, channels_last: bool, steps: int, batch: int) -> float:
-    """FLOP/s of the training step (forward, backward, SGD) of ``arch`` on one core."""
+def step_rate(arch: str, train: TrainConfig, steps: int, batch: int) -> float:
+    """FLOP/s of the training step (forward, backward, clipping, SGD) of ``arch`` on one core."""
     model = build_model(arch, (1, 28, 28), 10, torch_generator(0, arch))
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = torch.channels_last if train.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)  # type: ignore[call-overload]
-    train = TrainConfig(precision=precision)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3, foreach=True)
+    parameters = list(model.parameters())
+    optimizer = sgd(parameters, 0.01, train)
     generator = torch_generator(0, "x")
     x = torch.randn(batch, 1, 28, 28, generator=generator).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,), generator=generator)
@@ -145,6 +148,7 @@ def step_rate(arch: str, precision: str, channels_last: bool, steps: int, batch:
         with autocast(train, x.device):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
+        clip_gradients(parameters, train.grad_clip)
         optimizer.step()
 
     with FlopCounterMode(display=False) as counter:
@@ -167,16 +171,17 @@ def step_rates(args: argparse.Namespace) -> None:
             for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
         table = Table(title="training step on one core (batch 64) against that core's dense matmul rate")
-        for column in ("model", "precision", "layout", "GFLOP/s", "% of matmul"):
+        for column in ("model", "precision", "layout", "SGD", "GFLOP/s", "% of matmul"):
             table.add_column(column, justify="right")
         archs = list(ARCHITECTURES)[:1] if args.smoke else list(ARCHITECTURES)
         for precision in ("fp32", "bf16"):
             for arch in archs:
-                for channels_last in (False, True):
-                    rate = step_rate(arch, precision, channels_last, steps, 64)
+                for channels_last, kernel in STEP_VARIANTS:
+                    train = TrainConfig(precision=precision, channels_last=channels_last, sgd_kernel=kernel)
+                    rate = step_rate(arch, train, steps, 64)
                     layout = "channels-last" if channels_last else "NCHW"
                     share = f"{100 * rate / peaks[precision]:.0f}%"
-                    table.add_row(arch, precision, layout, f"{rate / 1e9:.1f}", share)
+                    table.add_row(arch, precision, layout, kernel, f"{rate / 1e9:.1f}", share)
         console.print(
             f"dense matmul, one core ({size}²): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
             f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
@@ -198,7 +203,7 @@ def compare_nine(args: argparse.Namespace) -> None:
     figures = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, overrides, jobs, workers in (
-            (TODAY[0], [*base, "train.channels_last=false"], 1, 0),
+            (TODAY[0], [*base, *TODAY[2]], 1, 0),
             (THIS[0], base, args.jobs, None),
         ):
             variants = plan_variants(algorithms, placements, None, overrides)

@@ -35,6 +35,7 @@ AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 """``federation.aggregator`` values (:func:`pfedlora.algorithms.state.combine` implements them)."""
 EVALUATION_PROTOCOLS: tuple[str, ...] = ("after-training", "after-download")
 BATCH_ORDERS: tuple[str, ...] = ("reshuffle", "fixed")
+SGD_KERNELS: tuple[str, ...] = ("fused", "foreach")
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ class TrainConfig:
     channels_last: bool = True
     """Images and convolution weights in the channels-last memory format (faster pooling and convolutions on
     CPU); false keeps PyTorch's default (NCHW) layout."""
+    sgd_kernel: str = "fused"
+    """"fused": one pass over each tensor per step (PyTorch's fused SGD; the same update up to rounding in
+    the last bit); "foreach": the multi-tensor update bit for bit equal to the per-parameter loop of
+    earlier versions."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "adapter.phase_order": PHASE_ORDERS,
     "train.precision": PRECISIONS,
     "train.batch_order": BATCH_ORDERS,
+    "train.sgd_kernel": SGD_KERNELS,
     "federation.aggregator": AGGREGATORS,
     "federation.evaluate": EVALUATION_PROTOCOLS,
     "baselines.kl_reduction": ("batchmean", "mean"),

@@ -51,8 +51,12 @@ def test_one_client_with_full_participation_is_plain_sgd(tiny_dataset, tiny_conf
     )
     for server_round in (1, 2):
         generator = torch_generator(config.seed, "train", 0, server_round)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        optimizer = torch.optim.SGD(  # the run's SGD kernel: fused by default
+            model.parameters(),
+            lr=train.lr,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+            fused=True,
         )
         for _ in range(train.local_epochs):
             for x, y in data.train_batches(train.batch_size, generator):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.training import run_sgd, sgd
+from pfedlora.algorithms.training import clip_gradients, run_sgd, sgd
 from pfedlora.config import TrainConfig
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import build_model
@@ -21,22 +21,51 @@ def _batches(count=4, seed=0):
     ]
 
 
-def test_the_multi_tensor_sgd_makes_exactly_the_per_parameter_update():
-    train = TrainConfig(momentum=0.9, weight_decay=1e-3, grad_clip=0.5)
+def _train_with_sgd_kernels(kernel):
+    """Two cnn1 copies four steps on the same batches: PyTorch's per-parameter SGD loop, and ours."""
+    train = TrainConfig(momentum=0.9, weight_decay=1e-3, grad_clip=0.5, sgd_kernel=kernel)
     models = [build_model("cnn1", (1, 28, 28), 10, torch_generator(0, "m")) for _ in range(2)]
     loop = torch.optim.SGD(models[0].parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=False)
     ours = sgd(list(models[1].parameters()), 0.05, train)
     for x, y in _batches():
-        for model, optimizer, foreach in ((models[0], loop, False), (models[1], ours, True)):
+        for model, optimizer in ((models[0], loop), (models[1], ours)):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()), train.grad_clip, foreach=foreach)
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), train.grad_clip, foreach=False)
             optimizer.step()
-    pairs = list(zip(models[0].parameters(), models[1].parameters(), strict=True))
-    assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(
-        pairs[0][0], build_model("cnn1", (1, 28, 28), 10, torch_generator(0, "m")).conv1.weight
+        models[0].conv1.weight, build_model("cnn1", (1, 28, 28), 10, torch_generator(0, "m")).conv1.weight
     )
+    return list(zip(models[0].parameters(), models[1].parameters(), strict=True))
+
+
+def test_the_foreach_sgd_makes_exactly_the_per_parameter_update():
+    assert all(torch.equal(a, b) for a, b in _train_with_sgd_kernels("foreach"))
+
+
+def test_the_fused_sgd_makes_the_per_parameter_update_up_to_rounding():
+    pairs = _train_with_sgd_kernels("fused")
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+
+
+@pytest.mark.parametrize("case", ["clips", "does not clip", "not finite"])
+def test_clipping_gives_bit_for_bit_the_gradients_of_clip_grad_norm(case):
+    max_norm = {"clips": 0.05, "does not clip": 1e6, "not finite": 1.0}[case]
+    model = build_model("cnn5", (1, 28, 28), 10, torch_generator(0, "m"))
+    x, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    ours = list(model.parameters())
+    if case == "not finite":  # clip_grad_norm_ then scales every gradient by NaN
+        ours[0].grad[0, 0, 0, 0] = float("nan")
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for mine, copy_ in zip(ours, theirs, strict=True):
+        copy_.grad = mine.grad.clone()
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm, foreach=True)
+    clip_gradients(ours, max_norm)
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.equal(p.grad.isnan(), q.grad.isnan())
+        assert torch.equal(p.grad.nan_to_num(), q.grad.nan_to_num())
+    assert (case == "not finite") == bool(ours[1].grad.isnan().all())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
