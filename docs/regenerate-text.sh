@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PFEDLORA=${PFEDLORA:-.venv/bin/pfedlora}
 export HF_HUB_OFFLINE=1
+# The page's runs used the foreach SGD kernel (bit for bit the per-parameter update; the default until the
+# fused kernel replaced it): kept so that these commands give the page's numbers.
+KERNEL=(--set train.sgd_kernel=foreach)
 
 # Every method on the quick start's federation. Each phase is 16 steps of 32 verses; training alone and
 # FedIT (one phase each) get 32 steps, the passes pFedLoRA makes in its two phases. FedIT, the homogeneous
@@ -18,7 +21,7 @@ export HF_HUB_OFFLINE=1
   -a pfedlora,standalone,lg-fedavg,fedgh,fedproto,fml,fedkd,fedapen,fedit -p layers,head \
   --set federation.eval_every=3 \
   --set standalone:train.local_steps=32 --set fedit:train.local_steps=32 \
-  --set fedit:federation.architectures=minilm-l6 \
+  --set fedit:federation.architectures=minilm-l6 "${KERNEL[@]}" \
   --out runs/text-compare
 
 # The four leaders continued from their round-10 checkpoints to 24 rounds, where their curves are flat.
@@ -33,7 +36,7 @@ done
 
 # The placement, chosen on a validation split (10% of each client's training verses), never on test.
 "$PFEDLORA" compare -q --config examples/kjv.toml -a pfedlora -p layers,head \
-  --set data.validation_fraction=0.1 --set federation.eval_every=3 \
+  --set data.validation_fraction=0.1 --set federation.eval_every=3 "${KERNEL[@]}" \
   --out runs/text-placement
 
 mkdir -p docs/figures

@@ -16,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PFEDLORA=${PFEDLORA:-pfedlora}
 
+# The pages' runs used the foreach SGD kernel (bit for bit the per-parameter update; the default until the
+# fused kernel replaced it), so every command here keeps it and gives the pages' numbers.
+KERNEL=(--set train.sgd_kernel=foreach)
+
 # The values the search chose (docs/results.md, section 1), passed to each method by compare.
 TUNED=(
   --set pfedlora:train.local_epochs=3 --set pfedlora:train.lr=0.03
@@ -45,7 +49,7 @@ search() {
     -x train.local_epochs=1,2,3 -x train.lr=0.01,0.03 \
     -x pfedlora:adapter.epochs=1,2 -x pfedlora:adapter.rank=8,16 -x fml:baselines.fml_alpha=0.5,0.3 \
     -x fedgh:baselines.fedgh_server_lr=0.01,0.1 -x fedapen:baselines.fedapen_lambda_lr=0.01,0.1 \
-    --set federation.rounds=30 --set data.validation_fraction=0.1 --out runs/tune-n100-c10-k5
+    --set federation.rounds=30 --set data.validation_fraction=0.1 "${KERNEL[@]}" --out runs/tune-n100-c10-k5
 }
 
 comparison() {
@@ -54,7 +58,8 @@ comparison() {
   "$PFEDLORA" compare -q \
     --set federation.num_clients="$clients" --set federation.sample_fraction="$fraction" \
     --set data.classes_per_client="$classes" --set federation.rounds="$rounds" \
-    --set federation.eval_every="$every" "${TUNED[@]}" --target "$target" --out "runs/compare-$name"
+    --set federation.eval_every="$every" "${TUNED[@]}" "${KERNEL[@]}" --target "$target" \
+    --out "runs/compare-$name"
   for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
     cp "runs/compare-$name/$plot.png" "docs/figures/$name-${plot//_/-}.png"
   done
@@ -62,7 +67,7 @@ comparison() {
 
 seeds() {
   "$PFEDLORA" compare -q -a pfedlora,fedapen,lg-fedavg -p branch --seeds 0,1,2 \
-    --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" --target 0.8 \
+    --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5
   for plot in accuracy_per_round accuracy_vs_tflops; do
     cp "runs/seeds-n100-c10-k5/$plot.png" "docs/figures/seeds-n100-c10-k5-${plot//_/-}.png"
@@ -83,7 +88,7 @@ scale() {
   "$PFEDLORA" compare -q -a "$methods" -p branch \
     --set federation.num_clients=1000 --set federation.sample_fraction=0.01 \
     --set data.partition=dirichlet --set federation.rounds=500 --set federation.eval_every=25 \
-    --set federation.eval_sample=100 "${tuned[@]}" --target "${SCALE_TARGET:-0.7}" \
+    --set federation.eval_sample=100 "${tuned[@]}" "${KERNEL[@]}" --target "${SCALE_TARGET:-0.7}" \
     --out runs/scale-n1000-c1-dirichlet
   for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
     cp "runs/scale-n1000-c1-dirichlet/$plot.png" "docs/figures/scale-n1000-c1-dirichlet-${plot//_/-}.png"

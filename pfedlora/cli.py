@@ -159,7 +159,7 @@ def run(
     The run is checkpointed every federation.checkpoint_every rounds; after a crash, --resume RUN_DIR
     continues it and ends with the same metrics as an uninterrupted run (--rounds N: as a run of N rounds).
     """
-    from pfedlora.config import load_config
+    from pfedlora.config import load_config, load_run_config
     from pfedlora.simulation import resume_run, run_experiment
     from pfedlora.simulation.results import CONFIG_FILE, default_run_dir
 
@@ -167,7 +167,7 @@ def run(
         if resume is not None:
             if config is not None or overrides or out is not None or data_dir is not None:
                 raise ConfigError("--resume takes the run's own configuration: give no --config/--set/--out")
-            cfg = load_config(resume / CONFIG_FILE) if (resume / CONFIG_FILE).is_file() else None
+            cfg = load_run_config(resume / CONFIG_FILE) if (resume / CONFIG_FILE).is_file() else None
             if cfg is None:
                 raise ConfigError(f"{str(resume)!r} is not a run directory (no {CONFIG_FILE})")
         else:

@@ -9,6 +9,7 @@ their registries (:mod:`pfedlora.registry`). Nothing downstream re-checks or cop
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -473,6 +474,25 @@ def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
     return validate(_build(ExperimentConfig, values, ""))
 
 
+EARLIER_BEHAVIOUR: dict[str, Any] = {"train.sgd_kernel": "foreach"}
+"""Keys added after runs had been written, each with the value that does what those runs did (the default
+of a new key may differ from it): a run's stored configuration that lacks such a key gets this value."""
+
+
+def run_config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
+    """The configuration a run was written under (its ``config.toml`` or a checkpoint's copy), read as
+    :func:`config_from_dict` does, except that a key the run's version did not have yet takes the value
+    that reproduces that run (:data:`EARLIER_BEHAVIOUR`), not today's default."""
+    tree = copy.deepcopy(dict(values))
+    for key, value in EARLIER_BEHAVIOUR.items():
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(name, value)
+    return config_from_dict(tree)
+
+
 def parse_override(assignment: str) -> tuple[list[str], Any]:
     """Split ``"train.lr=0.05"`` into its key path and a TOML-typed value (bare words are strings)."""
     key, sep, raw = assignment.partition("=")
@@ -497,20 +517,27 @@ def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a TOML file (optional), apply ``key=value`` overrides, validate, and return the config."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+    tree: dict[str, Any] = {} if path is None else _read_toml(path)
     for assignment in overrides:
         key_path, value = parse_override(assignment)
         _set_path(tree, key_path, value)
     return config_from_dict(tree)
+
+
+def load_run_config(path: str | Path) -> ExperimentConfig:
+    """A run directory's ``config.toml`` (see :func:`run_config_from_dict`)."""
+    return run_config_from_dict(_read_toml(path))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

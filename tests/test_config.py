@@ -2,7 +2,14 @@ import tomllib
 
 import pytest
 
-from pfedlora.config import ExperimentConfig, config_from_dict, config_to_toml, load_config
+from pfedlora.config import (
+    ExperimentConfig,
+    config_from_dict,
+    config_to_toml,
+    load_config,
+    load_run_config,
+    run_config_from_dict,
+)
 from pfedlora.errors import ConfigError
 
 
@@ -110,3 +117,17 @@ def test_schedules_that_can_never_aggregate_are_refused(caplog):
     with caplog.at_level("WARNING", logger="pfedlora.config"):
         load_config(None, ["federation.drop_rate=0.9", "federation.min_clients=2"])
     assert "leaves 1.0 of 10 sampled clients per round on average" in caplog.text
+
+
+def test_a_run_written_before_a_key_existed_reads_as_what_it_did(tmp_path):
+    # Runs written before train.sgd_kernel trained with the foreach kernel; new runs default to fused.
+    old = tomllib.loads(config_to_toml(ExperimentConfig()))
+    del old["train"]["sgd_kernel"]
+    path = tmp_path / "config.toml"
+    path.write_text(config_to_toml(config_from_dict(old)).replace('sgd_kernel = "fused"\n', ""))
+    assert "sgd_kernel" not in path.read_text()
+    assert load_run_config(path).train.sgd_kernel == "foreach"
+    assert run_config_from_dict(old).train.sgd_kernel == "foreach"
+    assert load_config(path).train.sgd_kernel == "fused"  # a user's file: today's default
+    path.write_text(config_to_toml(ExperimentConfig()))
+    assert load_run_config(path).train.sgd_kernel == "fused"  # a run that names its kernel keeps it

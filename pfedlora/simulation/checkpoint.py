@@ -26,7 +26,7 @@ from typing import Any, NotRequired, TypedDict
 from safetensors.torch import load_file
 
 from pfedlora.algorithms.state import check_schema
-from pfedlora.config import ExperimentConfig, config_from_dict, config_to_dict, flat_config
+from pfedlora.config import ExperimentConfig, config_to_dict, flat_config, run_config_from_dict
 from pfedlora.errors import ConfigError
 from pfedlora.simulation.federation import resolve_device
 from pfedlora.simulation.loop import ServerSide, StatefulPool
@@ -200,7 +200,7 @@ def check_config(manifest: Manifest, config: ExperimentConfig, folder: Path) -> 
     if "config" not in manifest:
         logger.warning("%s records no configuration: config.toml is trusted as it is", folder)
         return
-    before, now = flat_config(config_from_dict(manifest["config"])), flat_config(config)
+    before, now = flat_config(run_config_from_dict(manifest["config"])), flat_config(config)
     changed = [key for key in now if key not in FREE_ON_RESUME and before[key] != now[key]]
     if changed:
         details = "; ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in changed)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pfedlora.algorithms import ALGORITHMS, create_algorithm
-from pfedlora.config import ExperimentConfig, config_to_toml, load_config, replace
+from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
@@ -177,7 +177,7 @@ def resume_run(
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
-    config = load_config(run_dir / CONFIG_FILE)
+    config = load_run_config(run_dir / CONFIG_FILE)
     finished = (run_dir / SUMMARY_FILE).is_file()
     if finished and (rounds is None or rounds <= config.federation.rounds):
         raise ConfigError(
