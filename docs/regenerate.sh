@@ -4,8 +4,8 @@
 #
 #   bash docs/regenerate.sh            # everything, one setting after another (hours on a 2-core CPU)
 #   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
-#   bash docs/regenerate.sh seeds        # pFedLoRA-branch, FedAPEN, LG-FedAvg at N=100, C=10%, 5 classes,
-#                                        # seeds 0, 1, 2 (section "Three seeds")
+#   bash docs/regenerate.sh seeds        # every method (pFedLoRA: branch) at N=100, C=10%, 5 classes,
+#                                        # seeds 0, 1, 2 (section "Three seeds"); JOBS=2 runs two at once
 #   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
 #                                        # Dirichlet (section "A thousand clients")
 #
@@ -66,7 +66,8 @@ comparison() {
 }
 
 seeds() {
-  "$PFEDLORA" compare -q -a pfedlora,fedapen,lg-fedavg -p branch --seeds 0,1,2 \
+  "$PFEDLORA" compare -q -a pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen,fedproto -p branch \
+    --seeds 0,1,2 --jobs "${JOBS:-1}" \
     --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5
   for plot in accuracy_per_round accuracy_vs_tflops; do
