@@ -223,7 +223,8 @@ def _run_in_parallel(
     context = torch_mp.get_context("forkserver")
     # Jobs fork from a server that has imported torch and pfedlora once: each starts in milliseconds, not
     # the seconds of importing them again (the preload is ignored if this process's server already runs).
-    context.set_forkserver_preload([__name__])
+    # torch._dynamo too: PyTorch's FLOP counter imports it on first use, a second or more per process.
+    context.set_forkserver_preload([__name__, "torch._dynamo"])
     events = context.Queue()
     waiting = list(variants)
     running: dict[str, BaseProcess] = {}
