@@ -486,10 +486,11 @@ def run_config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
     tree = copy.deepcopy(dict(values))
     for key, value in EARLIER_BEHAVIOUR.items():
         *sections, name = key.split(".")
-        node = tree
+        node: Any = tree
         for section in sections:
-            node = node.setdefault(section, {})
-        node.setdefault(name, value)
+            node = node.setdefault(section, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # else malformed: config_from_dict names what is wrong
+            node.setdefault(name, value)
     return config_from_dict(tree)
 
 

@@ -131,3 +131,8 @@ def test_a_run_written_before_a_key_existed_reads_as_what_it_did(tmp_path):
     assert load_config(path).train.sgd_kernel == "fused"  # a user's file: today's default
     path.write_text(config_to_toml(ExperimentConfig()))
     assert load_run_config(path).train.sgd_kernel == "fused"  # a run that names its kernel keeps it
+
+
+def test_a_malformed_run_config_is_a_config_error_not_a_crash():
+    with pytest.raises(ConfigError):
+        run_config_from_dict({"train": 5})
