@@ -1,11 +1,11 @@
 """What the shared adapter adds to each client: pFedLoRA-branch's predictor with and without it.
 
 Runs pFedLoRA with the branch placement (the default federation unless overridden), then scores every
-client's test split with (a) pFedLoRA's predictor F(x) = f_local(x) + (alpha/r) g(x), (b) the private model
-alone, f_local(x), and (c) the shared branch alone, g(x). It prints the mean accuracy over clients of each,
-how many test predictions the adapter turns from wrong to right and from right to wrong, and, per class,
-the accuracy with and without the adapter (over all clients' test samples); ``--out FILE`` writes the same
-figures as JSON.
+client's evaluation split (test, or validation when one is carved) with (a) pFedLoRA's predictor
+F(x) = f_local(x) + (alpha/r) g(x), (b) the private model alone, f_local(x), and (c) the shared branch
+alone, g(x). It prints the mean accuracy over clients of each, how many predictions the adapter turns
+from wrong to right and from right to wrong, and, per class, the accuracy with and without the adapter
+(over all clients' samples); ``--out FILE`` writes the same figures as JSON.
 
     python bench/adapter_diagnosis.py [--set key=value ...] [--out FILE.json] [--smoke]
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from common import synthetic_dataset  # bench/common.py
 
+from pfedlora.algorithms.training import autocast
 from pfedlora.config import load_config
 from pfedlora.models.adapters import BranchModel
 from pfedlora.simulation import build_federation, run_federation
@@ -47,12 +48,13 @@ def main() -> None:
         assert isinstance(client, BranchModel)
         hits = dict.fromkeys(PREDICTORS, 0)
         total = 0
-        with torch.inference_mode():
-            for x, y in data.eval_batches("test", 1024):
+        with torch.inference_mode(), autocast(config.train, data.train_indices.device):
+            for x, y in data.eval_batches(config.eval_split, 1024):
                 local = client.local(x)  # (B, C)
                 branch = client.scaling * client.lora_branch(x)  # (B, C)
+                y = y.cpu()
                 right = {
-                    name: logits.argmax(1) == y
+                    name: logits.argmax(1).cpu() == y
                     for name, logits in zip(PREDICTORS, (local + branch, local, branch), strict=True)
                 }
                 for name in PREDICTORS:
@@ -65,16 +67,18 @@ def main() -> None:
                 broken_by_adapter += int((~with_adapter & alone).sum())
                 total += len(y)
         for name in PREDICTORS:
-            accuracies[name].append(hits[name] / max(total, 1))
+            if total:  # a client without evaluation samples is left out, as the run's mean leaves it out
+                accuracies[name].append(hits[name] / total)
     figures = {
         "rounds": len(records),
         "mean_accuracy_of_the_run": records[-1]["mean_accuracy"],
         "mean_accuracy": {name: sum(v) / len(v) for name, v in accuracies.items()},
         "predictions_fixed_by_adapter": fixed_by_adapter,
         "predictions_broken_by_adapter": broken_by_adapter,
-        "test_samples": int(class_total.sum()),
+        "samples": int(class_total.sum()),
         "class_accuracy": {
-            name: (hits.double() / class_total.clamp(min=1)).tolist() for name, hits in class_hits.items()
+            name: (correct.double() / class_total.clamp(min=1)).tolist()
+            for name, correct in class_hits.items()
         },
         "classes": list(federation.clients[0].dataset.classes),
     }
@@ -82,10 +86,10 @@ def main() -> None:
     for name, value in figures["mean_accuracy"].items():
         print(f"{name:>20}: {100 * value:.2f}%")
     print(
-        f"the adapter turns {fixed_by_adapter} of {figures['test_samples']} test predictions right and "
+        f"the adapter turns {fixed_by_adapter} of {figures['samples']} predictions right and "
         f"{broken_by_adapter} wrong"
     )
-    print("accuracy by class (all clients' test samples): with adapter / local model alone")
+    print("accuracy by class (all clients' samples): with adapter / local model alone")
     for c, name in enumerate(figures["classes"]):
         with_adapter, alone = (figures["class_accuracy"][p][c] for p in PREDICTORS[:2])
         print(f"{name:>20}: {100 * with_adapter:6.2f}% / {100 * alone:6.2f}%")

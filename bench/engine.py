@@ -48,7 +48,8 @@ THIS = ("this engine", None, ())
 THIS_BF16 = ("this engine, bf16", None, ("train.precision=bf16",))
 ENGINES = (TODAY, THIS, THIS_BF16)
 STEP_VARIANTS = ((False, "foreach"), (True, "foreach"), (True, "fused"))
-"""(channels_last, sgd_kernel) of the training steps measured: today's engine's step, then this one's."""
+"""(channels_last, sgd_kernel) of the training steps measured: today's engine's step (NCHW, foreach), the
+same in channels-last, then this engine's (channels-last, fused)."""
 NINE = ["pfedlora", "standalone", "lg-fedavg", "fml", "fedkd", "fedgh", "fedapen", "fedproto"]
 
 

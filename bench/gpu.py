@@ -2,10 +2,11 @@
 
 Each "round" every client (client i runs cnn{(i mod 5)+1}) trains one epoch of SGD (momentum, weight decay)
 on its own samples, all resident on the device. One after another: an nn.Module and an optimizer per
-client, as the simulator does. Together: the clients of one architecture as one stacked set of
-parameters, their steps batched with ``torch.func.vmap`` over ``functional_call`` (one kernel per layer for
-the whole group). Both paths alternate in one run; the script prints rounds per second of each, their
-ratio, and how far the two paths' weights drift apart (float reassociation only).
+client, as the simulator does (foreach SGD: the update the vmapped path reproduces). Together: the
+clients of one architecture as one stacked set of parameters, their steps batched with ``torch.func.vmap``
+over ``functional_call`` (one kernel per layer for the whole group). Both paths alternate in one run; the
+script prints rounds per second of each, their ratio, and how far the two paths' weights drift apart
+(float reassociation only).
 
     python bench/gpu.py [--device cuda] [--clients 100] [--samples 600] [--rounds 3] [--smoke]
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from pfedlora.algorithms.training import sgd
+from pfedlora.algorithms.training import clip_gradients, sgd
 from pfedlora.config import load_config
 from pfedlora.data import ClientData, Dataset, load_dataset
 from pfedlora.metrics import Channel, FlopMeter
@@ -125,7 +125,7 @@ def federated_vs_plain(args: argparse.Namespace, device: torch.device, dataset: 
                     for x, y in data.train_batches(train.batch_size, generator):
                         optimizer.zero_grad(set_to_none=True)
                         F.cross_entropy(model(x), y).backward()
-                        torch.nn.utils.clip_grad_norm_(params, train.grad_clip, foreach=True)
+                        clip_gradients(params, train.grad_clip)
                         optimizer.step()
 
     # Round 1 warms both paths up (and lets the FLOP meter count its first step of each kind). Then the two

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PFEDLORA=${PFEDLORA:-pfedlora}
 
 # The pages' runs used the foreach SGD kernel (bit for bit the per-parameter update; the default until the
-# fused kernel replaced it), so every command here keeps it and gives the pages' numbers.
+# fused kernel replaced it): every command here keeps the kernel those runs used.
 KERNEL=(--set train.sgd_kernel=foreach)
 
 # The values the search chose (docs/results.md, section 1), passed to each method by compare.

@@ -25,7 +25,7 @@ from typing import Any
 import torch.multiprocessing as torch_mp
 
 from pfedlora.algorithms import algorithm_class
-from pfedlora.config import ExperimentConfig, load_config, load_run_config, replace
+from pfedlora.config import ExperimentConfig, differences, load_config, load_run_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.models import PLACEMENTS, is_transformer
@@ -141,10 +141,14 @@ def run_comparison(
         algorithm_class(variant.config.algorithm)(variant.config, shape.input_shape, shape.num_classes)
     for variant in variants:
         run_dir = out / variant.label
-        if (run_dir / CONFIG_FILE).is_file() and load_run_config(run_dir / CONFIG_FILE) != variant.config:
+        if not (run_dir / CONFIG_FILE).is_file():
+            continue
+        details = differences(load_run_config(run_dir / CONFIG_FILE), variant.config)
+        if details:
             raise ConfigError(
-                f"{run_dir} holds a run of another configuration than {variant.label!r} now has; "
-                "choose another comparison directory or delete that run"
+                f"{run_dir} holds a run of another configuration than {variant.label!r} now has "
+                f"({details}); give those values with --set, choose another comparison directory or "
+                "delete that run"
             )
 
     pending = []

@@ -15,7 +15,7 @@ import logging
 import math
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -377,6 +377,13 @@ def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differences(before: ExperimentConfig, now: ExperimentConfig, ignore: Collection[str] = ()) -> str:
+    """The keys (but those in ``ignore``) whose values differ, as ``"train.lr 0.05 -> 0.07; ..."``."""
+    old, new = flat_config(before), flat_config(now)
+    changed = [key for key in new if key not in ignore and old[key] != new[key]]
+    return "; ".join(f"{key} {old[key]!r} -> {new[key]!r}" for key in changed)
+
+
 def validate(config: ExperimentConfig) -> ExperimentConfig:
     """Check choices, ranges and combinations; return ``config`` unchanged or raise ConfigError."""
     flat = flat_config(config)
@@ -578,7 +585,10 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_to_toml",
+    "differences",
     "flat_config",
     "load_config",
+    "load_run_config",
+    "run_config_from_dict",
     "validate",
 ]

@@ -104,7 +104,7 @@ def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
 
     # A run directory of another configuration is never silently reused.
     changed = plan_variants(["standalone"], ["branch"], None, [*TINY, "train.lr=0.02"])
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ConfigError, match=r"another configuration .*\(train\.lr [0-9.]+ -> 0\.02\)"):
         run_comparison(changed, tmp_path)
 
 

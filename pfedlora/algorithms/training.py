@@ -26,9 +26,14 @@ def autocast(train: TrainConfig, device: torch.device) -> AbstractContextManager
 def sgd(parameters: Sequence[nn.Parameter], lr: float, train: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum and weight decay in the kernel ``train.sgd_kernel`` names: fused (one pass over
     each tensor) or foreach (a few multi-tensor passes, bit for bit the per-parameter loop)."""
-    kernel = {"fused": True} if train.sgd_kernel == "fused" else {"foreach": True}
+    fused = train.sgd_kernel == "fused"
     return torch.optim.SGD(
-        parameters, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay, **kernel
+        parameters,
+        lr=lr,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        fused=fused,
+        foreach=not fused,
     )
 
 
@@ -39,6 +44,8 @@ def clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float) -> None:
     every gradient that changes nothing. On the CPU, where reading the norm costs no device sync, the pass
     is skipped unless the factor is below 1: bit for bit the same gradients, less memory traffic.
     """
+    if not parameters:
+        return
     if parameters[0].device.type != "cpu":
         torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
         return

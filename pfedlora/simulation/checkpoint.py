@@ -26,7 +26,7 @@ from typing import Any, NotRequired, TypedDict
 from safetensors.torch import load_file
 
 from pfedlora.algorithms.state import check_schema
-from pfedlora.config import ExperimentConfig, config_to_dict, flat_config, run_config_from_dict
+from pfedlora.config import ExperimentConfig, config_to_dict, differences, run_config_from_dict
 from pfedlora.errors import ConfigError
 from pfedlora.simulation.federation import resolve_device
 from pfedlora.simulation.loop import ServerSide, StatefulPool
@@ -200,10 +200,8 @@ def check_config(manifest: Manifest, config: ExperimentConfig, folder: Path) -> 
     if "config" not in manifest:
         logger.warning("%s records no configuration: config.toml is trusted as it is", folder)
         return
-    before, now = flat_config(run_config_from_dict(manifest["config"])), flat_config(config)
-    changed = [key for key in now if key not in FREE_ON_RESUME and before[key] != now[key]]
-    if changed:
-        details = "; ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in changed)
+    details = differences(run_config_from_dict(manifest["config"]), config, FREE_ON_RESUME)
+    if details:
         raise ConfigError(
             f"the configuration (config.toml) differs from the one checkpoint {folder} was written under "
             f"({details}): continuing would mix two configurations in one run; restore those keys, or start "

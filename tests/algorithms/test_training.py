@@ -48,24 +48,32 @@ def test_the_fused_sgd_makes_the_per_parameter_update_up_to_rounding():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
 
 
-@pytest.mark.parametrize("case", ["clips", "does not clip", "not finite"])
+CLIP_CASES = {"clips": 0.05, "does not clip": 1e6, "nan": 1.0, "inf": 1.0, "a gradient missing": 0.05}
+
+
+@pytest.mark.parametrize("case", sorted(CLIP_CASES))
 def test_clipping_gives_bit_for_bit_the_gradients_of_clip_grad_norm(case):
-    max_norm = {"clips": 0.05, "does not clip": 1e6, "not finite": 1.0}[case]
     model = build_model("cnn5", (1, 28, 28), 10, torch_generator(0, "m"))
     x, y = _batches(1)[0]
     F.cross_entropy(model(x), y).backward()
     ours = list(model.parameters())
-    if case == "not finite":  # clip_grad_norm_ then scales every gradient by NaN
-        ours[0].grad[0, 0, 0, 0] = float("nan")
+    if case in ("nan", "inf"):  # clip_grad_norm_ then scales every gradient by NaN, or by 0
+        ours[0].grad[0, 0, 0, 0] = float(case)
+    if case == "a gradient missing":
+        ours[0].grad = None
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     for mine, copy_ in zip(ours, theirs, strict=True):
-        copy_.grad = mine.grad.clone()
-    torch.nn.utils.clip_grad_norm_(theirs, max_norm, foreach=True)
-    clip_gradients(ours, max_norm)
+        copy_.grad = None if mine.grad is None else mine.grad.clone()
+    torch.nn.utils.clip_grad_norm_(theirs, CLIP_CASES[case], foreach=True)
+    clip_gradients(ours, CLIP_CASES[case])
     for p, q in zip(ours, theirs, strict=True):
-        assert torch.equal(p.grad.isnan(), q.grad.isnan())
-        assert torch.equal(p.grad.nan_to_num(), q.grad.nan_to_num())
-    assert (case == "not finite") == bool(ours[1].grad.isnan().all())
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad.isnan(), q.grad.isnan())
+            assert torch.equal(p.grad.nan_to_num(), q.grad.nan_to_num())
+    assert (case == "nan") == bool(ours[1].grad.isnan().all())
+    assert (case == "inf") == bool((ours[1].grad == 0).all())
+    clip_gradients([], 1.0)  # nothing to clip: nothing happens
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
