@@ -10,7 +10,7 @@
    core (FLOPs from PyTorch's counter).
 3. ``compare`` of the nine methods (N=100, C=10%) one by one on today's engine against ``--jobs`` on this one.
 
-    python bench/engine.py [--rounds 80] [--compare-rounds 10] [--repeats 1] [--jobs 2] [--smoke]
+    python bench/engine.py [--rounds 80] [--compare-rounds 30] [--repeats 1] [--jobs 2] [--smoke]
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=80, help="rounds of the default job (section 1)")
-    parser.add_argument("--compare-rounds", type=int, default=10, help="rounds of each compared method")
+    parser.add_argument("--compare-rounds", type=int, default=30, help="rounds of each compared method")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each engine in section 1")
     parser.add_argument("--jobs", type=int, default=usable_cores(), help="compare --jobs of this engine")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
