@@ -4,8 +4,12 @@
 #
 #   bash docs/regenerate.sh            # everything, one setting after another (hours on a 2-core CPU)
 #   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
-#   bash docs/regenerate.sh seeds        # every method (pFedLoRA: branch) at N=100, C=10%, 5 classes,
-#                                        # seeds 0, 1, 2 (section "Three seeds"); JOBS=2 runs two at once
+#   bash docs/regenerate.sh seeds        # every method (pFedLoRA: both placements) at N=100, C=10%,
+#                                        # 5 classes, seeds 0, 1, 2 (section "Three seeds"); JOBS=2 runs
+#                                        # two at once
+#   bash docs/regenerate.sh seeds-after-download  # the same, scored right after the download
+#   bash docs/regenerate.sh seeds-n100-c10-k2     # three seeds, longer, in another setting (also
+#                                                 # seeds-n50-c20-k2, seeds-n50-c20-k5; SEED_SETTINGS)
 #   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
 #                                        # Dirichlet (section "A thousand clients")
 #
@@ -65,13 +69,51 @@ comparison() {
   done
 }
 
+# Every method at N=100, C=10%, 5 classes, seeds 0-2, scored as the paper's authors do (after training).
 seeds() {
-  "$PFEDLORA" compare -q -a pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen,fedproto -p branch \
+  "$PFEDLORA" compare -q -a fedkd,pfedlora,standalone,lg-fedavg,fml,fedgh,fedapen,fedproto -p branch,layers \
     --seeds 0,1,2 --jobs "${JOBS:-1}" \
     --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5
   for plot in accuracy_per_round accuracy_vs_tflops; do
     cp "runs/seeds-n100-c10-k5/$plot.png" "docs/figures/seeds-n100-c10-k5-${plot//_/-}.png"
+  done
+}
+
+# The same runs scored as HtFLlib does: every client first takes in the round's broadcast (training is bit
+# for bit the same). Training alone, FML and FedKD predict with the private model only, which a download
+# does not touch, so their numbers cannot change and they are left out.
+seeds_after_download() {
+  "$PFEDLORA" compare -q -a fedapen,fedgh,fedproto,pfedlora,lg-fedavg -p branch,layers \
+    --seeds 0,1,2 --jobs "${JOBS:-1}" --set federation.evaluate=after-download \
+    --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" "${KERNEL[@]}" --target 0.8 \
+    --out runs/seeds-n100-c10-k5-after-download
+  for plot in accuracy_per_round accuracy_vs_tflops; do
+    cp "runs/seeds-n100-c10-k5-after-download/$plot.png" \
+      "docs/figures/seeds-n100-c10-k5-after-download-${plot//_/-}.png"
+  done
+}
+
+# Three seeds in the other settings, for pFedLoRA-branch and the baselines that came closest to it with
+# one seed (section 3), with longer schedules: name: clients, fraction, classes, rounds, evaluate every,
+# target accuracy, methods.
+declare -A SEED_SETTINGS=(
+  [n100-c10-k2]="100 0.1 2 60 5 0.9 pfedlora,lg-fedavg,fedapen"
+  [n50-c20-k2]="50 0.2 2 40 4 0.9 pfedlora,standalone,fedgh"
+  [n50-c20-k5]="50 0.2 5 50 5 0.8 pfedlora,fedapen,standalone"
+)
+
+seeds_in() {
+  local name=$1 clients fraction classes rounds every target methods
+  read -r clients fraction classes rounds every target methods <<<"${SEED_SETTINGS[$name]}"
+  mapfile -t tuned < <(tuned_for "$methods")
+  "$PFEDLORA" compare -q -a "$methods" -p branch --seeds 0,1,2 --jobs "${JOBS:-1}" \
+    --set federation.num_clients="$clients" --set federation.sample_fraction="$fraction" \
+    --set data.classes_per_client="$classes" --set federation.rounds="$rounds" \
+    --set federation.eval_every="$every" "${tuned[@]}" "${KERNEL[@]}" --target "$target" \
+    --out "runs/seeds-$name"
+  for plot in accuracy_per_round accuracy_vs_tflops; do
+    cp "runs/seeds-$name/$plot.png" "docs/figures/seeds-$name-${plot//_/-}.png"
   done
 }
 
@@ -98,6 +140,10 @@ scale() {
 
 if [[ $# -eq 1 && $1 == seeds ]]; then
   seeds
+elif [[ $# -eq 1 && $1 == seeds-after-download ]]; then
+  seeds_after_download
+elif [[ $# -eq 1 && $1 == seeds-* && -v "SEED_SETTINGS[${1#seeds-}]" ]]; then
+  seeds_in "${1#seeds-}"
 elif [[ $# -eq 1 && $1 == scale ]]; then
   scale
 elif [[ $# -eq 0 ]]; then
@@ -107,7 +153,11 @@ elif [[ $# -eq 0 ]]; then
   done
 else
   for name in "$@"; do
-    [[ -v "SETTINGS[$name]" ]] || { echo "unknown setting $name; known: ${!SETTINGS[*]}" >&2; exit 2; }
+    [[ -v "SETTINGS[$name]" ]] || {
+      echo "unknown setting $name; known: ${!SETTINGS[*]}; or one of: seeds seeds-after-download" \
+        "$(printf 'seeds-%s ' "${!SEED_SETTINGS[@]}")scale" >&2
+      exit 2
+    }
     comparison "$name"
   done
 fi
