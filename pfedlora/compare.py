@@ -28,6 +28,7 @@ from pfedlora.algorithms import algorithm_class
 from pfedlora.config import ExperimentConfig, differences, load_config, load_run_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, PfedloraError
+from pfedlora.metrics.accuracy import FLAT_CHANGE, change_over_last_tenth
 from pfedlora.models import PLACEMENTS, is_transformer
 from pfedlora.plots import evaluation_note, plot_groups
 from pfedlora.simulation import read_run, resume_run, run_experiment
@@ -309,6 +310,7 @@ COLUMNS = (
     "best acc %",
     "last acc %",
     "last-10% acc %",
+    "Δ over last 10% of rounds (pp)",
     "acc @ equal FLOPs %",
     "std (pp)",
     "rounds to target",
@@ -327,7 +329,7 @@ def accuracy_within_flops(records: Sequence[RoundRecord], budget: float) -> floa
 
 
 FORMATS: tuple[tuple[float, int], ...] = (
-    *[(0.01, 2)] * 5,  # accuracies and their spread over clients, in percent
+    *[(0.01, 2)] * 6,  # accuracies, their change and their spread over clients, in percent
     (1.0, 0),  # rounds to target
     (1e6, 2),
     (1e12, 3),
@@ -344,6 +346,7 @@ def _values(records: Sequence[RoundRecord], s: Summary, budget: float) -> list[f
         s["mean_accuracy_best"],
         s["mean_accuracy_last"],
         s["mean_accuracy_last10pct"],
+        _change_over_last_tenth(records),
         accuracy_within_flops(records, budget),
         s["std_accuracy_last"],
         s["target_round"],
@@ -353,6 +356,12 @@ def _values(records: Sequence[RoundRecord], s: Summary, budget: float) -> list[f
         s["train_flops_total"],
         s["wall_seconds"],
     ]
+
+
+def _change_over_last_tenth(records: Sequence[RoundRecord]) -> float | None:
+    evaluated = [r for r in records if is_evaluated(r)]
+    rounds, means = [r["round"] for r in evaluated], [r["mean_accuracy"] for r in evaluated]
+    return change_over_last_tenth(rounds, means, records[-1]["round"]) if records else None
 
 
 def _flops_budget(results: Sequence[Result]) -> float:
@@ -448,6 +457,23 @@ def lead_verdict(methods: Sequence[str], numbers: Sequence[Sequence[float | None
     )
 
 
+def flatness_note(groups: Sequence[tuple[str, Sequence[Result]]]) -> str:
+    """Which methods' curves are flat (their mean accuracy changed by less than 0.3 points over the last 10%
+    of the rounds, averaged over seeds) and which are still moving, with the change of each."""
+    flat: list[str] = []
+    moving: list[str] = []
+    for method, runs in groups:
+        changes = [c for _, records, _ in runs if (c := _change_over_last_tenth(records)) is not None]
+        if changes:
+            change = statistics.fmean(changes)
+            (flat if abs(change) < FLAT_CHANGE else moving).append(f"{method} {100 * change:+.2f}")
+    parts = [f"{name}: {', '.join(items)}" for name, items in (("flat", flat), ("still moving", moving))]
+    kept = "; ".join(part for part, items in zip(parts, (flat, moving), strict=True) if items)
+    threshold = f"{100 * FLAT_CHANGE:g}"
+    heading = f"Change of mean accuracy over the last 10% of the rounds (points; flat below {threshold})"
+    return f"{heading}: {kept}." if kept else ""
+
+
 def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Path]:
     """Write ``comparison.md``, ``comparison.csv`` and the plots of :func:`plot_runs` (all variants).
 
@@ -482,6 +508,7 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(row) + " |" for row in rows),
         *(["", verdict] if verdict else []),
+        *(["", flatness] if (flatness := flatness_note(groups)) else []),
     ]
     write_atomic(out / "comparison.md", "\n".join(markdown) + "\n")
     buffer = io.StringIO()

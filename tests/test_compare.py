@@ -220,3 +220,22 @@ def test_the_lead_verdict_weighs_the_gap_against_the_spread():
     far = [[None, None, 0.90, 0.002], [None, None, 0.85, 0.001]]
     assert "a is ahead of b by 5.00 points" in compare.lead_verdict(["a", "b"], far)
     assert compare.lead_verdict(["a", "b"], far).endswith(": a lead.")
+
+
+def _curve(label: str, points: list[tuple[int, float]]) -> compare.Result:
+    records = [{"round": r, "mean_accuracy": a} for r, a in points]
+    return label, records, {}
+
+
+def test_the_flatness_note_reads_each_curve_over_its_last_tenth_of_rounds():
+    groups = compare.group_by_method(
+        [
+            _curve("flat/seed-0", [(50, 0.900), (55, 0.901), (60, 0.902)]),
+            _curve("flat/seed-1", [(50, 0.800), (55, 0.800), (60, 0.800)]),
+            _curve("rising", [(50, 0.80), (55, 0.81), (60, 0.82)]),
+        ]
+    )
+    note = compare.flatness_note(groups)
+    # flat: from round 54 (interpolated 0.9008) to 60 is +0.12 points, averaged with 0 over two seeds.
+    assert note.endswith("flat: flat +0.06; still moving: rising +1.20.")
+    assert compare.flatness_note(compare.group_by_method([_curve("sparse", [(60, 0.9)])])) == ""

@@ -79,3 +79,25 @@ def summarize_curve(rounds: Sequence[int], means: Sequence[float]) -> CurveSumma
         "mean_accuracy_last": means[-1],
         "mean_accuracy_last10pct": sum(means[-tail:]) / tail,
     }
+
+
+FLAT_CHANGE = 0.003
+"""A curve counts as flat when its mean accuracy changes by less than this (0.3 points) over the last 10% of
+the rounds (:func:`change_over_last_tenth`)."""
+
+
+def change_over_last_tenth(rounds: Sequence[int], means: Sequence[float], total_rounds: int) -> float | None:
+    """How much the mean accuracy changed over the last 10% of ``total_rounds``: the last value minus the
+    curve at round 0.9·``total_rounds``, linearly interpolated between the evaluated rounds around it.
+    None when no evaluated round lies at or before that round (the curve is too sparse to say)."""
+    start = 0.9 * total_rounds
+    before = [i for i, r in enumerate(rounds) if r <= start]
+    if not before or len(rounds) != len(means):
+        return None
+    i = before[-1]
+    if rounds[i] == start or i + 1 == len(rounds):
+        reference = means[i]
+    else:
+        weight = (start - rounds[i]) / (rounds[i + 1] - rounds[i])
+        reference = means[i] + weight * (means[i + 1] - means[i])
+    return means[-1] - reference

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pfedlora.metrics import AccuracyReport, Channel, FlopMeter, payload_bytes, summarize_curve
+from pfedlora.metrics.accuracy import change_over_last_tenth
 
 
 def test_payload_bytes_counts_numel_times_element_size():
@@ -81,3 +82,11 @@ def test_frozen_weights_cost_less_in_backward():
     meter.run("input-only", 4, lambda: layer(x).sum().backward())
     assert meter.per_sample["both"] == 3 * 2 * 10 * 20  # forward + grad input + grad weight
     assert meter.per_sample["input-only"] == 2 * 2 * 10 * 20
+
+
+def test_change_over_last_tenth_interpolates_the_start_of_the_window():
+    assert change_over_last_tenth([50, 55, 60], [0.80, 0.85, 0.86], 60) == pytest.approx(0.86 - 0.84)
+    assert change_over_last_tenth([9, 10], [0.5, 0.7], 10) == pytest.approx(0.2)  # from round 9 exactly
+    assert change_over_last_tenth([10, 20], [0.5, 0.7], 20) == pytest.approx(0.2 - 0.8 * 0.2)
+    assert change_over_last_tenth([20], [0.7], 20) is None  # no evaluation at or before round 18
+    assert change_over_last_tenth([], [], 20) is None
