@@ -84,9 +84,11 @@ seeds() {
 # for bit the same). Training alone, FML and FedKD predict with the private model only, which a download
 # does not touch, so their numbers cannot change and they are left out.
 seeds_after_download() {
-  "$PFEDLORA" compare -q -a fedapen,fedgh,fedproto,pfedlora,lg-fedavg -p branch,layers \
+  local methods=fedapen,fedgh,fedproto,pfedlora,lg-fedavg
+  mapfile -t tuned < <(tuned_for "$methods")
+  "$PFEDLORA" compare -q -a "$methods" -p branch,layers \
     --seeds 0,1,2 --jobs "${JOBS:-1}" --set federation.evaluate=after-download \
-    --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" "${KERNEL[@]}" --target 0.8 \
+    --set federation.rounds=60 --set federation.eval_every=5 "${tuned[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5-after-download
   for plot in accuracy_per_round accuracy_vs_tflops; do
     cp "runs/seeds-n100-c10-k5-after-download/$plot.png" \
