@@ -8,6 +8,7 @@
 #                                        # 5 classes, seeds 0, 1, 2 (section "Three seeds"); JOBS=2 runs
 #                                        # two at once
 #   bash docs/regenerate.sh seeds-after-download  # the same, scored right after the download
+#   bash docs/regenerate.sh seeds-100-rounds      # pFedLoRA-branch and FedAPEN, 100 rounds, three seeds
 #   bash docs/regenerate.sh seeds-n100-c10-k2     # three seeds, longer, in another setting (also
 #                                                 # seeds-n50-c20-k2, seeds-n50-c20-k5; SEED_SETTINGS)
 #   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
@@ -96,6 +97,18 @@ seeds_after_download() {
   done
 }
 
+# The two that tie at 60 rounds, run to 100 (FedAPEN still rose at round 60).
+seeds_long() {
+  local methods=pfedlora,fedapen
+  mapfile -t tuned < <(tuned_for "$methods")
+  "$PFEDLORA" compare -q -a "$methods" -p branch --seeds 0,1,2 --jobs "${JOBS:-1}" \
+    --set federation.rounds=100 --set federation.eval_every=5 "${tuned[@]}" "${KERNEL[@]}" --target 0.8 \
+    --out runs/seeds-n100-c10-k5-100-rounds
+  for plot in accuracy_per_round accuracy_vs_tflops; do
+    cp "runs/seeds-n100-c10-k5-100-rounds/$plot.png" "docs/figures/seeds-n100-c10-k5-100-rounds-${plot//_/-}.png"
+  done
+}
+
 # Three seeds in the other settings, for pFedLoRA-branch and the baselines that came closest to it with
 # one seed (section 3), with longer schedules: name: clients, fraction, classes, rounds, evaluate every,
 # target accuracy, methods.
@@ -144,6 +157,8 @@ if [[ $# -eq 1 && $1 == seeds ]]; then
   seeds
 elif [[ $# -eq 1 && $1 == seeds-after-download ]]; then
   seeds_after_download
+elif [[ $# -eq 1 && $1 == seeds-100-rounds ]]; then
+  seeds_long
 elif [[ $# -eq 1 && $1 == seeds-* && -v "SEED_SETTINGS[${1#seeds-}]" ]]; then
   seeds_in "${1#seeds-}"
 elif [[ $# -eq 1 && $1 == scale ]]; then
@@ -157,6 +172,7 @@ else
   for name in "$@"; do
     [[ -v "SETTINGS[$name]" ]] || {
       echo "unknown setting $name; known: ${!SETTINGS[*]}; or one of: seeds seeds-after-download" \
+        "seeds-100-rounds" \
         "$(printf 'seeds-%s ' "${!SEED_SETTINGS[@]}")scale" >&2
       exit 2
     }
