@@ -113,7 +113,7 @@ seeds_long() {
 # one seed (section 3), with longer schedules: name: clients, fraction, classes, rounds, evaluate every,
 # target accuracy, methods.
 declare -A SEED_SETTINGS=(
-  [n100-c10-k2]="100 0.1 2 60 5 0.9 pfedlora,lg-fedavg,fedapen"
+  [n100-c10-k2]="100 0.1 2 60 5 0.9 pfedlora,lg-fedavg"
   [n50-c20-k2]="50 0.2 2 40 4 0.9 pfedlora,standalone"
   [n50-c20-k5]="50 0.2 5 50 5 0.8 pfedlora,fedapen,standalone"
 )
