@@ -6,7 +6,7 @@
 #   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
 #   bash docs/regenerate.sh seeds        # every method (pFedLoRA: both placements) at N=100, C=10%,
 #                                        # 5 classes, seeds 0, 1, 2 (section "Three seeds"); JOBS=2 runs
-#                                        # two at once
+#                                        # two at once; SEEDS=0,1 runs (or tables) fewer seeds
 #   bash docs/regenerate.sh seeds-after-download  # the same, scored right after the download
 #   bash docs/regenerate.sh seeds-100-rounds      # pFedLoRA-branch and FedAPEN, 100 rounds, three seeds
 #   bash docs/regenerate.sh seeds-n100-c10-k2     # three seeds, longer, in another setting (also
@@ -73,7 +73,7 @@ comparison() {
 # Every method at N=100, C=10%, 5 classes, seeds 0-2, scored as the paper's authors do (after training).
 seeds() {
   "$PFEDLORA" compare -q -a fedkd,pfedlora,standalone,lg-fedavg,fml,fedgh,fedapen,fedproto -p branch,layers \
-    --seeds 0,1,2 --jobs "${JOBS:-1}" \
+    --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" \
     --set federation.rounds=60 --set federation.eval_every=5 "${TUNED[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5
   for plot in accuracy_per_round accuracy_vs_tflops; do
@@ -88,7 +88,7 @@ seeds_after_download() {
   local methods=fedapen,fedgh,fedproto,pfedlora,lg-fedavg
   mapfile -t tuned < <(tuned_for "$methods")
   "$PFEDLORA" compare -q -a "$methods" -p branch,layers \
-    --seeds 0,1,2 --jobs "${JOBS:-1}" --set federation.evaluate=after-download \
+    --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" --set federation.evaluate=after-download \
     --set federation.rounds=60 --set federation.eval_every=5 "${tuned[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5-after-download
   for plot in accuracy_per_round accuracy_vs_tflops; do
@@ -101,7 +101,7 @@ seeds_after_download() {
 seeds_long() {
   local methods=pfedlora,fedapen
   mapfile -t tuned < <(tuned_for "$methods")
-  "$PFEDLORA" compare -q -a "$methods" -p branch --seeds 0,1,2 --jobs "${JOBS:-1}" \
+  "$PFEDLORA" compare -q -a "$methods" -p branch --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" \
     --set federation.rounds=100 --set federation.eval_every=5 "${tuned[@]}" "${KERNEL[@]}" --target 0.8 \
     --out runs/seeds-n100-c10-k5-100-rounds
   for plot in accuracy_per_round accuracy_vs_tflops; do
@@ -122,7 +122,7 @@ seeds_in() {
   local name=$1 clients fraction classes rounds every target methods
   read -r clients fraction classes rounds every target methods <<<"${SEED_SETTINGS[$name]}"
   mapfile -t tuned < <(tuned_for "$methods")
-  "$PFEDLORA" compare -q -a "$methods" -p branch --seeds 0,1,2 --jobs "${JOBS:-1}" \
+  "$PFEDLORA" compare -q -a "$methods" -p branch --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" \
     --set federation.num_clients="$clients" --set federation.sample_fraction="$fraction" \
     --set data.classes_per_client="$classes" --set federation.rounds="$rounds" \
     --set federation.eval_every="$every" "${tuned[@]}" "${KERNEL[@]}" --target "$target" \
