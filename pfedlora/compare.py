@@ -467,8 +467,8 @@ def flatness_note(groups: Sequence[tuple[str, Sequence[Result]]]) -> str:
         if changes:
             change = statistics.fmean(changes)
             (flat if abs(change) < FLAT_CHANGE else moving).append(f"{method} {100 * change:+.2f}")
-    parts = [f"{name}: {', '.join(items)}" for name, items in (("flat", flat), ("still moving", moving))]
-    kept = "; ".join(part for part, items in zip(parts, (flat, moving), strict=True) if items)
+    named = (("flat", flat), ("still moving", moving))
+    kept = "; ".join(f"{name}: {', '.join(items)}" for name, items in named if items)
     threshold = f"{100 * FLAT_CHANGE:g}"
     heading = f"Change of mean accuracy over the last 10% of the rounds (points; flat below {threshold})"
     return f"{heading}: {kept}." if kept else ""
