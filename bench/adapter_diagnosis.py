@@ -7,37 +7,120 @@ alone, g(x). It prints the mean accuracy over clients of each, how many predicti
 from wrong to right and from right to wrong, and, per class, the accuracy with and without the adapter
 (over all clients' samples); ``--out FILE`` writes the same figures as JSON.
 
-    python bench/adapter_diagnosis.py [--set key=value ...] [--out FILE.json] [--smoke]
+``--from-run DIR`` diagnoses a pFedLoRA-branch run that already ran (a run directory of ``pfedlora run`` or
+``compare``) instead of training one from the start: it restores the run's last checkpoint, runs the rounds
+after it here, in memory, with one thread (the directory is left as it was), and checks that the mean
+accuracy it reaches is the run's own. Runs do not checkpoint their last round, so this costs the rounds
+after the last checkpoint (``federation.checkpoint_every``) rather than the whole run.
+
+    python bench/adapter_diagnosis.py [--set key=value ...] [--from-run DIR] [--out FILE.json] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import synthetic_dataset  # bench/common.py
 
 from pfedlora.algorithms.training import autocast
-from pfedlora.config import load_config
+from pfedlora.config import ExperimentConfig, load_config, load_run_config
+from pfedlora.data import Dataset
+from pfedlora.metrics import FlopMeter
 from pfedlora.models.adapters import BranchModel
-from pfedlora.simulation import build_federation, run_federation
+from pfedlora.simulation import (
+    Federation,
+    LocalClients,
+    build_federation,
+    run_experiment,
+    run_federation,
+    run_rounds,
+)
+from pfedlora.simulation.checkpoint import read_manifest, restore
+from pfedlora.simulation.experiment import intra_op_threads
+from pfedlora.simulation.records import RoundRecord
+from pfedlora.simulation.results import CONFIG_FILE, read_records
 
 PREDICTORS = ("with adapter", "local model alone", "adapter alone")
+FIXED = ["algorithm=pfedlora", "adapter.placement=branch"]
+"""What this diagnosis needs of a run's configuration."""
+
+
+def finish_run_in_memory(
+    run_dir: Path, dataset: Dataset | None
+) -> tuple[ExperimentConfig, Federation, list[RoundRecord]]:
+    """The configuration of the run in ``run_dir``, its federation after the last round (from its last
+    checkpoint, the later rounds run here with one thread as the run's clients trained) and its records."""
+    config = load_run_config(run_dir / CONFIG_FILE)
+    if (config.algorithm, config.adapter.placement) != ("pfedlora", "branch"):
+        raise SystemExit(
+            f"--from-run {run_dir}: the run is {config.algorithm} (placement {config.adapter.placement}); "
+            "allowed: pfedlora with the branch placement"
+        )
+    federation = build_federation(config, dataset)
+    clients = LocalClients(federation, FlopMeter())
+    manifest = read_manifest(run_dir)
+    done: list[RoundRecord] = []
+    if manifest is not None:
+        restore(run_dir, federation, clients, manifest)
+        done = [record for record in read_records(run_dir) if record["round"] <= manifest["round"]]
+    with intra_op_threads(1):
+        records = run_rounds(federation, clients, None, done)
+    logged = read_records(run_dir)
+    if len(logged) == len(records) and logged[-1]["mean_accuracy"] != records[-1]["mean_accuracy"]:
+        raise SystemExit(
+            f"--from-run {run_dir}: finished here at {records[-1]['mean_accuracy']:.4%} mean accuracy, the "
+            f"run logged {logged[-1]['mean_accuracy']:.4%}: not the run's clients (another code version?)"
+        )
+    if len(logged) == len(records):
+        print(
+            f"rounds {len(done) + 1} to {len(records)} rerun from the checkpoint reach the run's own last "
+            f"mean accuracy, {records[-1]['mean_accuracy']:.2%}"
+        )
+    return config, federation, records
+
+
+def smoke_run(folder: Path, dataset: Dataset) -> Path:
+    """A 2-round run on ``dataset`` checkpointed after round 1, written to ``folder``, for --smoke."""
+    smoke = ["federation.num_clients=4", "federation.rounds=2", "federation.sample_fraction=0.5"]
+    config = load_config(None, [*FIXED, *smoke, "federation.checkpoint_every=1", "federation.eval_every=1"])
+    run_experiment(config, folder, dataset=dataset, workers=1)
+    return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    parser.add_argument("--from-run", type=Path, metavar="DIR", help="diagnose this run (see above)")
     parser.add_argument("--out", type=Path, help="write the figures to this JSON file")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds on synthetic data: does it run?")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few seconds on synthetic data: a 2-round run, then --from-run"
+    )
     args = parser.parse_args()
-    smoke = ["federation.num_clients=4", "federation.rounds=1", "federation.sample_fraction=0.5"] * args.smoke
-    fixed = ["algorithm=pfedlora", "adapter.placement=branch", "federation.eval_every=1000"]
-    config = load_config(None, [*fixed, *smoke, *args.overrides])
-    federation = build_federation(config, synthetic_dataset() if args.smoke else None)
-    records = run_federation(federation)
+    if args.from_run is not None and args.overrides:
+        raise SystemExit("--from-run takes the run's own configuration: give no --set")
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as folder:
+            dataset = synthetic_dataset()
+            config, federation, records = finish_run_in_memory(smoke_run(Path(folder), dataset), dataset)
+            diagnose(config, federation, records, args.out)
+    elif args.from_run is not None:
+        diagnose(*finish_run_in_memory(args.from_run, None), args.out)
+    else:
+        config = load_config(None, [*FIXED, "federation.eval_every=1000", *args.overrides])
+        federation = build_federation(config)
+        diagnose(config, federation, run_federation(federation), args.out)
+
+
+def diagnose(
+    config: ExperimentConfig, federation: Federation, records: list[RoundRecord], out: Path | None
+) -> None:
+    """Score every client of ``federation`` (after its last round) with the three predictors; print the
+    figures, and write them to ``out`` as JSON when given."""
     num_classes = len(federation.clients[0].dataset.classes)
     accuracies: dict[str, list[float]] = {name: [] for name in PREDICTORS}
     class_hits = {name: torch.zeros(num_classes, dtype=torch.int64) for name in PREDICTORS[:2]}
@@ -69,7 +152,7 @@ def main() -> None:
         for name in PREDICTORS:
             if total:  # a client without evaluation samples is left out, as the run's mean leaves it out
                 accuracies[name].append(hits[name] / total)
-    figures = {
+    figures: dict[str, Any] = {
         "rounds": len(records),
         "mean_accuracy_of_the_run": records[-1]["mean_accuracy"],
         "mean_accuracy": {name: sum(v) / len(v) for name, v in accuracies.items()},
@@ -93,8 +176,8 @@ def main() -> None:
     for c, name in enumerate(figures["classes"]):
         with_adapter, alone = (figures["class_accuracy"][p][c] for p in PREDICTORS[:2])
         print(f"{name:>20}: {100 * with_adapter:6.2f}% / {100 * alone:6.2f}%")
-    if args.out is not None:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    if out is not None:
+        out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ SCRIPTS = {
     "throughput.py": ["dense float32 matmul", "overhead"],
     "gpu.py": ["rounds/s", "largest weight difference"],
     "fedproto_diagnosis.py": ["nearest prototype, own classes", "own head"],
-    "adapter_diagnosis.py": ["local model alone", "adapter alone", "accuracy by class"],
+    "adapter_diagnosis.py": ["the run's own last mean accuracy", "local model alone", "accuracy by class"],
     "scale.py": ["s / round", "store: disk", "N=40 against N=10"],
     "text.py": ["samples/s on one core, fp32", "adapter, head", "local, trainable 1"],
 }
