@@ -10,7 +10,8 @@
 #   bash docs/regenerate.sh seeds-after-download  # the same, scored right after the download
 #   bash docs/regenerate.sh seeds-100-rounds      # pFedLoRA-branch and FedAPEN, 100 rounds, three seeds
 #   bash docs/regenerate.sh seeds-n100-c10-k2     # three seeds, longer, in another setting (also
-#                                                 # seeds-n50-c20-k2, seeds-n50-c20-k5; SEED_SETTINGS)
+#                                                 # seeds-n50-c20-k2, seeds-n50-c20-k5,
+#                                                 # seeds-n10-c100-k5, seeds-n10-c100-k2; SEED_SETTINGS)
 #   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
 #                                        # Dirichlet (section "A thousand clients")
 #
@@ -115,7 +116,9 @@ seeds_long() {
 declare -A SEED_SETTINGS=(
   [n100-c10-k2]="100 0.1 2 60 5 0.9 pfedlora,lg-fedavg"
   [n50-c20-k2]="50 0.2 2 40 4 0.9 pfedlora,standalone"
-  [n50-c20-k5]="50 0.2 5 50 5 0.8 pfedlora,fedapen,standalone"
+  [n50-c20-k5]="50 0.2 5 40 4 0.8 pfedlora,fedapen,standalone"
+  [n10-c100-k5]="10 1.0 5 8 1 0.8 pfedlora,fml"
+  [n10-c100-k2]="10 1.0 2 5 1 0.9 pfedlora,standalone"
 )
 
 seeds_in() {
