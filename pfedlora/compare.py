@@ -440,20 +440,49 @@ def seed_rows(results: Sequence[Result]) -> tuple[list[list[str]], list[list[flo
     return rows, numbers
 
 
-def lead_verdict(methods: Sequence[str], numbers: Sequence[Sequence[float | None]]) -> str:
-    """Whether the best method by last mean accuracy leads the runner-up by more than the spread across
-    seeds (the gap must exceed the sum of their standard deviations)."""
+def _first_two(
+    methods: Sequence[str], numbers: Sequence[Sequence[float | None]]
+) -> list[tuple[float, float | None, str]]:
+    """The two best methods by last mean accuracy (mean, std, method), best first; fewer when fewer ran."""
     last = [
         (row[2], row[3], method) for method, row in zip(methods, numbers, strict=True) if row[2] is not None
     ]
-    if len(last) < 2:
+    return sorted(last, reverse=True)[:2]
+
+
+def lead_verdict(methods: Sequence[str], numbers: Sequence[Sequence[float | None]]) -> str:
+    """Whether the best method by last mean accuracy leads the runner-up by more than the spread across
+    seeds (the gap must exceed the sum of their standard deviations)."""
+    first_two = _first_two(methods, numbers)
+    if len(first_two) < 2:
         return ""
-    (best, best_sd, first), (second, second_sd, runner_up) = sorted(last, reverse=True)[:2]
+    (best, best_sd, first), (second, second_sd, runner_up) = first_two
     gap, spread = 100 * (best - second), 100 * ((best_sd or 0.0) + (second_sd or 0.0))
     verdict = "a lead" if gap > spread else "no lead: within the spread across seeds"
     return (
         f"Last mean accuracy: {first} is ahead of {runner_up} by {gap:.2f} points; their standard deviations "
         f"across seeds add up to {spread:.2f} points: {verdict}."
+    )
+
+
+def seed_by_seed_note(
+    groups: Sequence[tuple[str, Sequence[Result]]], numbers: Sequence[Sequence[float | None]]
+) -> str:
+    """The gap in last mean accuracy between the best method and the runner-up at each seed both ran (the
+    same seed: the same data partition), and at how many of them the best is ahead."""
+    first_two = _first_two([method for method, _ in groups], numbers)
+    if len(first_two) < 2:
+        return ""
+    (_, _, first), (_, _, runner_up) = first_two
+    last = {method: {s["seed"]: s["mean_accuracy_last"] for _, _, s in runs} for method, runs in groups}
+    seeds = sorted(last[first].keys() & last[runner_up].keys())
+    if len(seeds) < 2:
+        return ""
+    gaps = [100 * (last[first][seed] - last[runner_up][seed]) for seed in seeds]
+    ahead = sum(gap > 0 for gap in gaps)
+    return (
+        f"Seed by seed ({', '.join(map(str, seeds))}), {first} minus {runner_up}: "
+        f"{', '.join(f'{gap:+.2f}' for gap in gaps)} points; ahead at {ahead} of {len(seeds)} seeds."
     )
 
 
@@ -496,6 +525,8 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         seeds = sorted({s["seed"] for _, _, s in results})
         header += f" Mean ± standard deviation across seeds {', '.join(map(str, seeds))}."
         verdict = lead_verdict([method for method, _ in groups], numbers)
+        if paired := seed_by_seed_note(groups, numbers):
+            verdict += " " + paired
         csv_header = ["method", *(f"{c} {stat}" for c in COLUMNS[1:] for stat in ("mean", "std"))]
         csv_rows: list[list[Any]] = [[row[0], *number] for row, number in zip(rows, numbers, strict=True)]
     else:

@@ -208,6 +208,7 @@ def test_seeds_give_mean_and_spread_per_method_and_a_lead_only_beyond_the_spread
     text = (tmp_path / "comparison.md").read_text()
     assert "Mean ± standard deviation across seeds 0, 1, 2" in text and " ± " in text
     assert "Last mean accuracy:" in text and ("a lead." in text or "no lead" in text)
+    assert "Seed by seed (0, 1, 2), " in text and " of 3 seeds." in text
     bad = CliRunner().invoke(
         app, _compare_args("-a", "standalone", "--seeds", "0,x", "--out", str(tmp_path / "x"))
     )
@@ -220,6 +221,19 @@ def test_the_lead_verdict_weighs_the_gap_against_the_spread():
     far = [[None, None, 0.90, 0.002], [None, None, 0.85, 0.001]]
     assert "a is ahead of b by 5.00 points" in compare.lead_verdict(["a", "b"], far)
     assert compare.lead_verdict(["a", "b"], far).endswith(": a lead.")
+
+
+def test_the_seed_by_seed_note_pairs_the_two_best_methods_at_each_seed():
+    def run(label: str, seed: int, last: float) -> compare.Result:
+        return label, [], {"seed": seed, "mean_accuracy_last": last}
+
+    results = [run("a/seed-0", 0, 0.90), run("b/seed-0", 0, 0.89), run("c/seed-0", 0, 0.5)]
+    results += [run("a/seed-1", 1, 0.91), run("b/seed-1", 1, 0.92), run("c/seed-1", 1, 0.5)]
+    groups = compare.group_by_method(results)
+    numbers = [[None, None, 0.905, 0.007], [None, None, 0.905 - 1e-9, 0.02], [None, None, 0.5, 0.0]]
+    note = compare.seed_by_seed_note(groups, numbers)
+    assert note == "Seed by seed (0, 1), a minus b: +1.00, -1.00 points; ahead at 1 of 2 seeds."
+    assert compare.seed_by_seed_note(groups[:1], numbers[:1]) == ""
 
 
 def _curve(label: str, points: list[tuple[int, float]]) -> compare.Result:
