@@ -77,8 +77,9 @@ def finish_run_in_memory(
             f"run logged {logged[-1]['mean_accuracy']:.4%}: not the run's clients (another code version?)"
         )
     if len(logged) == len(records):
+        start = f"round {len(done)}'s checkpoint" if done else "the start (no checkpoint)"
         print(
-            f"rounds {len(done) + 1} to {len(records)} rerun from the checkpoint reach the run's own last "
+            f"rounds {len(done) + 1} to {len(records)}, rerun from {start}, reach the run's own last "
             f"mean accuracy, {records[-1]['mean_accuracy']:.2%}"
         )
     return config, federation, records
