@@ -119,6 +119,7 @@ declare -A SEED_SETTINGS=(
   [n50-c20-k5]="50 0.2 5 40 4 0.8 pfedlora,fedapen,standalone"
   [n10-c100-k5]="10 1.0 5 8 1 0.8 pfedlora,fml"
   [n10-c100-k2]="10 1.0 2 5 1 0.9 pfedlora,standalone"
+  [n10-c100-k5-fml]="10 1.0 5 12 1 0.8 fml"  # FML still rose at round 8 of n10-c100-k5
 )
 
 seeds_in() {
