@@ -40,8 +40,8 @@ from pfedlora.simulation import (
     run_federation,
     run_rounds,
 )
-from pfedlora.simulation.checkpoint import read_manifest, restore
-from pfedlora.simulation.experiment import intra_op_threads
+from pfedlora.simulation.checkpoint import read_manifest
+from pfedlora.simulation.experiment import intra_op_threads, restore_checkpoint
 from pfedlora.simulation.records import RoundRecord
 from pfedlora.simulation.results import CONFIG_FILE, read_records
 
@@ -63,11 +63,7 @@ def finish_run_in_memory(
         )
     federation = build_federation(config, dataset)
     clients = LocalClients(federation, FlopMeter())
-    manifest = read_manifest(run_dir)
-    done: list[RoundRecord] = []
-    if manifest is not None:
-        restore(run_dir, federation, clients, manifest)
-        done = [record for record in read_records(run_dir) if record["round"] <= manifest["round"]]
+    done = restore_checkpoint(run_dir, federation, clients, read_manifest(run_dir))
     with intra_op_threads(1):
         records = run_rounds(federation, clients, None, done)
     logged = read_records(run_dir)

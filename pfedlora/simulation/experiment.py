@@ -207,12 +207,20 @@ def continue_run(
 ) -> tuple[RunWriter, list[RoundRecord]]:
     """Load checkpoint ``manifest`` (None: start over) of ``run_dir`` into ``server`` and ``clients``; the
     run directory's writer, its metrics cut to the rounds the checkpoint holds, and those rounds' records."""
+    done = restore_checkpoint(run_dir, server, clients, manifest)
+    logger.info("resuming %s after round %d", run_dir, manifest["round"] if manifest else 0)
+    return RunWriter.reopen(run_dir, done), done
+
+
+def restore_checkpoint(
+    run_dir: Path, server: ServerSide, clients: StatefulPool, manifest: Manifest | None
+) -> list[RoundRecord]:
+    """Load checkpoint ``manifest`` (None: none) of ``run_dir`` into ``server`` and ``clients``; the logged
+    records of the rounds it holds (the directory is not written)."""
     if manifest is not None:
         restore(run_dir, server, clients, manifest)
     last = manifest["round"] if manifest else 0
-    done = [record for record in read_records(run_dir) if record["round"] <= last]
-    logger.info("resuming %s after round %d", run_dir, last)
-    return RunWriter.reopen(run_dir, done), done
+    return [record for record in read_records(run_dir) if record["round"] <= last]
 
 
 def _with_rounds(config: ExperimentConfig, rounds: int, checkpoint_round: int) -> ExperimentConfig:
