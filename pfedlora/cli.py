@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -45,7 +46,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(error: Exception) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -91,7 +92,7 @@ def _summary_table(rows: list[tuple[str, Summary]], title: str) -> Table:
     table = Table(title=title)
     table.add_column("")
     for label, _ in cells:
-        table.add_column(label, justify="right", overflow="fold")
+        table.add_column(escape(label), justify="right", overflow="fold")
     for key in cells[0][1]:
         table.add_row(key, *(values.get(key, "") for _, values in cells))
     return table
@@ -204,7 +205,7 @@ def run(
             progress.stop()
             raise _fail(error) from None
     console.print(_summary_table([(str(out_dir), summary)], title=f"{cfg.algorithm} on {cfg.data.dataset}"))
-    console.print(f"results written to [bold]{out_dir}[/]")
+    console.print(f"results written to [bold]{escape(str(out_dir))}[/]")
 
 
 def _show_accuracy(progress: Progress, task: TaskID, record: RoundRecord) -> None:
@@ -243,14 +244,16 @@ def report(
         except PfedloraError as error:
             if len(run_dirs) == 1:
                 raise _fail(error) from None
-            err_console.print(f"[bold yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold yellow]skipped:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+            )
     if not loaded:
         raise _fail(ConfigError("none of the run directories can be read"))
     console.print(_summary_table([(label, summary) for label, _, summary in loaded], title="runs"))
     plot_dir = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
     note = evaluation_note([summary for _, _, summary in loaded])
     for path in plot_runs([(label, records) for label, records, _ in loaded], plot_dir, note):
-        console.print(f"plot written to [bold]{path}[/]")
+        console.print(f"plot written to [bold]{escape(str(path))}[/]")
 
 
 AlgorithmsOption = Annotated[
@@ -380,7 +383,7 @@ def compare(
         results = retarget(results, target)
     console.print(_summary_table([(label, summary) for label, _, summary in results], title="comparison"))
     for path in write_comparison(results, out):
-        console.print(f"written: [bold]{path}[/]")
+        console.print(f"written: [bold]{escape(str(path))}[/]")
 
 
 @app.command()
@@ -435,11 +438,13 @@ def tune(
     for trial in trials:
         chosen = dict(trial.settings) == best[trial.label]
         settings = " ".join(f"{key}={value}" for key, value in trial.settings)
-        table.add_row(trial.label, settings, f"{100 * trial.accuracy:.2f}" + (" ← chosen" if chosen else ""))
+        accuracy = f"{100 * trial.accuracy:.2f}" + (" ← chosen" if chosen else "")
+        table.add_row(escape(trial.label), escape(settings), accuracy)
     console.print(table)
     for path in write_search(trials, best, out):
-        console.print(f"written: [bold]{path}[/]")
-    console.print("for compare: " + " ".join(f"--set {o}" for o in best_overrides(best)), soft_wrap=True)
+        console.print(f"written: [bold]{escape(str(path))}[/]")
+    for_compare = " ".join(f"--set {o}" for o in best_overrides(best))
+    console.print(f"for compare: {escape(for_compare)}", soft_wrap=True)
 
 
 @app.command("list")

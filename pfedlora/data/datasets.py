@@ -464,12 +464,19 @@ class DatasetSource(Protocol):
     looked_for: str
     """What a lookup root must hold, for the "not found" message (e.g. ``fashion-mnist/ with ...``)."""
 
-    def find(self, root: Path) -> Path | None:
-        """What to read under ``root`` (a folder or an archive), or None when the dataset is not there."""
+    file_names: tuple[str, ...]
+    """Names of the dataset's files (or folders), to spot them under a folder the user named but in a
+    layout :meth:`find` does not read."""
+
+    def find(self, root: Path, named: bool = False) -> Path | None:
+        """What to read under ``root`` (a folder or an archive), or None when the dataset is not there.
+        ``named``: the user named ``root`` (``--data-dir``, ``$PFEDLORA_DATA``), so the files may also lie
+        directly in it (or ``root`` may be the file itself)."""
         ...
 
-    def incomplete(self, root: Path) -> str | None:
-        """What is missing where ``root`` holds the dataset's folder but not all of its files (else None)."""
+    def incomplete(self, root: Path, named: bool = False) -> str | None:
+        """What is missing where ``root`` (``named``: as for :meth:`find`, which found nothing there) holds
+        the dataset's folder, or some of its files, but not all (else None)."""
         ...
 
     def read(self, path: Path) -> Dataset | TextCorpus:
@@ -498,15 +505,23 @@ class FashionMnistSource:
     """Fashion-MNIST: the four IDX files in ``<root>/fashion-mnist/``."""
 
     looked_for = f"{FASHION_MNIST_DIR}/ with the four IDX files"
+    file_names = tuple(name for stem in FASHION_MNIST_SHA256 for name in (stem, f"{stem}.gz"))
 
-    def find(self, root: Path) -> Path | None:
-        folder = root / FASHION_MNIST_DIR
-        return folder if _has_fashion_mnist(folder) else None
+    def _folders(self, root: Path, named: bool) -> list[Path]:
+        """Where the four files may lie: ``<root>/fashion-mnist/``; in a folder the user named, also the
+        folder itself and torchvision's ``FashionMNIST/raw/``."""
+        return [root / FASHION_MNIST_DIR, *((root, root / "FashionMNIST" / "raw") if named else ())]
 
-    def incomplete(self, root: Path) -> str | None:
-        folder = root / FASHION_MNIST_DIR
-        missing = [f"{stem}.gz" for stem in FASHION_MNIST_SHA256 if _fashion_mnist_file(folder, stem) is None]
-        return f"{folder} lacks {', '.join(missing)}" if folder.is_dir() and missing else None
+    def find(self, root: Path, named: bool = False) -> Path | None:
+        return next((f for f in self._folders(root, named) if _has_fashion_mnist(f)), None)
+
+    def incomplete(self, root: Path, named: bool = False) -> str | None:
+        for folder in self._folders(root, named):
+            missing = [f"{s}.gz" for s in FASHION_MNIST_SHA256 if _fashion_mnist_file(folder, s) is None]
+            canonical = folder == root / FASHION_MNIST_DIR
+            if folder.is_dir() and missing and (canonical or len(missing) < len(FASHION_MNIST_SHA256)):
+                return f"{folder} lacks {', '.join(missing)}"
+        return None
 
     def read(self, path: Path) -> Dataset:
         return read_fashion_mnist(path, FASHION_MNIST_SHA256)
@@ -536,19 +551,32 @@ class CifarSource:
     def __init__(self, variant: str) -> None:
         self.layout = _cifar_layout(variant)
         self.looked_for = f"{self.layout.folder}/ or {self.layout.archive}"
+        # The batch files of CIFAR-100 have names too common ("train", "meta") to tell anything.
+        batches = (*self.layout.train_files[:1], self.layout.meta_file) if variant == "cifar10" else ()
+        self.file_names = (self.layout.archive, self.layout.folder, *batches)
 
-    def find(self, root: Path) -> Path | None:
+    def find(self, root: Path, named: bool = False) -> Path | None:
+        """The extracted folder or the archive under ``root``; where the user named ``root``, also ``root``
+        itself as the extracted folder or as the archive."""
         layout = self.layout
         if _has_cifar_folder(root / layout.folder, layout):
             return root / layout.folder
         archive = root / layout.archive
-        return archive if archive.is_file() else None
+        if archive.is_file():
+            return archive
+        if named and root.is_file() and root.name == layout.archive:
+            return root
+        return root if named and _has_cifar_folder(root, layout) else None
 
-    def incomplete(self, root: Path) -> str | None:
-        folder, layout = root / self.layout.folder, self.layout
-        missing = [name for name in layout.files if not (folder / name).is_file()]
-        if folder.is_dir() and missing and not (root / layout.archive).is_file():
-            return f"{folder} lacks {', '.join(missing)}"
+    def incomplete(self, root: Path, named: bool = False) -> str | None:
+        layout = self.layout
+        if (root / layout.archive).is_file():
+            return None
+        for folder in (root / layout.folder, *((root,) if named else ())):
+            present = [name for name in layout.files if (folder / name).is_file()]
+            missing = [name for name in layout.files if name not in present]
+            if folder.is_dir() and missing and (folder != root or present):
+                return f"{folder} lacks {', '.join(missing)}"
         return None
 
     def read(self, path: Path) -> Dataset:
@@ -592,16 +620,26 @@ def load_dataset(
         Path(p).expanduser() for p in (data_dir, os.environ.get(ENV_VAR)) if p
     }  # --data-dir, $PFEDLORA_DATA
     for root in roots:
-        missing = source.incomplete(root) if root in named else None
+        by_user = root in named
+        found = source.find(root, by_user)
+        if found is not None:
+            logger.info("reading %s from %s", name, found)
+            return _tensors(name, _read(source, found), tokenize)
+        if not by_user:
+            continue
+        missing = source.incomplete(root, by_user)
         if missing:
             raise DataError(
                 f"dataset {name!r} in {root} is incomplete: {missing}. Add the missing files, or remove the "
                 f"folder to use the other locations. {source.how_to_get()}"
             )
-        found = source.find(root)
-        if found is not None:
-            logger.info("reading %s from %s", name, found)
-            return _tensors(name, _read(source, found), tokenize)
+        stray = _stray_file(root, source.file_names)
+        if stray is not None:
+            raise DataError(
+                f"{root} holds {name} files in a layout pfedlora does not read ({stray}); expected "
+                f"{source.looked_for} in {root}, or the files directly in it. Move them there, or name "
+                "another folder."
+            )
 
     searched = ", ".join(str(root) for root in roots)
     message = f"dataset {name!r} not found: looked for {source.looked_for} in {searched}."
@@ -615,6 +653,28 @@ def load_dataset(
     except Exception as error:  # pooch raises requests/OSError/ValueError alike; report them as one message
         raise DatasetNotFoundError(f"{message} Downloading failed: {error}. {source.how_to_get()}") from error
     return _tensors(name, _read(source, fetched), tokenize)
+
+
+STRAY_SEARCH_DEPTH = 3
+STRAY_SEARCH_ENTRIES = 20_000
+
+
+def _stray_file(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The first file or folder named one of ``names`` below ``root`` (at most :data:`STRAY_SEARCH_DEPTH`
+    folders down, and :data:`STRAY_SEARCH_ENTRIES` entries looked at; hidden folders skipped)."""
+    if not root.is_dir():
+        return None
+    seen = 0
+    for folder, subfolders, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        for entry in sorted([*subfolders, *files]):
+            if entry in names:
+                return Path(folder) / entry
+        seen += len(subfolders) + len(files)
+        if seen > STRAY_SEARCH_ENTRIES:
+            return None
+        subfolders[:] = [] if depth >= STRAY_SEARCH_DEPTH else sorted(d for d in subfolders if d[0] != ".")
+    return None
 
 
 def _read(source: DatasetSource, path: Path) -> Dataset | TextCorpus:

@@ -174,19 +174,26 @@ class KjvSource:
     """The KJV by genre: ``<root>/kjv/kjv.txt``, or Debian's bible-kjv (dumped once into the cache)."""
 
     looked_for = f"{KJV_DIR}/{KJV_FILE} (or Debian's bible-kjv package)"
+    file_names: tuple[str, ...] = (KJV_FILE,)
 
     def __init__(self, cache: Callable[[], Path]) -> None:
         self._cache = cache
 
-    def find(self, root: Path) -> Path | None:
+    def find(self, root: Path, named: bool = False) -> Path | None:
+        """``<root>/kjv/kjv.txt``; where the user named ``root``, also ``<root>/kjv.txt`` or ``root`` as the
+        file itself; in the cache, Debian's bible-kjv (dumped there on first read)."""
         path = root / KJV_DIR / KJV_FILE
         if path.is_file():
             return path
+        if named and (root / KJV_FILE).is_file():
+            return root / KJV_FILE
+        if named and root.is_file() and root.name == KJV_FILE:
+            return root
         if root == self._cache() and shutil.which("bible") and KJV_PROGRAM_DATA.is_file():
             return KJV_PROGRAM_DATA
         return None
 
-    def incomplete(self, root: Path) -> str | None:
+    def incomplete(self, root: Path, named: bool = False) -> str | None:
         folder = root / KJV_DIR
         return f"{folder} lacks {KJV_FILE}" if folder.is_dir() and not (folder / KJV_FILE).is_file() else None
 

@@ -204,6 +204,85 @@ def test_an_incomplete_folder_the_user_named_is_refused_and_elsewhere_skipped(
 
 
 @pytest.mark.parametrize(
+    ("layout", "how"),
+    [(".", "data_dir"), (".", "env"), ("FashionMNIST/raw", "data_dir")],
+    ids=["directly-in-data-dir", "directly-in-PFEDLORA_DATA", "torchvision-layout"],
+)
+def test_fashion_mnist_files_where_the_user_put_them_are_read_not_passed_over(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    isolated_roots: dict[str, Path],
+    layout: str,
+    how: str,
+) -> None:
+    named = tmp_path / "mine"
+    tiny = write_fashion_mnist(tmp_path / "made", marker=7)
+    (named / layout).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(tiny.directory, named / layout if layout != "." else named)
+    write_fashion_mnist(isolated_roots["system"], marker=2)  # the copy that used to be read instead
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SHA256", tiny.sha256)
+    if how == "env":
+        monkeypatch.setenv("PFEDLORA_DATA", str(named))
+    ds = load_dataset("fashion-mnist", data_dir=named if how == "data_dir" else None, download=False)
+    assert ds.train_x[0, 0, 0, 0] == 7
+
+
+def test_fashion_mnist_files_in_a_layout_it_cannot_read_are_refused_naming_the_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_roots: dict[str, Path]
+) -> None:
+    named = tmp_path / "mine"
+    tiny = write_fashion_mnist(tmp_path / "made")
+    (named / "a").mkdir(parents=True)
+    shutil.move(tiny.directory, named / "a" / "b")  # mine/a/b/*.gz
+    system = write_fashion_mnist(isolated_roots["system"], marker=2)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SHA256", system.sha256)
+    with pytest.raises(DataError) as caught:
+        load_dataset("fashion-mnist", data_dir=named, download=False)
+    message = str(caught.value)
+    assert "in a layout pfedlora does not read" in message
+    assert str(named / "a" / "b" / "t10k-images-idx3-ubyte.gz") in message
+    assert f"fashion-mnist/ with the four IDX files in {named}" in message
+    # some of the four files directly in the named folder: the missing ones are named
+    shutil.move(named / "a" / "b" / "train-images-idx3-ubyte.gz", named)
+    with pytest.raises(DataError, match=r"mine lacks train-labels-idx1-ubyte.gz, t10k-images"):
+        load_dataset("fashion-mnist", data_dir=named, download=False)
+
+
+@pytest.mark.parametrize("named", ["extracted-folder", "archive-file"])
+def test_cifar_named_as_its_folder_or_its_archive_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    tiny = write_cifar(tmp_path / "made", "cifar10", keep_folder=True)
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", tiny.md5)
+    path = tiny.folder if named == "extracted-folder" else tiny.archive
+    if named == "extracted-folder":
+        tiny.archive.unlink()
+    ds = load_dataset("cifar10", data_dir=path, download=False)
+    assert ds.train_x.shape[1:] == (3, 32, 32) and ds.train_x[0, 0, 5, 7] == 11
+
+
+def test_cifar_archive_in_a_layout_it_cannot_read_is_refused(tmp_path: Path) -> None:
+    write_cifar(tmp_path / "mine" / "downloads" / "cifar", "cifar10")  # the archive alone, two folders down
+    with pytest.raises(DataError, match=r"holds cifar10 files in a layout .*downloads/cifar/cifar-10-python"):
+        load_dataset("cifar10", data_dir=tmp_path / "mine", download=False)
+
+
+def test_kjv_text_directly_in_a_named_folder_or_named_itself_is_found(tmp_path: Path) -> None:
+    from pfedlora.data.text import KjvSource
+
+    source = KjvSource(lambda: tmp_path / "cache")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "kjv.txt").write_text("Genesis 1\n")
+    assert source.find(tmp_path / "mine", named=True) == tmp_path / "mine" / "kjv.txt"
+    assert source.find(tmp_path / "mine" / "kjv.txt", named=True) == tmp_path / "mine" / "kjv.txt"
+    assert source.find(tmp_path / "mine") is None  # a root nobody named keeps the documented layout
+    (tmp_path / "other" / "texts").mkdir(parents=True)
+    (tmp_path / "mine" / "kjv.txt").rename(tmp_path / "other" / "texts" / "kjv.txt")
+    with pytest.raises(DataError, match=r"holds kjv files in a layout .*other/texts/kjv.txt"):
+        load_dataset("kjv", data_dir=tmp_path / "other", download=False)
+
+
+@pytest.mark.parametrize(
     ("damage", "reason"),
     [
         (lambda raw: raw[: len(raw) // 2], "EOFError"),

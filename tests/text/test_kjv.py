@@ -181,3 +181,14 @@ def test_kjv_missing_on_the_command_line_says_how_to_get_it(tmp_path, kjv_not_in
     result = CliRunner().invoke(app, ["run", "--config", "examples/kjv.toml", "--out", str(out)])
     assert result.exit_code == 2 and "apt-get install bible-kjv" in " ".join(result.stderr.split())
     assert not out.exists()
+
+
+def test_without_the_minilm_wheel_the_error_names_the_text_extra(tmp_path, monkeypatch):
+    from pfedlora.models import transformer
+
+    monkeypatch.setattr(transformer, "BUNDLED_PACKAGE", "no_such_minilm_wheel")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--config", "examples/kjv.toml", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'pfedlora[text]'" in " ".join(result.stderr.split())
+    assert not out.exists()
