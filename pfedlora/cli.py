@@ -221,7 +221,9 @@ def _run_label(path: Path, all_paths: list[Path]) -> str:
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more finished run directories.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="One or more run directories (finished, or still going).")
+    ],
     out: Annotated[
         Path | None,
         typer.Option(
@@ -229,18 +231,35 @@ def report(
         ),
     ] = None,
 ) -> None:
-    """Print the summary table of finished runs and write accuracy plots (PNG).
+    """Print the summary table of runs and write accuracy plots (PNG).
 
+    A run still going (or stopped) is reported on the rounds it has logged, without getting in its way.
     Damaged metrics lines are skipped with a warning naming them; a run that cannot be read at all is
     left out with one line saying why (exit status 2 when no run can be read).
     """
     from pfedlora.plots import evaluation_note, plot_runs
-    from pfedlora.simulation import read_run
+    from pfedlora.simulation import read_run, read_unfinished_run
+    from pfedlora.simulation.lock import live_writer
+    from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE
 
     loaded = []
     for path in run_dirs:
+        label = _run_label(path, run_dirs)
         try:
-            loaded.append((_run_label(path, run_dirs), *read_run(path)))
+            if (path / CONFIG_FILE).is_file() and not (path / SUMMARY_FILE).is_file():
+                records, summary = read_unfinished_run(path)
+                writer = live_writer(path)
+                state = f"in progress, written by {writer}" if writer else "unfinished: no process writes it"
+                err_console.print(
+                    escape(f"{label}: {state}; round {records[-1]['round']} of {summary['rounds']} so far"),
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                loaded.append(
+                    (f"{label} (round {records[-1]['round']} of {summary['rounds']})", records, summary)
+                )
+            else:
+                loaded.append((label, *read_run(path)))
         except PfedloraError as error:
             if len(run_dirs) == 1:
                 raise _fail(error) from None

@@ -33,6 +33,7 @@ from pfedlora.models import PLACEMENTS, is_transformer
 from pfedlora.plots import evaluation_note, plot_groups
 from pfedlora.simulation import read_run, resume_run, run_experiment
 from pfedlora.simulation.federation import load_run_dataset
+from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.loop import RoundCallback
 from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, progress_to_target
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
@@ -130,10 +131,27 @@ def run_comparison(
     processes (default: the usable cores divided among the jobs, at least one), so the cores are shared out,
     not oversubscribed; since results do not depend on the number of workers, they are those of one run
     after another with workers. ``dataset``, if given, serves every variant instead of the one it names.
+    ``out_dir`` is locked for this process while the comparison runs (a second one there is refused), and
+    each variant's run directory for the process that runs it.
     """
     if jobs < 1:
         raise ConfigError(f"jobs: {jobs} is out of range; allowed: 1 or more")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out):
+        return _compare(variants, out, on_start, on_round, jobs, workers, dataset)
+
+
+def _compare(
+    variants: Sequence[Variant],
+    out: Path,
+    on_start: Callable[[Variant, bool], None] | None,
+    on_round: VariantRound | None,
+    jobs: int,
+    workers: int | None,
+    dataset: Dataset | None,
+) -> list[Result]:
+    """:func:`run_comparison` once this process holds the lock of ``out``."""
     datasets: dict[DatasetKey, Dataset] = {}
     if dataset is not None:
         datasets.update({_dataset_key(v): dataset for v in variants})
@@ -211,7 +229,8 @@ def _run_variant(
         resume_run(run_dir, on_round=on_round, dataset=dataset, workers=workers)
         return
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
+        with directory_lock(run_dir):
+            shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
     run_experiment(variant.config, run_dir, on_round=on_round, dataset=dataset, workers=workers)
 
 

@@ -22,6 +22,7 @@ import tomli_w
 from pfedlora.compare import Variant, VariantRound, plan_variants, run_comparison, split_scoped
 from pfedlora.config import load_config
 from pfedlora.errors import ConfigError
+from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.results import write_atomic
 
 SELECTION_METRIC: Final = "mean_accuracy_last"
@@ -84,6 +85,7 @@ def coordinate_search(
 
     Trials run into ``out_dir/<label>/<axis values>``; finished ones are reused. The trials of one axis are
     independent, so ``jobs`` > 1 runs them side by side (see :func:`~pfedlora.compare.run_comparison`).
+    ``out_dir`` is locked for this process while the search runs (a second search there is refused).
     """
     base = plan_variants(algorithms, placements, config_file, overrides)
     for variant in base:
@@ -97,6 +99,22 @@ def coordinate_search(
         if axis.scope is not None and axis.scope not in known:
             raise ConfigError(f"search axis scoped to {axis.scope!r}, which is not among: {', '.join(known)}")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out):
+        return _search(base, axes, out, config_file, on_start, on_round, jobs, workers)
+
+
+def _search(
+    base: Sequence[Variant],
+    axes: Sequence[Axis],
+    out: Path,
+    config_file: str | Path | None,
+    on_start: Callable[[Variant, bool], None] | None,
+    on_round: VariantRound | None,
+    jobs: int,
+    workers: int | None,
+) -> tuple[list[Trial], dict[str, dict[str, str]]]:
+    """:func:`coordinate_search` once this process holds the lock of ``out``."""
     trials: list[Trial] = []
     best: dict[str, dict[str, str]] = {}
     for variant in base:

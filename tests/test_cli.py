@@ -26,7 +26,12 @@ def test_run_writes_results_and_prints_the_table(tmp_path, tiny_data):
     result = runner.invoke(app, ["run", *TINY, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "best mean acc" in result.output and "results written to" in result.output
-    assert {p.name for p in out.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {
+        ".pfedlora.lock",
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+    }
 
 
 def test_workers_option_trains_in_worker_processes_with_the_same_results(tmp_path, tiny_data):

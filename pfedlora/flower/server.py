@@ -35,9 +35,16 @@ from pfedlora.metrics import AccuracyReport
 from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, check_config, read_manifest
 from pfedlora.simulation.experiment import continue_run, finish_run
 from pfedlora.simulation.federation import initial_global_state
+from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.loop import ClientResult, Server
 from pfedlora.simulation.records import Summary
-from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, write_atomic
+from pfedlora.simulation.results import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    RunWriter,
+    new_run_directory,
+    write_atomic,
+)
 from pfedlora.simulation.store import SavedFiles, StateFiles
 
 logger = logging.getLogger(__name__)
@@ -264,11 +271,26 @@ def run_server(
     does (the clients' private states live on their nodes, which keep what a restart needs). ``resume``:
     continue the unfinished run in ``out_dir`` from its last checkpoint (under the same configuration), or
     start it when ``out_dir`` holds none; the metrics equal an uninterrupted run's. ``timeout`` and
-    ``in_flight``: see :class:`GridClients`.
+    ``in_flight``: see :class:`GridClients`. ``out_dir`` is locked for this process while it runs.
     """
-    started = time.perf_counter()
     out_dir = Path(out_dir)
     resuming = resume and (out_dir / CONFIG_FILE).is_file()
+    claim = directory_lock(out_dir) if resuming else new_run_directory(out_dir)
+    with claim:
+        return _serve(grid, config, out_dir, experiment, timeout, resuming, in_flight)
+
+
+def _serve(
+    grid: Grid,
+    config: ExperimentConfig,
+    out_dir: Path,
+    experiment: str,
+    timeout: float,
+    resuming: bool,
+    in_flight: int,
+) -> Summary:
+    """:func:`run_server` once this process holds the lock of ``out_dir``."""
+    started = time.perf_counter()
     manifest = None
     if resuming:
         if (out_dir / SUMMARY_FILE).is_file():

@@ -16,7 +16,7 @@ from pfedlora.simulation.federation import Federation, build_federation
 from pfedlora.simulation.local import LocalClients, evaluate
 from pfedlora.simulation.loop import ClientPool, ClientResult, run_round, run_rounds
 from pfedlora.simulation.records import TIMING_KEYS, RoundRecord, Summary
-from pfedlora.simulation.results import read_run
+from pfedlora.simulation.results import read_run, read_unfinished_run
 from pfedlora.simulation.sampling import clients_per_round, sample_clients
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "clients_per_round",
     "evaluate",
     "read_run",
+    "read_unfinished_run",
     "resume_run",
     "run_experiment",
     "run_federation",

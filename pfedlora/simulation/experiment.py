@@ -37,9 +37,17 @@ from pfedlora.simulation.federation import (
     resolve_device,
 )
 from pfedlora.simulation.local import LocalClients
+from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.loop import RoundCallback, Server, ServerSide, StatefulPool, run_rounds
 from pfedlora.simulation.records import RoundRecord, Summary, summarize_records
-from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, RunWriter, read_records, write_atomic
+from pfedlora.simulation.results import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    RunWriter,
+    new_run_directory,
+    read_records,
+    write_atomic,
+)
 from pfedlora.simulation.workers import WorkerPool, usable_cores
 
 logger = logging.getLogger(__name__)
@@ -140,17 +148,21 @@ def run_experiment(
     """Set up the run (see :func:`open_run` for ``workers``), run every round, and (if ``out_dir``) write
     the run directory.
 
-    The directory is created only once the data and the federation are known to be valid, so bad input
-    never leaves a half-written one behind; it is checkpointed as the run goes (see :func:`resume_run`).
-    Returns the summary.
+    The directory is locked for this process while the run writes it (a second writer is refused, see
+    :mod:`~pfedlora.simulation.lock`) and removed again if the data or the federation turn out invalid, so
+    bad input never leaves a half-written one behind; it is checkpointed as the run goes (see
+    :func:`resume_run`). Returns the summary.
     """
     started = time.perf_counter()
-    run_dir = None if out_dir is None else Path(out_dir)
-    with open_run(config, dataset, workers, run_dir) as (server, clients):
-        if out_dir is None:
+    if out_dir is None:
+        with open_run(config, dataset, workers) as (server, clients):
             records = run_rounds(server, clients, on_round)
             return summarize(server, records, time.perf_counter() - started)
-        return finish_run(server, clients, RunWriter(out_dir, config), on_round, (), started)
+    with (
+        new_run_directory(out_dir) as run_dir,
+        open_run(config, dataset, workers, run_dir) as (server, clients),
+    ):
+        return finish_run(server, clients, RunWriter(run_dir, config), on_round, (), started)
 
 
 def resume_run(
@@ -171,12 +183,26 @@ def resume_run(
     run: the metrics are then those of a run of ``rounds`` rounds from the start (refused for algorithms
     whose schedule spans the rounds, e.g. FedKD). ``previous_checkpoint`` continues from the checkpoint
     before the last (when the last is damaged). ``on_round`` first receives the records of the rounds kept,
-    then those of the rounds run. Returns the summary.
+    then those of the rounds run. The directory is locked for this process first: while another process
+    writes it, the resume is refused before anything is read or written. Returns the summary.
     """
-    started = time.perf_counter()
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    with directory_lock(run_dir):
+        return _resume_locked(run_dir, on_round, dataset, workers, rounds, previous_checkpoint)
+
+
+def _resume_locked(
+    run_dir: Path,
+    on_round: RoundCallback | None,
+    dataset: Dataset | None,
+    workers: int | None,
+    rounds: int | None,
+    previous_checkpoint: bool,
+) -> Summary:
+    """:func:`resume_run` once this process holds ``run_dir``'s lock."""
+    started = time.perf_counter()
     config = load_run_config(run_dir / CONFIG_FILE)
     finished = (run_dir / SUMMARY_FILE).is_file()
     if finished and (rounds is None or rounds <= config.federation.rounds):

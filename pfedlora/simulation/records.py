@@ -105,7 +105,8 @@ class Summary(TypedDict):
     std_accuracy_last: float
     clients_without_eval_samples: int
     """Clients whose evaluation split is empty, left out of every mean (last evaluation)."""
-    shared_parameters: int
+    shared_parameters: int | None
+    """Client-state parameters that travel as they are (None in the summary of an unfinished run)."""
     bytes_down_total: int
     bytes_up_total: int
     bytes_total: int
@@ -149,7 +150,10 @@ def progress_to_target(records: Sequence[RoundRecord], target: float) -> TargetP
 
 
 def summarize_records(
-    config: ExperimentConfig, records: Sequence[RoundRecord], wall_seconds: float, shared_parameters: int
+    config: ExperimentConfig,
+    records: Sequence[RoundRecord],
+    wall_seconds: float,
+    shared_parameters: int | None,
 ) -> Summary:
     """The run's headline figures from its configuration and records (see the README for each key)."""
     evaluated = [r for r in records if is_evaluated(r)]

@@ -10,16 +10,19 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
-from pfedlora.config import ExperimentConfig, config_to_toml
+from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config
 from pfedlora.errors import ConfigError
-from pfedlora.simulation.records import RoundRecord, Summary
+from pfedlora.simulation.lock import LOCK_FILE, directory_lock
+from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, summarize_records
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +66,48 @@ def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _not_empty(path: Path) -> ConfigError | None:
+    """The refusal of ``path`` as a new run directory, unless it is absent or empty (but for its lock)."""
+    if path.exists() and any(entry.name != LOCK_FILE for entry in path.iterdir()):
+        return ConfigError(f"output directory {str(path)!r} already exists and is not empty")
+    return None
+
+
+@contextmanager
+def new_run_directory(path: str | Path) -> Iterator[Path]:
+    """Hold the lock (:func:`~pfedlora.simulation.lock.directory_lock`) of ``path``, a new run directory
+    (created, or an existing empty one), for the block.
+
+    Refused with one line where another process holds it or it is not empty. Where the block ends before
+    the run wrote its ``config.toml`` (bad input found while setting up, a stop), a directory it created is
+    removed again, so nothing is left behind.
+    """
+    path = Path(path)
+    if not (path / LOCK_FILE).exists() and (refusal := _not_empty(path)) is not None:
+        raise refusal  # a folder of something else: not even a lock file is left in it
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    with directory_lock(path):
+        try:
+            if (refusal := _not_empty(path)) is not None:  # a run's directory, or another got in first
+                raise refusal
+            yield path
+        except BaseException:
+            if created and not (path / CONFIG_FILE).exists():
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+
+
 class RunWriter:
     """Creates a run directory and appends to it as the run goes."""
 
     def __init__(self, path: str | Path, config: ExperimentConfig) -> None:
         """Claim ``path`` (new, or an existing empty directory) for one run: its ``config.toml`` is created
-        exclusively, so of two runs started on one directory at once exactly one gets it."""
+        exclusively, so of two runs started on one directory at once exactly one gets it (the writers of
+        pfedlora hold the directory's lock first: :func:`new_run_directory`)."""
         self.path = Path(path)
         taken = ConfigError(f"output directory {str(self.path)!r} already exists and is not empty")
-        if self.path.exists() and any(self.path.iterdir()):
+        if _not_empty(self.path) is not None:
             raise taken
         self.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -151,3 +187,19 @@ def read_run(path: str | Path) -> tuple[list[RoundRecord], Summary]:
     if not records:
         raise ConfigError(f"{metrics_path} holds no readable round record")
     return records, summary
+
+
+def read_unfinished_run(path: str | Path) -> tuple[list[RoundRecord], Summary]:
+    """The records so far of a run directory without a summary (a run still going, or stopped), and the
+    summary they give (``rounds``: the rounds planned; ``shared_parameters``: None, not known from the files;
+    ``wall_seconds``: the rounds' own seconds). Nothing is written. ConfigError when ``path`` is not a run
+    directory or no round has been evaluated yet."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"{str(path)!r} is not a run directory (no {CONFIG_FILE})")
+    config = load_run_config(path / CONFIG_FILE)
+    records = read_records(path)
+    if not any(is_evaluated(record) for record in records):
+        raise ConfigError(f"{str(path)!r} is a run without an evaluated round yet; nothing to report")
+    wall_seconds = sum(record["round_seconds"] for record in records)
+    return records, summarize_records(config, records, wall_seconds, None)

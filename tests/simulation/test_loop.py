@@ -59,7 +59,7 @@ def test_run_directory(tmp_path, tiny_dataset, tiny_config):
     config = tiny_config("federation.eval_every=2")
     summary = run_experiment(config, tmp_path / "run", dataset=tiny_dataset)
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert files == {"config.toml", "metrics.jsonl", "summary.json"}
+    assert files == {".pfedlora.lock", "config.toml", "metrics.jsonl", "summary.json"}
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["round"] for r in records] == [1, 2, 3]
