@@ -7,10 +7,13 @@ Library errors (:class:`~pfedlora.errors.PfedloraError`) become one line on stde
 
 from __future__ import annotations
 
+import functools
 import logging
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from pfedlora.errors import ConfigError, PfedloraError
+from pfedlora.stopping import RunStopped, Stopped, stop_on_signals
 
 if TYPE_CHECKING:
     from pfedlora.compare import Variant
@@ -48,6 +52,39 @@ err_console = Console(stderr=True)
 def _fail(error: Exception) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def _stoppable(how_to_continue: Callable[[Stopped], str]) -> Callable[[Command], Command]:
+    """SIGINT (Ctrl-C) and SIGTERM stop the command with one line, where it stood and
+    ``how_to_continue(stop)``, no traceback, and exit status 128 + the signal (130, 143)."""
+
+    def decorate(command: Command) -> Command:
+        @functools.wraps(command)
+        def stoppable(*args: Any, **kwargs: Any) -> Any:
+            with stop_on_signals():
+                try:
+                    return command(*args, **kwargs)
+                except Stopped as stop:
+                    line = f"{stop.message}{how_to_continue(stop)}"
+                    err_console.print(escape(line), style="bold yellow", highlight=False, soft_wrap=True)
+                    raise typer.Exit(code=stop.exit_code) from None
+
+        return stoppable  # type: ignore[return-value]
+
+    return decorate
+
+
+def _resume_command(stop: Stopped) -> str:
+    if isinstance(stop, RunStopped) and stop.resumable:
+        return f"; continue with `pfedlora run --resume {shlex.quote(stop.run_dir)}`"
+    return ""
+
+
+def _same_command(stop: Stopped) -> str:
+    return f"; continue with the same command: `{shlex.join(['pfedlora', *sys.argv[1:]])}`"
 
 
 def _round_progress(quiet: bool) -> Progress:
@@ -113,6 +150,7 @@ WorkersOption = Annotated[
 
 
 @app.command()
+@_stoppable(_resume_command)
 def run(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file; unset keys keep their defaults.")
@@ -346,6 +384,7 @@ def _run_variants(
 
 
 @app.command()
+@_stoppable(_same_command)
 def compare(
     algorithms: AlgorithmsOption = "pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen,fedproto",
     placements: PlacementsOption = "branch,layers",
@@ -406,6 +445,7 @@ def compare(
 
 
 @app.command()
+@_stoppable(_same_command)
 def tune(
     axes: Annotated[
         list[str],

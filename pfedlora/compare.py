@@ -13,6 +13,7 @@ import io
 import logging
 import queue
 import shutil
+import signal
 import statistics
 import traceback
 from collections.abc import Callable, Sequence
@@ -32,12 +33,21 @@ from pfedlora.metrics.accuracy import FLAT_CHANGE, change_over_last_tenth
 from pfedlora.models import PLACEMENTS, is_transformer
 from pfedlora.plots import evaluation_note, plot_groups
 from pfedlora.simulation import read_run, resume_run, run_experiment
+from pfedlora.simulation.checkpoint import checkpoint_round
 from pfedlora.simulation.federation import load_run_dataset
 from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.loop import RoundCallback
 from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, progress_to_target
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
 from pfedlora.simulation.workers import usable_cores
+from pfedlora.stopping import (
+    RunStopped,
+    Stopped,
+    leave_stops_to_parent,
+    signal_name,
+    signal_of,
+    stop_on_signals,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +192,13 @@ def _compare(
             if on_start is not None:
                 on_start(variant, False)
             tell = partial(on_round, variant.label) if on_round is not None else None
-            _run_variant(variant, out / variant.label, _dataset_of(variant, datasets), workers, tell)
+            try:
+                _run_variant(variant, out / variant.label, _dataset_of(variant, datasets), workers, tell)
+            except RunStopped as stop:
+                raise ComparisonStopped(stop.signum, [(variant.label, stop)], out, len(variants)) from None
     else:
         per_job = workers if workers is not None else max(1, usable_cores() // jobs)
-        _run_in_parallel(pending, out, datasets, jobs, per_job, on_start, on_round)
+        _run_in_parallel(pending, out, datasets, jobs, per_job, on_start, on_round, len(variants))
     results = []
     for variant in variants:
         records, summary = read_run(out / variant.label)
@@ -242,8 +255,11 @@ def _run_in_parallel(
     workers: int,
     on_start: Callable[[Variant, bool], None] | None,
     on_round: VariantRound | None,
+    total: int,
 ) -> None:
-    """Run ``variants`` ``jobs`` at a time, each in a process of its own; the first failure stops them all."""
+    """Run ``variants`` ``jobs`` at a time, each in a process of its own; the first failure stops them all,
+    and so does a stop of this process (:class:`ComparisonStopped`, naming where each running job stood;
+    ``total``: the variants of the whole comparison)."""
     context = torch_mp.get_context("forkserver")
     # Jobs fork from a server that has imported torch and pfedlora once: each starts in milliseconds, not
     # the seconds of importing them again (the preload is ignored if this process's server already runs).
@@ -252,7 +268,9 @@ def _run_in_parallel(
     events = context.Queue()
     waiting = list(variants)
     running: dict[str, BaseProcess] = {}
+    logged: dict[str, int] = {}  # the last round each variant reported
     failure: str | None = None
+    stopped: int | None = None
     try:
         while (waiting or running) and failure is None:
             while waiting and len(running) < jobs:
@@ -274,27 +292,79 @@ def _run_in_parallel(
                     if not job.is_alive():  # died without a word (killed)
                         failure = f"{label}: its process exited with code {job.exitcode}"
                 continue
-            if kind == "round" and on_round is not None:
-                on_round(label, payload)
+            if kind == "round":
+                logged[label] = payload["round"]
+                if on_round is not None:
+                    on_round(label, payload)
             elif kind in ("done", "error"):
                 running.pop(label).join()
                 if kind == "error":
                     failure = f"{label}: {payload}"
+    except KeyboardInterrupt as stop:
+        stopped = signal_of(stop)
     finally:
         for job in running.values():
-            job.terminate()
-            job.join()
+            job.terminate()  # a job stops its run, and its workers, on SIGTERM
+        for job in running.values():
+            job.join(timeout=10)
+            if job.is_alive():
+                job.kill()
+                job.join()
+    if stopped is not None:
+        where = [
+            (label, _stopped_run(stopped, out / label, logged.get(label, 0) + 1, variant.config))
+            for label, variant in ((v.label, v) for v in variants)
+            if label in running
+        ]
+        raise ComparisonStopped(stopped, where, out, total)
     if failure is not None:
         raise ConfigError(f"the comparison stopped: {failure}")
 
 
-def _job(variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events: Any) -> None:
-    """One variant in a process of its own; reports its rounds and its end on ``events``."""
-    try:
-        _run_variant(
-            variant, run_dir, dataset, workers, lambda record: events.put(("round", variant.label, record))
+def _stopped_run(signum: int, run_dir: Path, in_round: int, config: ExperimentConfig) -> RunStopped:
+    """Where a job's run stood when it was stopped, as its directory tells."""
+    resumable = (run_dir / CONFIG_FILE).is_file()
+    rounds = config.federation.rounds
+    return RunStopped(signum, str(run_dir), in_round, rounds, checkpoint_round(run_dir), resumable)
+
+
+class ComparisonStopped(Stopped):
+    """A comparison (or a search) stopped by a signal: where each variant that was running stood, and how
+    many of the comparison's variants had finished (their runs are kept and reused)."""
+
+    def __init__(
+        self, signum: int, running: Sequence[tuple[str, RunStopped]], out_dir: Path, total: int
+    ) -> None:
+        finished = sum((out_dir / label / SUMMARY_FILE).is_file() for label in _variant_dirs(out_dir))
+        states = ", ".join(f"{label} {stop.state()}" for label, stop in running)
+        message = (
+            f"stopped by {signal_name(signum)}: {states or 'no variant was running'}; "
+            f"{finished} of {total} variants in {out_dir} are finished and kept"
         )
+        super().__init__(signum, message)
+
+
+def _variant_dirs(out_dir: Path) -> list[str]:
+    """The labels of the run directories under a comparison directory (``method`` or ``method/seed-s``)."""
+    return [str(config.parent.relative_to(out_dir)) for config in sorted(out_dir.rglob(CONFIG_FILE))]
+
+
+def _job(variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events: Any) -> None:
+    """One variant in a process of its own; reports its rounds and its end on ``events``. The comparison
+    stops it with SIGTERM (Ctrl-C is the comparison's to handle), which stops its run, quietly."""
+    leave_stops_to_parent((signal.SIGINT,))
+    try:
+        with stop_on_signals((signal.SIGTERM,)):
+            _run_variant(
+                variant,
+                run_dir,
+                dataset,
+                workers,
+                lambda record: events.put(("round", variant.label, record)),
+            )
         events.put(("done", variant.label, None))
+    except KeyboardInterrupt:
+        return  # stopped by the comparison, which says where every job stood
     except PfedloraError as error:
         events.put(("error", variant.label, str(error)))
     except BaseException:

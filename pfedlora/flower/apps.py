@@ -12,9 +12,12 @@ Node configuration keys: ``partition-id`` (the stable client id, required), ``nu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
+import signal
 from pathlib import Path
+from typing import NoReturn
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,6 +35,7 @@ from pfedlora.flower.records import (
     to_record,
 )
 from pfedlora.flower.server import run_server
+from pfedlora.stopping import RunStopped, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ client_app = ClientApp()
 
 @server_app.main()
 def serve(grid: Grid, context: Context) -> None:
-    """Read the run configuration and run the experiment over the connected nodes."""
+    """Read the run configuration and run the experiment over the connected nodes. SIGINT and SIGTERM stop
+    it within seconds with one line saying where the run stood (exit status 130, 143)."""
     run_config = context.run_config
     config_file = str(run_config.get("config-file", "")) or None
     overrides = shlex.split(str(run_config.get("overrides", "")))
@@ -51,13 +56,32 @@ def serve(grid: Grid, context: Context) -> None:
     timeout = float(run_config.get("round-timeout", 600))
     resume = str(run_config.get("resume", "false")).lower() in ("true", "1")
     in_flight = int(run_config.get("messages-in-flight", 0))
-    summary = run_server(grid, config, out_dir, experiment, timeout, resume=resume, in_flight=in_flight)
+    try:
+        with stop_on_signals():
+            summary = run_server(
+                grid, config, out_dir, experiment, timeout, resume=resume, in_flight=in_flight
+            )
+    except RunStopped as stop:
+        _exit_stopped(stop)
     logger.warning(
         "pfedlora on Flower: mean accuracy %.4f after %d rounds; results in %s",
         summary["mean_accuracy_last"],
         summary["rounds"],
         out_dir,
     )
+
+
+def _exit_stopped(stop: RunStopped) -> NoReturn:
+    """End the ServerApp's process after a stop: one line saying where the run stood and how to continue it,
+    then Flower's own handling of the signal where it has one (it reports the run's end to the SuperLink),
+    and the exit status 128 + the signal (130, 143)."""
+    how = "start it again with `resume = true` in the run config (same out-dir)" if stop.resumable else ""
+    logger.error("pfedlora on Flower: %s%s", stop.message, f"; {how}" if how else "")
+    flower_handler = signal.getsignal(stop.signum)
+    if callable(flower_handler) and flower_handler is not signal.default_int_handler:
+        with contextlib.suppress(SystemExit):
+            flower_handler(stop.signum, None)
+    raise SystemExit(stop.exit_code)
 
 
 def _node(message: Message, context: Context) -> Node:

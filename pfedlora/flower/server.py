@@ -33,7 +33,7 @@ from pfedlora.flower.records import (
 )
 from pfedlora.metrics import AccuracyReport
 from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, check_config, read_manifest
-from pfedlora.simulation.experiment import continue_run, finish_run
+from pfedlora.simulation.experiment import continue_run, finish_run, setup_stopped
 from pfedlora.simulation.federation import initial_global_state
 from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.loop import ClientResult, Server
@@ -276,8 +276,11 @@ def run_server(
     out_dir = Path(out_dir)
     resuming = resume and (out_dir / CONFIG_FILE).is_file()
     claim = directory_lock(out_dir) if resuming else new_run_directory(out_dir)
-    with claim:
-        return _serve(grid, config, out_dir, experiment, timeout, resuming, in_flight)
+    try:
+        with claim:
+            return _serve(grid, config, out_dir, experiment, timeout, resuming, in_flight)
+    except KeyboardInterrupt as stop:
+        raise setup_stopped(stop, out_dir, config.federation.rounds) from None
 
 
 def _serve(

@@ -160,6 +160,17 @@ def _verify(folder: Path, manifest_name: str) -> Manifest:
     return manifest
 
 
+def checkpoint_round(run_dir: str | Path) -> int:
+    """The round of ``run_dir``'s last checkpoint as its manifest names it (0: none, or unreadable); files
+    unverified, for telling people where a run stands."""
+    try:
+        manifest = json.loads((Path(run_dir) / CHECKPOINT_DIR / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    found = manifest.get("round") if isinstance(manifest, dict) else None
+    return found if isinstance(found, int) else 0
+
+
 def read_manifest(run_dir: str | Path, previous: bool = False) -> Manifest | None:
     """The manifest of the last intact checkpoint (``previous``: of the one before it), every file checked
     against its digest; None when there is no checkpoint.

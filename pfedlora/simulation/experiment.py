@@ -25,6 +25,7 @@ from pfedlora.simulation.checkpoint import (
     Checkpointer,
     Manifest,
     check_config,
+    checkpoint_round,
     read_manifest,
     restore,
 )
@@ -49,6 +50,7 @@ from pfedlora.simulation.results import (
     write_atomic,
 )
 from pfedlora.simulation.workers import WorkerPool, usable_cores
+from pfedlora.stopping import RunStopped, signal_of
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +160,14 @@ def run_experiment(
         with open_run(config, dataset, workers) as (server, clients):
             records = run_rounds(server, clients, on_round)
             return summarize(server, records, time.perf_counter() - started)
-    with (
-        new_run_directory(out_dir) as run_dir,
-        open_run(config, dataset, workers, run_dir) as (server, clients),
-    ):
-        return finish_run(server, clients, RunWriter(run_dir, config), on_round, (), started)
+    try:
+        with (
+            new_run_directory(out_dir) as run_dir,
+            open_run(config, dataset, workers, run_dir) as (server, clients),
+        ):
+            return finish_run(server, clients, RunWriter(run_dir, config), on_round, (), started)
+    except KeyboardInterrupt as stop:  # while setting up, the directory is gone again (nothing was written)
+        raise setup_stopped(stop, Path(out_dir), config.federation.rounds) from None
 
 
 def resume_run(
@@ -189,8 +194,21 @@ def resume_run(
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
-    with directory_lock(run_dir):
-        return _resume_locked(run_dir, on_round, dataset, workers, rounds, previous_checkpoint)
+    try:
+        with directory_lock(run_dir):
+            return _resume_locked(run_dir, on_round, dataset, workers, rounds, previous_checkpoint)
+    except KeyboardInterrupt as stop:  # while setting up the resume, the directory is as it was
+        total = rounds or load_run_config(run_dir / CONFIG_FILE).federation.rounds
+        raise setup_stopped(stop, run_dir, total) from None
+
+
+def setup_stopped(stop: KeyboardInterrupt, run_dir: Path, rounds: int) -> RunStopped:
+    """``stop`` as a :class:`~pfedlora.stopping.RunStopped` of the run in ``run_dir`` (of ``rounds``
+    rounds); one that came before the rounds began says "while setting up"."""
+    if isinstance(stop, RunStopped):
+        return stop
+    resumable = (run_dir / CONFIG_FILE).is_file()
+    return RunStopped(signal_of(stop), str(run_dir), None, rounds, checkpoint_round(run_dir), resumable)
 
 
 def _resume_locked(
@@ -276,13 +294,17 @@ def finish_run(
 ) -> Summary:
     """Run the rounds after ``done`` (those of checkpoint ``restored``) into ``writer``'s directory,
     checkpointing every ``federation.checkpoint_every`` rounds (not after the last), then write the
-    summary (the wall time counts the checkpoint's and the time since ``started``)."""
+    summary (the wall time counts the checkpoint's and the time since ``started``). A stop (SIGINT,
+    SIGTERM: :mod:`pfedlora.stopping`) ends it with :class:`~pfedlora.stopping.RunStopped`, saying where."""
     seconds_before = restored["wall_seconds"] if restored else 0.0
     fed_cfg = server.config.federation
     checkpointer = Checkpointer(writer.path, restored)
+    logged = len(done)
 
     def on_record(record: RoundRecord) -> None:
+        nonlocal logged
         writer.append_round(record)
+        logged = record["round"]
         if on_round is not None:
             on_round(record)
 
@@ -296,6 +318,9 @@ def finish_run(
         records = run_rounds(server, clients, on_record, done, checkpoint)
         summary = summarize(server, records, seconds_before + time.perf_counter() - started)
         writer.write_summary(summary)
+    except KeyboardInterrupt as stop:  # the files are as a crash would leave them: the checkpoint intact
+        signum, where = signal_of(stop), str(writer.path)
+        raise RunStopped(signum, where, logged + 1, fed_cfg.rounds, checkpointer.round, True) from None
     finally:
         writer.close()
     return summary

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import resource
 import tempfile
 import traceback
@@ -45,6 +46,7 @@ from pfedlora.simulation.federation import build_federation, client_counts
 from pfedlora.simulation.local import LocalClients
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.store import SavedFiles, StateFiles
+from pfedlora.stopping import exit_with_parent, leave_stops_to_parent
 
 logger = logging.getLogger(__name__)
 
@@ -135,23 +137,26 @@ class WorkerPool:
         self.owners = {cid: owner(cid, workers) for cid in range(num_clients)}
         self.flops_per_sample: dict[str, float] = {}  # measured per architecture, for balancing
         self.workers: list[_Worker] = []
+        # Each worker ends itself when this pipe closes: when the pool closes, or this process dies.
+        alive, self._alive = context.Pipe(duplex=False)
         try:
             for index in range(workers):
                 clients = [c for c in range(num_clients) if self.owners[c] == index]
                 here, there = context.Pipe()
                 process = context.Process(
                     target=_serve,
-                    args=(there, config, shared, clients, threads, store_folder, 1 / workers),
+                    args=(there, alive, config, shared, clients, threads, store_folder, 1 / workers),
                     name=f"pfedlora-worker-{index}",
                     daemon=True,
                 )
                 process.start()
                 there.close()
                 self.workers.append(_Worker(index, process, here))
+            alive.close()
             for worker in self.workers:
                 self._receive(worker, STARTING)
         except BaseException:
-            self.close()
+            self.close(now=True)
             raise
 
     # --- the ClientPool protocol ---------------------------------------------------------------------
@@ -266,7 +271,7 @@ class WorkerPool:
     def _send(self, worker: _Worker, during: str, command: str, *args: Any) -> None:
         """Send ``command``; a worker found dead is reported as dying ``during`` that step."""
         try:
-            worker.connection.send((command, args))
+            _send(worker.connection, (command, args))
         except (BrokenPipeError, ConnectionResetError, EOFError):
             raise self._died(worker, during) from None
 
@@ -275,7 +280,7 @@ class WorkerPool:
         if worker.connection not in ready:
             raise self._died(worker, during)
         try:
-            status, payload = worker.connection.recv()
+            status, payload = _receive(worker.connection)
         except (EOFError, ConnectionResetError):
             raise self._died(worker, during) from None
         if status == "invalid":  # the command's input was refused: the caller's own error
@@ -303,14 +308,20 @@ class WorkerPool:
     def _clients_of(self, worker: _Worker) -> list[int]:
         return [cid for cid, index in sorted(self.owners.items()) if index == worker.index]
 
-    def close(self) -> None:
-        """Stop every worker (politely, then by force)."""
+    def close(self, now: bool = False) -> None:
+        """Stop every worker: politely (each ends once it has answered its last command), then by force;
+        ``now``: by force at once (a stop or a failure: whatever a worker is doing is no longer wanted, and
+        the run's files are as a crash would leave them)."""
         for worker in self.workers:
-            if worker.process.is_alive():
+            if worker.process.is_alive() and not now:
                 with contextlib.suppress(OSError):  # it died meanwhile: nothing to tell it
-                    worker.connection.send(("stop", ()))
+                    _send(worker.connection, ("stop", ()))
+        if not now:
+            for worker in self.workers:
+                worker.process.join(timeout=10)
+        self._alive.close()  # every worker still running ends itself now
         for worker in self.workers:
-            worker.process.join(timeout=10)
+            worker.process.join(timeout=5)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
@@ -325,7 +336,7 @@ class WorkerPool:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(now=kind is not None)
 
 
 def _ids(clients: list[int]) -> str:
@@ -335,6 +346,7 @@ def _ids(clients: list[int]) -> str:
 
 def _serve(
     connection: Connection,
+    alive: Connection,
     config: ExperimentConfig,
     dataset: Dataset,
     clients: list[int],
@@ -342,7 +354,10 @@ def _serve(
     store_folder: Path | None,
     memory_share: float,
 ) -> None:
-    """A worker's main loop: set up the owned clients, then answer commands until told to stop."""
+    """A worker's main loop: set up the owned clients, then answer commands until told to stop (signals are
+    its parent's to handle: the pool stops its workers when the run stops)."""
+    leave_stops_to_parent()
+    exit_with_parent(alive)
     torch.set_num_threads(threads)
     try:
         federation = build_federation(
@@ -350,14 +365,14 @@ def _serve(
         )
         store = federation.client_states
         pool = LocalClients(federation, FlopMeter())
-        connection.send(("ok", None))
+        _reply(connection, "ok", None)
     except BaseException:
-        connection.send(("error", traceback.format_exc()))
+        _reply(connection, "error", traceback.format_exc())
         return
     while True:
         try:
-            command, args = connection.recv()
-        except (EOFError, KeyboardInterrupt):
+            command, args = _receive(connection)
+        except (EOFError, OSError):  # the parent is gone
             return
         if command == "stop":
             return
@@ -382,16 +397,36 @@ def _serve(
                 try:
                     pool.restore_states(*args)
                 except ValueError as error:
-                    connection.send(("invalid", str(error)))
+                    _reply(connection, "invalid", str(error))
                     continue
                 reply = None
             elif command == "store_figures":
                 reply = store.figures()
             else:
                 raise ValueError(f"unknown command {command!r}")
-            connection.send(("ok", reply))
         except Exception:
-            connection.send(("error", traceback.format_exc()))
+            _reply(connection, "error", traceback.format_exc())
+            continue
+        _reply(connection, "ok", reply)
+
+
+def _reply(connection: Connection, status: str, payload: Any) -> None:
+    """Answer the parent; where it has gone (it stopped, it died), end quietly instead."""
+    try:
+        _send(connection, (status, payload))
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        os._exit(0)
+
+
+def _send(connection: Connection, message: tuple[Any, ...]) -> None:
+    """Send ``message`` as plain pickled bytes: tensors travel as copies, not as shared-memory handles (which
+    multiprocessing passes through a helper thread that a stop could interrupt mid-transfer, and which
+    cost a shared-memory segment per tensor)."""
+    connection.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _receive(connection: Connection) -> Any:
+    return pickle.loads(connection.recv_bytes())
 
 
 def _cpu(state: Mapping[str, torch.Tensor]) -> State:

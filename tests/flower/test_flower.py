@@ -1,5 +1,12 @@
 """The Flower path against the simulator, in process: same configuration and seed, same metrics."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
@@ -190,3 +197,49 @@ def test_node_settings_are_checked(tmp_path):
         NodeSettings.from_node_config({"arch": "cnn1"})
     with pytest.raises(Exception, match="cnn9"):
         NodeSettings.from_node_config({"partition-id": 0, "arch": "cnn9"})
+
+
+STOP_TARGET = Path(__file__).with_name("stop_target.py")
+
+
+def _server(*args):
+    return subprocess.Popen(
+        [sys.executable, str(STOP_TARGET), *map(str, args)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signalled_server_app_stops_in_one_line_and_its_resume_equals_the_uninterrupted_run(
+    tmp_path, signum, status
+):
+    marker = tmp_path / "paused"
+    server = _server(tmp_path / "run", tmp_path / "state", marker)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "the server never reached round 3"
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        server.send_signal(signum)
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == status, stderr
+    assert time.monotonic() - signalled < 6
+    assert "Traceback" not in stderr, stderr
+    name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM"
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        f"pfedlora on Flower: stopped by {name} in round 3 of 6 (last checkpoint: round 2); start it again "
+        "with `resume = true` in the run config (same out-dir)"
+    ]
+    resumed = _server(tmp_path / "run", tmp_path / "state")
+    reference = _server(tmp_path / "ref", tmp_path / "state-ref")
+    for process in (resumed, reference):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+    assert _strip(read_run(tmp_path / "run")[0]) == _strip(read_run(tmp_path / "ref")[0])

@@ -1,7 +1,8 @@
 """``python crash_target.py <pfedlora CLI args>``: the CLI on the tiny in-memory dataset, in its own process.
 
 With PAUSE_AT=<round>:<marker path>, the second client of that round writes the marker file and then
-sleeps, so a test can SIGKILL the process in the middle of a round at a known place.
+sleeps, so a test can SIGKILL the process in the middle of a round at a known place (clients trained in
+this process only: ``--workers 0``).
 """
 
 import os
@@ -32,5 +33,6 @@ if pause:
 
     local.client_update = client_update
 
-sys.argv = ["pfedlora", *sys.argv[1:]]
-cli.main()
+if __name__ == "__main__":  # worker processes import this module too
+    sys.argv = ["pfedlora", *sys.argv[1:]]
+    cli.main()
