@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pfedlora.errors import ConfigError, PfedloraError
+from pfedlora.errors import ConfigError, DiskWriteError, PfedloraError
 from pfedlora.stopping import RunStopped, Stopped, stop_on_signals
 
 if TYPE_CHECKING:
@@ -49,7 +49,12 @@ T = TypeVar("T")
 err_console = Console(stderr=True)
 
 
-def _fail(error: Exception) -> typer.Exit:
+def _fail(error: Exception, how_to_continue: str = "") -> typer.Exit:
+    """Print ``error`` (and, for a run it stopped, ``how_to_continue``) as one line; exit status 2."""
+    if isinstance(error, DiskWriteError) and error.stopped and how_to_continue:
+        error = DiskWriteError(
+            error.path, error.reason, f"{error.stopped}; once there is space, {how_to_continue}"
+        )
     err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
@@ -241,7 +246,7 @@ def run(
                 summary = run_experiment(cfg, out_dir, on_round=on_round, workers=workers)
         except PfedloraError as error:
             progress.stop()
-            raise _fail(error) from None
+            raise _fail(error, f"continue with `pfedlora run --resume {shlex.quote(str(out_dir))}`") from None
     console.print(_summary_table([(str(out_dir), summary)], title=f"{cfg.algorithm} on {cfg.data.dataset}"))
     console.print(f"results written to [bold]{escape(str(out_dir))}[/]")
 
@@ -380,7 +385,7 @@ def _run_variants(
             return work(on_start, on_round)
         except PfedloraError as error:
             progress.stop()
-            raise _fail(error) from None
+            raise _fail(error, "run the same command again: it continues where it stopped") from None
 
 
 @app.command()

@@ -62,16 +62,7 @@ class RunStopped(Stopped):
 
     def state(self) -> str:
         """``in round 7 of 20 (last checkpoint: round 6)``, ``while setting up``, and so on."""
-        if self.in_round is None:
-            return "while setting up" + ("" if self.resumable else " (nothing written)")
-        if self.in_round > self.rounds:
-            at = f"after the last round ({self.rounds}), before the summary was written"
-        else:
-            at = f"in round {self.in_round} of {self.rounds}"
-        saved = (
-            f"round {self.checkpoint_round}" if self.checkpoint_round else "none yet, a resume starts over"
-        )
-        return f"{at} (last checkpoint: {saved})"
+        return run_state(self.in_round, self.rounds, self.checkpoint_round, self.resumable)
 
     def where(self) -> str:
         """``stopped by SIGINT (Ctrl-C) in round 7 of 20 (last checkpoint: round 6)``, and so on."""
@@ -86,6 +77,19 @@ class RunStopped(Stopped):
             self.checkpoint_round,
             self.resumable,
         )
+
+
+def run_state(in_round: int | None, rounds: int, checkpoint_round: int, resumable: bool = True) -> str:
+    """Where a run stands, for people: ``in round 7 of 20 (last checkpoint: round 6)``; ``in_round`` None:
+    ``while setting up``; ``rounds`` + 1: after the last round, before the summary was written."""
+    if in_round is None:
+        return "while setting up" + ("" if resumable else " (nothing written)")
+    if in_round > rounds:
+        at = f"after the last round ({rounds}), before the summary was written"
+    else:
+        at = f"in round {in_round} of {rounds}"
+    saved = f"round {checkpoint_round}" if checkpoint_round else "none yet, resuming starts over"
+    return f"{at} (last checkpoint: {saved})"
 
 
 def signal_name(signum: int) -> str:

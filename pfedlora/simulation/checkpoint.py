@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from pfedlora.algorithms.state import check_schema
 from pfedlora.config import ExperimentConfig, config_to_dict, differences, run_config_from_dict
-from pfedlora.errors import ConfigError
+from pfedlora.errors import ConfigError, DiskWriteError
 from pfedlora.simulation.federation import resolve_device
 from pfedlora.simulation.loop import ServerSide, StatefulPool
 from pfedlora.simulation.records import RoundRecord
@@ -67,6 +67,9 @@ class DamagedCheckpointError(ConfigError):
         super().__init__(message)
         self.previous = previous
 
+    def __reduce__(self) -> tuple[type[DamagedCheckpointError], tuple[str, int | None]]:
+        return type(self), (str(self), self.previous)
+
 
 class Checkpointer:
     """Writes the checkpoints of one run directory."""
@@ -88,8 +91,12 @@ class Checkpointer:
         seconds: float,
     ) -> None:
         """Checkpoint the run after ``server_round``; ``records`` are all rounds so far, ``seconds`` the
-        wall time spent on them."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        wall time spent on them. Where a file cannot be written (:class:`~pfedlora.errors.DiskWriteError`),
+        the previous checkpoint stays as it was: its manifest is replaced only once every new file is."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DiskWriteError.of(self.path, error) from None
         trained = {
             client["client_id"]
             for record in records

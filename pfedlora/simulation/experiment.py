@@ -18,7 +18,7 @@ import torch
 from pfedlora.algorithms import ALGORITHMS, create_algorithm
 from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config, replace
 from pfedlora.data import Dataset
-from pfedlora.errors import ConfigError
+from pfedlora.errors import ConfigError, DiskWriteError
 from pfedlora.metrics import FlopMeter
 from pfedlora.simulation.checkpoint import (
     CHECKPOINT_DIR,
@@ -50,7 +50,7 @@ from pfedlora.simulation.results import (
     write_atomic,
 )
 from pfedlora.simulation.workers import WorkerPool, usable_cores
-from pfedlora.stopping import RunStopped, signal_of
+from pfedlora.stopping import RunStopped, run_state, signal_of
 
 logger = logging.getLogger(__name__)
 
@@ -299,20 +299,20 @@ def finish_run(
     seconds_before = restored["wall_seconds"] if restored else 0.0
     fed_cfg = server.config.federation
     checkpointer = Checkpointer(writer.path, restored)
-    logged = len(done)
+    in_round = len(done) + 1  # the round whose work (training, logging, checkpointing) is under way
 
     def on_record(record: RoundRecord) -> None:
-        nonlocal logged
         writer.append_round(record)
-        logged = record["round"]
         if on_round is not None:
             on_round(record)
 
     def checkpoint(server_round: int, records: list[RoundRecord]) -> None:
+        nonlocal in_round
         every = fed_cfg.checkpoint_every
         if every and server_round % every == 0 and server_round < fed_cfg.rounds:
             elapsed = seconds_before + time.perf_counter() - started
             checkpointer.save(server, clients, server_round, records, elapsed)
+        in_round = server_round + 1
 
     try:
         records = run_rounds(server, clients, on_record, done, checkpoint)
@@ -320,7 +320,10 @@ def finish_run(
         writer.write_summary(summary)
     except KeyboardInterrupt as stop:  # the files are as a crash would leave them: the checkpoint intact
         signum, where = signal_of(stop), str(writer.path)
-        raise RunStopped(signum, where, logged + 1, fed_cfg.rounds, checkpointer.round, True) from None
+        raise RunStopped(signum, where, in_round, fed_cfg.rounds, checkpointer.round, True) from None
+    except DiskWriteError as error:  # the same, and the message says so
+        state = run_state(in_round, fed_cfg.rounds, checkpointer.round)
+        raise DiskWriteError(error.path, error.reason, f"the run stopped {state}") from None
     finally:
         writer.close()
     return summary

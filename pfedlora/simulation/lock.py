@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from pfedlora.errors import ConfigError
+from pfedlora.errors import ConfigError, DiskWriteError
 
 LOCK_FILE = ".pfedlora.lock"
 
@@ -80,7 +80,10 @@ def directory_lock(directory: str | Path) -> Iterator[None]:
     if _HELD.get(key) == os.getpid():
         yield  # the enclosing block holds it and releases it
         return
-    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held for the block)
+    try:
+        handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held for the block)
+    except OSError as error:
+        raise DiskWriteError.of(directory / LOCK_FILE, error) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

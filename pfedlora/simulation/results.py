@@ -6,6 +6,7 @@ summary is written atomically (temporary file, then rename) once the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save
 
 from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config
-from pfedlora.errors import ConfigError
+from pfedlora.errors import ConfigError, DiskWriteError
 from pfedlora.simulation.lock import LOCK_FILE, directory_lock
 from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, summarize_records
 
@@ -37,14 +38,30 @@ def default_run_dir(config: ExperimentConfig, root: str | Path = "runs") -> Path
     return Path(root) / f"{stamp}-{config.algorithm}-{config.data.dataset}"
 
 
+@contextmanager
+def writing(path: Path, scratch: Path | None = None) -> Iterator[None]:
+    """Turn an ``OSError`` of the block (a full disk, a read-only folder) into a
+    :class:`~pfedlora.errors.DiskWriteError` naming ``path``, removing ``scratch`` (a half-written
+    temporary file) first."""
+    try:
+        yield
+    except OSError as error:
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                scratch.unlink(missing_ok=True)
+        raise DiskWriteError.of(path, error) from None
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old or the whole new file."""
+    """Write ``text`` to ``path`` so that readers see either the old or the whole new file (also when the
+    writing fails: :class:`~pfedlora.errors.DiskWriteError`, and the old file is as it was)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 def file_digest(path: Path) -> str:
@@ -61,8 +78,9 @@ def save_atomic(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
     returns the SHA-256 of the bytes written."""
     data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with writing(path, tmp):
+        tmp.write_bytes(data)
+        tmp.replace(path)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -86,7 +104,8 @@ def new_run_directory(path: str | Path) -> Iterator[Path]:
     if not (path / LOCK_FILE).exists() and (refusal := _not_empty(path)) is not None:
         raise refusal  # a folder of something else: not even a lock file is left in it
     created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
     with directory_lock(path):
         try:
             if (refusal := _not_empty(path)) is not None:  # a run's directory, or another got in first
@@ -109,15 +128,20 @@ class RunWriter:
         taken = ConfigError(f"output directory {str(self.path)!r} already exists and is not empty")
         if _not_empty(self.path) is not None:
             raise taken
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(self.path / CONFIG_FILE, "x", encoding="utf-8") as handle:
-                handle.write(config_to_toml(config))
-                handle.flush()
-                os.fsync(handle.fileno())
-        except FileExistsError:
-            raise taken from None
-        self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        config_file = self.path / CONFIG_FILE
+        with writing(config_file):
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(config_file, "x", encoding="utf-8") as handle:
+                    handle.write(config_to_toml(config))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except FileExistsError:
+                raise taken from None
+            except OSError:
+                config_file.unlink(missing_ok=True)  # a half-written one would claim the directory
+                raise
+            self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
 
     @classmethod
     def reopen(cls, path: str | Path, records: Sequence[RoundRecord]) -> RunWriter:
@@ -125,18 +149,24 @@ class RunWriter:
         writer = cls.__new__(cls)
         writer.path = Path(path)
         write_atomic(writer.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-        writer._metrics = open(writer.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        with writing(writer.path / METRICS_FILE):
+            writer._metrics = open(writer.path / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         return writer
 
     def append_round(self, record: RoundRecord) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        """Append one round's line, flushed (a line the disk cut short is dropped on reading and resuming)."""
+        with writing(self.path / METRICS_FILE):
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
 
     def write_summary(self, summary: Summary) -> None:
         write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:
-        self._metrics.close()
+        """Close the metrics log (every line was flushed as it was written: what a full disk kept from the
+        last one is dropped when the log is read)."""
+        with contextlib.suppress(OSError):
+            self._metrics.close()
 
 
 def read_records(path: str | Path) -> list[RoundRecord]:

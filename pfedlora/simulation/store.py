@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pfedlora.algorithms import State
-from pfedlora.simulation.results import file_digest, save_atomic
+from pfedlora.simulation.results import file_digest, save_atomic, writing
 
 SavedFiles = dict[int, tuple[str, str]]
 """Client id -> (file name, SHA-256) of the state files a checkpoint received."""
@@ -143,10 +143,7 @@ class ClientStore(Mapping[int, nn.Module]):
         returns the SHA-256 of the file's bytes."""
         if client_id in self.on_disk:
             path.unlink(missing_ok=True)
-            try:
-                os.link(self._file(client_id), path)
-            except OSError:  # another file system, or links unsupported
-                shutil.copyfile(self._file(client_id), path)
+            _link_or_copy(self._file(client_id), path)
             return self.on_disk[client_id]
         return save_atomic(self.state_dict(client_id), path)
 
@@ -171,10 +168,7 @@ class ClientStore(Mapping[int, nn.Module]):
         self.resident_bytes.pop(client_id, None)
         target = self._file(client_id)
         self._drop_file(client_id)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
+        _link_or_copy(path, target)
         self.on_disk[client_id] = digest or file_digest(target)
 
     # --- figures -------------------------------------------------------------------------------------------
@@ -231,7 +225,8 @@ class ClientStore(Mapping[int, nn.Module]):
         if self._folder is None:
             self._temporary = tempfile.TemporaryDirectory(prefix="pfedlora-clients-")
             self._folder = Path(self._temporary.name)
-        self._folder.mkdir(parents=True, exist_ok=True)
+        with writing(self._folder):
+            self._folder.mkdir(parents=True, exist_ok=True)
         return self._folder
 
     def _file(self, client_id: int) -> Path:
@@ -240,6 +235,16 @@ class ClientStore(Mapping[int, nn.Module]):
     def _drop_file(self, client_id: int) -> None:
         if self.on_disk.pop(client_id, None) is not None:
             self._file(client_id).unlink(missing_ok=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a copy across file systems or where links are unsupported);
+    :class:`~pfedlora.errors.DiskWriteError` where neither can be written."""
+    try:
+        os.link(source, target)
+    except OSError:
+        with writing(target, target):
+            shutil.copyfile(source, target)
 
 
 _DTYPES = {

@@ -285,6 +285,8 @@ class WorkerPool:
             raise self._died(worker, during) from None
         if status == "invalid":  # the command's input was refused: the caller's own error
             raise ValueError(payload)
+        if status == "failed":  # one of pfedlora's own errors (a full disk): the run's, as it is
+            raise payload
         if status == "error":
             raise WorkerError(f"worker {worker.index} failed during {during}:\n{payload}")
         return payload
@@ -404,6 +406,9 @@ def _serve(
                 reply = store.figures()
             else:
                 raise ValueError(f"unknown command {command!r}")
+        except PfedloraError as error:
+            _reply(connection, "failed", error)
+            continue
         except Exception:
             _reply(connection, "error", traceback.format_exc())
             continue
