@@ -17,6 +17,7 @@ from pfedlora.algorithms.base import (
     AnyAlgorithm,
     ClientContext,
     Upload,
+    UploadBound,
     register_algorithm,
 )
 from pfedlora.algorithms.state import State, weighted_average
@@ -53,6 +54,7 @@ __all__ = [
     "ClientContext",
     "State",
     "Upload",
+    "UploadBound",
     "algorithm_class",
     "create_algorithm",
     "register_algorithm",

@@ -38,6 +38,14 @@ class Upload:
     num_examples: int
 
 
+@dataclass(frozen=True)
+class UploadBound:
+    """The most a valid upload of an algorithm can hold: tensors, and bytes of their values."""
+
+    tensors: int
+    bytes: int
+
+
 @dataclass
 class ClientContext:
     """What a client's training round needs besides its own state."""
@@ -148,6 +156,13 @@ class Algorithm(ABC, Generic[ClientT]):
         By default: exactly the global state's tensors, with their shapes and dtypes.
         """
         check_schema(tensors, server_state)
+
+    def upload_bound(self, server_state: State) -> UploadBound:
+        """The most tensors, and bytes of their values, that an upload :meth:`check_upload` accepts can hold
+        (Flower refuses a larger one before reading it). By default: the global state's."""
+        return UploadBound(
+            len(server_state), sum(t.numel() * t.element_size() for t in server_state.values())
+        )
 
     def predict(self, client: ClientT, x: torch.Tensor) -> torch.Tensor:
         """Class scores of the client's personalized predictor for a batch ``x``."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.base import ClientContext, Upload, UploadBound, register_algorithm
 from pfedlora.algorithms.lg_fedavg import LGFedAvg
 from pfedlora.algorithms.prototypes import (
     PROTOTYPE_PREFIX,
@@ -64,6 +64,10 @@ class FedGH(LGFedAvg):
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Prototypes of classes in range, (feature_dim,) float32 each, no counts."""
         check_prototype_upload(tensors, self.num_classes, self.feature_dim, with_counts=False)
+
+    def upload_bound(self, server_state: State) -> UploadBound:
+        """A float32 prototype of every class."""
+        return UploadBound(self.num_classes, self.num_classes * self.feature_dim * 4)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """The global header after SGD on CE over every uploaded (class mean, class) pair."""

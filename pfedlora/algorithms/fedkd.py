@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.base import ClientContext, Upload, UploadBound, register_algorithm
 from pfedlora.algorithms.distillation import (
     ModelPair,
     SharedModelAlgorithm,
@@ -199,6 +199,12 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
             decompress(tensors, {k: v.shape for k, v in server_state.items()})
         except (KeyError, RuntimeError) as error:  # RuntimeError: factors whose shapes do not chain
             raise ValueError(str(error).strip("'\"")) from None
+
+    def upload_bound(self, server_state: State) -> UploadBound:
+        """Every tensor whole or as three factors (U, S, V) whose values, at any rank up to the full one,
+        take at most three times the whole tensor's."""
+        whole = super().upload_bound(server_state)
+        return UploadBound(3 * whole.tensors, 3 * whole.bytes)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """S plus the sample-weighted mean of the reconstructed updates."""

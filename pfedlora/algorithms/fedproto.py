@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, UploadBound, register_algorithm
 from pfedlora.algorithms.prototypes import (
     COUNT_PREFIX,
     PROTOTYPE_PREFIX,
@@ -151,6 +151,10 @@ class FedProto(Algorithm[PrototypeClient]):
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Prototypes and positive counts of the same classes, in range, float32."""
         check_prototype_upload(tensors, self.num_classes, self.feature_dim, with_counts=True)
+
+    def upload_bound(self, server_state: State) -> UploadBound:
+        """A float32 prototype and count of every class."""
+        return UploadBound(2 * self.num_classes, self.num_classes * (self.feature_dim + 1) * 4)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from pfedlora.algorithms import AnyAlgorithm, State, Upload, create_algorithm
+from pfedlora.algorithms import AnyAlgorithm, State, Upload, UploadBound, create_algorithm
 from pfedlora.config import ExperimentConfig, config_to_toml
 from pfedlora.errors import ConfigError, PfedloraError
 from pfedlora.flower.records import (
@@ -54,17 +54,48 @@ class FederationError(PfedloraError):
     """The Flower federation does not match the configuration (missing or duplicate clients)."""
 
 
+DEFAULT_QUIET_ROUNDS = 3
+"""Rounds a node that did not answer is left alone before it is asked again (``quiet-rounds``)."""
+
+
 class GridClients:
-    """The clients of a run, reached through ``grid``; node ids are mapped to stable client ids."""
+    """The clients of a run, reached through ``grid``; node ids are mapped to stable client ids.
+
+    A node that does not answer a message within ``timeout`` (a hung or unreachable device) is not sent
+    anything for the next ``quiet_rounds`` rounds (its clients count as dropped out, and unscored), then
+    probed again, so that one hung node costs one timeout, not one per message; messages carry a time to
+    live of ``timeout``, so a node never works on one the server stopped waiting for. An upload larger than
+    the algorithm's uploads can be (:meth:`~pfedlora.algorithms.Algorithm.upload_bound`) is refused from
+    the record's sizes, before any of it is turned into tensors.
+    """
 
     def __init__(
-        self, grid: Grid, config: ExperimentConfig, experiment: str, timeout: float, in_flight: int = 0
+        self,
+        grid: Grid,
+        config: ExperimentConfig,
+        experiment: str,
+        timeout: float,
+        in_flight: int = 0,
+        quiet_rounds: int = DEFAULT_QUIET_ROUNDS,
     ) -> None:
         """``timeout``: seconds to wait for the replies to one batch of messages; ``in_flight``: the most
         messages sent at once (0: all of a step at once), the rest following as replies come back."""
+        if timeout <= 0 or quiet_rounds < 0:
+            raise ConfigError(
+                f"round-timeout {timeout:g} and quiet-rounds {quiet_rounds} are out of range; allowed: a "
+                "timeout > 0 seconds and 0 or more rounds"
+            )
         self.grid, self.config, self.experiment, self.timeout = grid, config, experiment, timeout
-        self.in_flight = in_flight
-        self.settings: dict[str, ConfigValue] = {"config": config_to_toml(config), "experiment": experiment}
+        self.in_flight, self.quiet_rounds = in_flight, quiet_rounds
+        self.settings: dict[str, ConfigValue] = {
+            "config": config_to_toml(config),
+            "experiment": experiment,
+            "time-limit": timeout,
+        }
+        self.silent: dict[int, int] = {}
+        """Client id -> the last round in which its node did not answer (cleared when it answers again)."""
+        self.upload_bound: UploadBound | None = None
+        """The largest valid upload (set by :func:`run_server` once the algorithm is known)."""
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.client_of_node: dict[int, int] = {}  # node id -> client id
         self.declared: dict[int, int] = {}
@@ -106,7 +137,15 @@ class GridClients:
                 logger.warning("node %d sent a malformed identity and is ignored: %s", node, _describe(error))
                 continue
             if client_id in self.nodes:
-                raise FederationError(f"two nodes claim client id {client_id}")
+                logger.warning(
+                    "node %d claims client id %d, which node %d claimed first: node %d is refused for this "
+                    "run (its replies are ignored); give each SuperNode its own partition-id",
+                    node,
+                    client_id,
+                    self.nodes[client_id],
+                    node,
+                )
+                continue
             self.nodes[client_id] = node
             self.declared[client_id], self.declared_eval[client_id] = declared
             self.input_shape, self.num_classes = (channels, height, width), num_classes
@@ -115,8 +154,8 @@ class GridClients:
         missing = sorted(expected - set(self.nodes))
         if missing:
             raise FederationError(
-                f"{len(missing)} of {len(expected)} clients did not answer (client ids {missing[:10]}); "
-                "start one SuperNode per client with node config partition-id=<id>"
+                f"{len(missing)} of {len(expected)} clients were identified by no node (client ids "
+                f"{missing[:10]}); start one SuperNode per client with node config partition-id=<id>"
             )
 
     def declared_examples(self) -> Mapping[int, int]:
@@ -132,38 +171,74 @@ class GridClients:
     def _instruction(self, server_round: int, **extra: ConfigValue) -> ConfigRecord:
         return ConfigRecord({**self.settings, "round": server_round, **extra})
 
+    def _message(self, content: RecordDict, client_id: int, kind: str, server_round: int) -> Message:
+        node = self.nodes[client_id]
+        return Message(content, node, kind, ttl=self.timeout, group_id=str(server_round))
+
+    def _askable(self, client_ids: Iterable[int], server_round: int) -> list[int]:
+        """The clients among ``client_ids`` whose nodes may be asked now: all but those that did not answer
+        within the last ``quiet_rounds`` rounds (or earlier in this one)."""
+        return [
+            client_id
+            for client_id in client_ids
+            if self.silent.get(client_id, -self.quiet_rounds - 1) + self.quiet_rounds < server_round
+        ]
+
+    def _heard(self, asked: Iterable[int], heard: Set[int], server_round: int, step: str) -> None:
+        """Remember which of the ``asked`` clients answered (in time, any answer) this step."""
+        for client_id in asked:
+            if client_id in heard:
+                self.silent.pop(client_id, None)
+                continue
+            self.silent[client_id] = server_round
+            logger.warning(
+                "round %d: client %d (node %d) did not answer the %s within %g s: it is not asked again "
+                "before round %d",
+                server_round,
+                client_id,
+                self.nodes[client_id],
+                step,
+                self.timeout,
+                server_round + self.quiet_rounds + 1,
+            )
+
     def train(
         self, server_round: int, messages: Mapping[int, State], dropping: Set[int]
     ) -> dict[int, ClientResult]:
+        asked = self._askable(messages, server_round)
         outgoing = [
-            Message(
+            self._message(
                 RecordDict(
                     {
-                        TENSORS: to_record(message),
+                        TENSORS: to_record(messages[client_id]),
                         SETTINGS: self._instruction(server_round, drop=client_id in dropping),
                     }
                 ),
-                self.nodes[client_id],
+                client_id,
                 MessageType.TRAIN,
-                group_id=str(server_round),
+                server_round,
             )
-            for client_id, message in messages.items()
+            for client_id in asked
         ]
         results: dict[int, ClientResult] = {}
+        heard: set[int] = set()
         for reply in self._send(outgoing):
-            client_id = self._sender(reply, messages.keys(), results.keys(), server_round)
+            client_id = self._sender(reply, set(asked), heard, server_round)
             if client_id is None:
                 continue
+            heard.add(client_id)
             if reply.has_error():
                 logger.info(
                     "round %d: client %d did not reply: %s", server_round, client_id, reply.error.reason
                 )
                 continue
             try:
-                results[client_id] = _train_result(reply)
+                results[client_id] = _train_result(reply, self.upload_bound)
             except (KeyError, TypeError, ValueError, AttributeError) as error:
-                problem = f"malformed reply from node {reply.metadata.src_node_id}: {_describe(error)}"
+                what = "oversized upload" if isinstance(error, OversizedUploadError) else "malformed reply"
+                problem = f"{what} from node {reply.metadata.src_node_id}: {_describe(error)}"
                 results[client_id] = ClientResult(Upload({}, 0), 0.0, 0, problem)
+        self._heard(asked, heard, server_round, "training")
         return results
 
     def _sender(self, reply: Message, asked: Set[int], answered: Set[int], server_round: int) -> int | None:
@@ -197,16 +272,19 @@ class GridClients:
                 records[TENSORS] = to_record(message)
             return RecordDict(records)
 
+        asked = self._askable(clients, server_round)
         outgoing = [
-            Message(
-                content(client_id), self.nodes[client_id], MessageType.EVALUATE, group_id=str(server_round)
-            )
-            for client_id in clients
+            self._message(content(client_id), client_id, MessageType.EVALUATE, server_round)
+            for client_id in asked
         ]
         counts: dict[int, tuple[int, int]] = {}
+        heard: set[int] = set()
         for reply in self._send(outgoing):
-            client_id = self._sender(reply, set(clients), counts.keys(), server_round)
-            if client_id is None or reply.has_error():
+            client_id = self._sender(reply, set(asked), heard, server_round)
+            if client_id is None:
+                continue
+            heard.add(client_id)
+            if reply.has_error():
                 continue
             try:
                 counts[client_id] = self._evaluation(reply, client_id)
@@ -218,13 +296,19 @@ class GridClients:
                     reply.metadata.src_node_id,
                     _describe(error),
                 )
+        self._heard(asked, heard, server_round, "evaluation")
         missing = [client_id for client_id in clients if client_id not in counts]
         if missing:
             logger.warning(
-                "round %d: clients %s have no valid evaluation (left out of the means)", server_round, missing
+                "round %d: clients %s gave no valid evaluation (no answer in time, or a refused one): they "
+                "are left out of the means",
+                server_round,
+                missing,
             )
         return AccuracyReport(
-            tuple(counts.get(c, (0, 0))[0] for c in clients), tuple(counts.get(c, (0, 0))[1] for c in clients)
+            tuple(counts.get(c, (0, 0))[0] for c in clients),
+            tuple(counts.get(c, (0, 0))[1] for c in clients),
+            tuple(c in counts for c in clients),
         )
 
     def _evaluation(self, reply: Message, client_id: int) -> tuple[int, int]:
@@ -241,13 +325,36 @@ class GridClients:
         return correct, total
 
 
-def _train_result(reply: Message) -> ClientResult:
-    """The upload and costs of a train reply; KeyError, TypeError or ValueError where it is malformed."""
+def _train_result(reply: Message, bound: UploadBound | None = None) -> ClientResult:
+    """The upload and costs of a train reply; KeyError, TypeError or ValueError where it is malformed, or
+    holds more tensors or bytes than ``bound`` allows (told from the record's sizes, before conversion)."""
     metrics = reply.content.metric_records[METRICS]
     tensors = reply.content.array_records[TENSORS]
+    if bound is not None:
+        check_upload_size(tensors, bound)
     num_examples = metrics["num-examples"]  # screened next: a bad count is refused with its reason
     upload = Upload(from_record(tensors), num_examples)  # type: ignore[arg-type]
     return ClientResult(upload, read_float(metrics, "train-flops"), read_int(metrics, "train-samples"))
+
+
+ARRAY_HEADER_BYTES = 256
+"""What one serialized array may hold beyond its values (its NumPy header)."""
+
+
+class OversizedUploadError(ValueError):
+    """An upload holds more arrays or bytes than the algorithm's uploads can."""
+
+
+def check_upload_size(record: ArrayRecord, bound: UploadBound) -> None:
+    """:class:`OversizedUploadError` where ``record`` holds more arrays, or more bytes, than an upload within
+    ``bound`` can (the bytes received, headers allowed for), so that it is never turned into tensors."""
+    received = sum(len(array.data) for array in record.values())
+    allowed = bound.bytes + ARRAY_HEADER_BYTES * bound.tensors
+    if len(record) > bound.tensors or received > allowed:
+        raise OversizedUploadError(
+            f"the upload holds {len(record):,} arrays of {received:,} bytes, more than the algorithm's "
+            f"uploads can ({bound.tensors:,} arrays, {allowed:,} bytes); refused unread"
+        )
 
 
 def _describe(error: Exception) -> str:
@@ -264,6 +371,7 @@ def run_server(
     timeout: float = 600.0,
     resume: bool = False,
     in_flight: int = 0,
+    quiet_rounds: int = DEFAULT_QUIET_ROUNDS,
 ) -> Summary:
     """Run ``config`` over the nodes of ``grid`` and write the run directory; returns the summary.
 
@@ -271,14 +379,15 @@ def run_server(
     does (the clients' private states live on their nodes, which keep what a restart needs). ``resume``:
     continue the unfinished run in ``out_dir`` from its last checkpoint (under the same configuration), or
     start it when ``out_dir`` holds none; the metrics equal an uninterrupted run's. ``timeout`` and
-    ``in_flight``: see :class:`GridClients`. ``out_dir`` is locked for this process while it runs.
+    ``in_flight``, ``quiet_rounds``: see :class:`GridClients`. ``out_dir`` is locked for this process
+    while it runs.
     """
     out_dir = Path(out_dir)
     resuming = resume and (out_dir / CONFIG_FILE).is_file()
     claim = directory_lock(out_dir) if resuming else new_run_directory(out_dir)
     try:
         with claim:
-            return _serve(grid, config, out_dir, experiment, timeout, resuming, in_flight)
+            return _serve(grid, config, out_dir, experiment, timeout, resuming, in_flight, quiet_rounds)
     except KeyboardInterrupt as stop:
         raise setup_stopped(stop, out_dir, config.federation.rounds) from None
 
@@ -291,6 +400,7 @@ def _serve(
     timeout: float,
     resuming: bool,
     in_flight: int,
+    quiet_rounds: int,
 ) -> Summary:
     """:func:`run_server` once this process holds the lock of ``out_dir``."""
     started = time.perf_counter()
@@ -303,11 +413,12 @@ def _serve(
         manifest = read_manifest(out_dir)
         if manifest is not None:
             check_config(manifest, config, out_dir / CHECKPOINT_DIR)
-    clients = GridClients(grid, config, experiment, timeout, in_flight)
+    clients = GridClients(grid, config, experiment, timeout, in_flight, quiet_rounds)
     algorithm = create_algorithm(config, clients.input_shape, clients.num_classes)
     clients.algorithm = algorithm
     cpu = torch.device("cpu")  # the server only averages: its state stays on the CPU
     server = Server(config, algorithm, initial_global_state(algorithm, cpu))
+    clients.upload_bound = algorithm.upload_bound(server.server_state)
     if resuming:
         write_atomic(out_dir / CONFIG_FILE, config_to_toml(config))
         writer, done = continue_run(out_dir, server, clients, manifest)

@@ -18,6 +18,9 @@ class AccuracyReport:
 
     correct: tuple[int, ...]
     totals: tuple[int, ...]
+    answered: tuple[bool, ...] | None = None
+    """Per client, whether it answered at all (Flower: a node that did not reply in time, or whose reply
+    was refused, has no accuracy either, and is not a client without samples); None: every client did."""
 
     @classmethod
     def from_counts(
@@ -34,7 +37,13 @@ class AccuracyReport:
     @property
     def without_samples(self) -> int:
         """Clients whose evaluation split is empty (left out of every mean)."""
-        return sum(1 for t in self.totals if t == 0)
+        answered = self.answered or (True,) * len(self.totals)
+        return sum(1 for t, heard in zip(self.totals, answered, strict=True) if t == 0 and heard)
+
+    @property
+    def unanswered(self) -> int:
+        """Clients that gave no valid evaluation (left out of every mean)."""
+        return sum(1 for heard in self.answered or () if not heard)
 
     def _scored(self) -> list[float]:
         return [value for value in self.per_client if value is not None]

@@ -97,6 +97,21 @@ class Checkpointer:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise DiskWriteError.of(self.path, error) from None
+        try:
+            self._save(server, clients, server_round, records, seconds)
+        except DiskWriteError:  # what this attempt wrote is no checkpoint: free its space again
+            for path in self.path.glob(f"*-r{server_round}.safetensors"):
+                path.unlink(missing_ok=True)
+            raise
+
+    def _save(
+        self,
+        server: ServerSide,
+        clients: StatefulPool,
+        server_round: int,
+        records: Sequence[RoundRecord],
+        seconds: float,
+    ) -> None:
         trained = {
             client["client_id"]
             for record in records

@@ -205,6 +205,8 @@ def run_rounds(
             if sample is not None:
                 record["evaluated_clients"] = sample
             record["clients_without_eval_samples"] = report.without_samples
+            if report.unanswered:
+                record["clients_unanswered"] = report.unanswered
             if report.without_samples and not warned_empty:
                 warned_empty = True
                 logger.warning(

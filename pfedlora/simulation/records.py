@@ -63,9 +63,11 @@ class RoundRecord(RoundResult):
     weighted_accuracy: NotRequired[float]
     std_accuracy: NotRequired[float]
     client_accuracies: NotRequired[list[float | None]]
-    """Per client; None where its evaluation split is empty."""
+    """Per client; None where its evaluation split is empty (or, on Flower, it gave no valid evaluation)."""
     clients_without_eval_samples: NotRequired[int]
     """Clients left out of the means because their evaluation split is empty."""
+    clients_unanswered: NotRequired[int]
+    """Clients that gave no valid evaluation (Flower: no reply in time, or a refused one); absent if none."""
     evaluated_clients: NotRequired[list[int]]
     """Where only a sample was scored (``federation.eval_sample``): their ids, in the order of
     ``client_accuracies``."""

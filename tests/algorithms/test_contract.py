@@ -122,6 +122,9 @@ def test_real_uploads_pass_screening_and_corrupted_ones_do_not(tiny_dataset, tin
         return upload_problem(algorithm, server_state, Upload(tensors, count), declared)
 
     assert problem(upload.tensors) is None
+    bound = algorithm.upload_bound(server_state)  # what Flower lets through before reading an upload
+    assert len(upload.tensors) <= bound.tensors
+    assert sum(t.numel() * t.element_size() for t in upload.tensors.values()) <= bound.bytes
     assert "unexpected" in problem({**upload.tensors, "smuggled": torch.zeros(3)})
     assert "sample count" in problem(upload.tensors, declared + 1)
     if upload.tensors:

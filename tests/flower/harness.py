@@ -16,9 +16,13 @@ RUN_ID = 1
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app, node_configs: list[dict], tamper=None, die_on_call: int = 0) -> None:
+    def __init__(
+        self, client_app, node_configs: list[dict], tamper=None, die_on_call: int = 0, hung=None
+    ) -> None:
         """``tamper(message, reply)``, if given, may replace any reply before the server sees it;
-        ``die_on_call`` = k > 0: the k-th exchange reaches the nodes, then the server dies (ServerDied)."""
+        ``die_on_call`` = k > 0: the k-th exchange reaches the nodes, then the server dies (ServerDied);
+        ``hung(message)`` true: that message's node never answers it (the exchange then counts a timeout,
+        as a real grid waits out ``timeout`` before it returns the other replies)."""
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         self.client_app = client_app
         self.contexts = {
@@ -29,6 +33,7 @@ class InProcessGrid(Grid):
         self.batches: list[int] = []  # messages per send_and_receive call
         self.tamper = tamper
         self.die_on_call, self.calls = die_on_call, 0
+        self.hung, self.timeouts = hung, 0
 
     def set_run(self, run) -> None:
         raise NotImplementedError
@@ -53,8 +58,12 @@ class InProcessGrid(Grid):
         replies = []
         messages = list(messages)
         self.batches.append(len(messages))
+        if self.hung is not None and any(self.hung(message) for message in messages):
+            self.timeouts += 1
         for message in messages:
             self.sent.append(message)
+            if self.hung is not None and self.hung(message):
+                continue
             context = self.contexts[message.metadata.dst_node_id]
             try:
                 reply = self.client_app(message, context)

@@ -8,6 +8,7 @@ simulated run of the same configuration. Every process the test starts is stoppe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -160,6 +161,25 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
             timeout=remaining,
         )  # fmt: skip
         assert (out / "summary.json").is_file(), result.stdout[-3000:] + result.stderr[-3000:]
+
+        # A ServerApp that fails (here: 4 clients asked of 3 nodes): `flwr run` still exits 0, so the run's
+        # own status tells (`flwr list`: finished:failed; no summary.json), and its log says why in a line.
+        failed = tmp_path / "failed-run"
+        remaining = DEADLINE_S - (time.monotonic() - started)
+        failing = _run(
+            env,
+            "flwr", "run", str(APP), "local", "--stream",
+            "--run-config", f'overrides="{OVERRIDES} federation.num_clients=4" out-dir="{failed}"',
+            timeout=remaining,
+        )  # fmt: skip
+        assert failing.returncode == 0  # Flower's, whatever the ServerApp did
+        assert "pfedlora on Flower: error: 4 of 4 clients were identified by no node" in failing.stdout, (
+            failing.stdout
+        )
+        assert not (failed / "summary.json").exists()
+        listed = _run(env, "flwr", "list", "local", "--format", "json", timeout=30)
+        statuses = sorted(run["status"] for run in json.loads(listed.stdout)["runs"])
+        assert statuses == ["finished:completed", "finished:failed"], listed.stdout
     finally:
         processes.stop_all()
     assert all(process.poll() is not None for process, _ in processes.started)

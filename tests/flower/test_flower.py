@@ -1,6 +1,7 @@
 """The Flower path against the simulator, in process: same configuration and seed, same metrics."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 from pfedlora.algorithms import Upload
@@ -21,6 +22,7 @@ from pfedlora.flower.records import METRICS, TENSORS
 from pfedlora.flower.server import FederationError, run_server
 from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
 from pfedlora.simulation.loop import ClientResult
+from tests.conftest import TINY_OVERRIDES
 
 from .harness import InProcessGrid, ServerDied
 
@@ -145,7 +147,9 @@ def test_malformed_replies_are_refused_and_the_run_goes_on(tmp_path, tiny_config
         assert "train-samples is 2.5, not a whole number" in reasons[3]
         assert all(reason.startswith("malformed reply from node") for reason in reasons.values())
         accuracies = record["client_accuracies"]
-        assert accuracies[1] is None and accuracies[2] is None and record["clients_without_eval_samples"] == 2
+        assert accuracies[1] is None and accuracies[2] is None
+        # refused evaluations are clients that gave none, not clients without samples
+        assert record["clients_unanswered"] == 2 and record["clients_without_eval_samples"] == 0
         assert record["mean_accuracy"] == pytest.approx((accuracies[0] + accuracies[3]) / 2)
     assert "correct = 1000 of total = 10 is impossible" in caplog.text
     assert "but the client declared" in caplog.text
@@ -181,13 +185,19 @@ def test_a_restarted_server_continues_to_the_uninterrupted_metrics(
         assert all(torch.equal(v, finals["state-ref"][client][k]) for k, v in state.items()), client
 
 
-def test_a_missing_or_duplicate_client_is_named(tmp_path, tiny_config, tiny_nodes):
+def test_a_missing_client_is_named_and_a_second_claimant_refused_while_the_run_goes_on(
+    tmp_path, tiny_config, tiny_nodes, caplog
+):
     config = tiny_config(*SETTING)
     nodes = _nodes(config, tmp_path)
     with pytest.raises(FederationError, match=r"client ids \[3\]"):
         run_server(InProcessGrid(client_app, nodes[:3]), config, tmp_path / "a", "t")
-    with pytest.raises(FederationError, match="two nodes claim client id 0"):
-        run_server(InProcessGrid(client_app, [*nodes, nodes[0]]), config, tmp_path / "b", "t")
+    grid = InProcessGrid(client_app, [*nodes, nodes[0]])  # node 1004 claims client 0, as node 1000 did
+    run_server(grid, config, tmp_path / "b", "t")
+    assert "node 1004 claims client id 0, which node 1000 claimed first: node 1004 is refused" in caplog.text
+    assert (tmp_path / "b" / "summary.json").is_file()
+    asked_later = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type != MessageType.QUERY}
+    assert asked_later == {1000, 1001, 1002, 1003}
 
 
 def test_node_settings_are_checked(tmp_path):
@@ -243,3 +253,116 @@ def test_a_signalled_server_app_stops_in_one_line_and_its_resume_equals_the_unin
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr
     assert _strip(read_run(tmp_path / "run")[0]) == _strip(read_run(tmp_path / "ref")[0])
+
+
+def test_a_hung_node_costs_one_timeout_then_is_left_alone_and_probed_again(
+    tmp_path, tiny_config, tiny_nodes, caplog
+):
+    config = tiny_config(*SETTING, "federation.sample_fraction=1", "federation.rounds=8")
+    hung = lambda message: message.metadata.dst_node_id == 1002 and message.metadata.message_type != "query"  # noqa: E731
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state"), hung=hung)
+    run_server(grid, config, tmp_path / "run", "t", timeout=30.0, quiet_rounds=2)
+    to_hung = [(m.metadata.message_type, int(m.metadata.group_id)) for m in grid.sent if hung(m)]
+    assert to_hung == [("train", 1), ("train", 4), ("train", 7)]  # 3 timeouts in 8 rounds, not 16
+    assert grid.timeouts == 3
+    assert all(m.metadata.ttl == 30.0 for m in grid.sent if m.metadata.message_type != "query")
+    records, _ = read_run(tmp_path / "run")
+    assert all(record["dropped"] == [2] for record in records)
+    assert all(r["clients_unanswered"] == 1 and r["clients_without_eval_samples"] == 0 for r in records)
+    assert (
+        "client 2 (node 1002) did not answer the training within 30 s: it is not asked again before round 4"
+        in caplog.text
+    )
+    assert "no test samples" not in caplog.text
+
+
+def test_a_node_that_answers_again_is_asked_again(tmp_path, tiny_config, tiny_nodes):
+    config = tiny_config(*SETTING, "federation.sample_fraction=1", "federation.rounds=5")
+    hung = lambda message: message.metadata.dst_node_id == 1002 and message.metadata.group_id == "1"  # noqa: E731
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state"), hung=hung)
+    run_server(grid, config, tmp_path / "run", "t", quiet_rounds=1)
+    rounds = sorted(
+        {
+            int(m.metadata.group_id)
+            for m in grid.sent
+            if m.metadata.dst_node_id == 1002 and m.metadata.message_type == "train"
+        }
+    )
+    assert rounds == [1, 3, 4, 5]  # silent in round 1, left alone in round 2, heard from round 3 on
+    records, _ = read_run(tmp_path / "run")
+    assert [r["dropped"] for r in records] == [[2], [2], [], [], []]
+
+
+def test_an_oversized_upload_is_refused_before_it_is_turned_into_tensors(
+    tmp_path, tiny_config, tiny_nodes, monkeypatch
+):
+    config = tiny_config(*SETTING, "federation.sample_fraction=1", "federation.rounds=1")
+
+    def inflate(message, reply):
+        if message.metadata.dst_node_id != 1001 or message.metadata.message_type != MessageType.TRAIN:
+            return reply
+        tensors = reply.content.array_records[TENSORS]
+        key = next(iter(tensors))
+        big = ArrayRecord({**tensors.to_torch_state_dict(), key: torch.zeros(4_000_000)})  # 16 MB
+        return Message(
+            RecordDict({TENSORS: big, METRICS: reply.content.metric_records[METRICS]}), reply_to=message
+        )
+
+    converted = []
+    original = ArrayRecord.to_torch_state_dict
+    monkeypatch.setattr(
+        ArrayRecord,
+        "to_torch_state_dict",
+        lambda self, **kw: converted.append(self.count_bytes()) or original(self, **kw),
+    )
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state"), tamper=inflate)
+    run_server(grid, config, tmp_path / "run", "t")
+    [record] = read_run(tmp_path / "run")[0]
+    [refused] = record["refused"]
+    assert refused["client_id"] == 1
+    assert re.fullmatch(
+        r"oversized upload from node 1001: the upload holds 6 arrays of 16,0\d\d,\d{3} bytes, more than the "
+        r"algorithm's uploads can \(6 arrays, [\d,]+ bytes\); refused unread",
+        refused["reason"],
+    ), refused["reason"]
+    assert sorted(record["aggregated"]) == [0, 2, 3]
+    assert max(converted) < 1_000_000  # the 16 MB record was never converted
+
+
+def test_a_failing_server_app_says_so_in_one_line_and_raises(tmp_path, tiny_config, tiny_nodes, caplog):
+    from flwr.app import Context
+
+    from pfedlora.flower.apps import serve
+
+    config = tiny_config(*SETTING)
+    grid = InProcessGrid(client_app, _nodes(config, tmp_path / "state")[:3])
+    run_config = {
+        "overrides": " ".join(f"{k}" for k in [*TINY_OVERRIDES, *SETTING]),
+        "out-dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(FederationError):  # Flower's runner then ends the process with status 1
+        serve(grid, Context(1, 0, {}, RecordDict(), run_config))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "pfedlora on Flower: error: 1 of 4 clients were identified by no node (client ids [3]); start one "
+        "SuperNode per client with node config partition-id=<id>"
+    ]
+
+
+def test_a_client_app_process_that_outlives_its_time_limit_ends_itself(tmp_path):
+    script = (
+        "import sys, time\n"
+        "sys.argv[0] = '/usr/bin/flwr-clientapp'\n"
+        "from flwr.app import ConfigRecord, Message, RecordDict\n"
+        "from flwr.supercore.task_identity import TaskIdentity\n"
+        "TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1\n"
+        "from pfedlora.flower import apps\n"
+        "message = Message(RecordDict({'settings': ConfigRecord({'time-limit': 1.0})}), 5, 'train')\n"
+        "with apps._time_limit(message):\n"
+        "    time.sleep(60)  # a hung training\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 124, done.stderr
+    assert time.monotonic() - started < 20
+    assert "no reply within 1 s, the server stopped waiting: exiting" in done.stderr

@@ -74,6 +74,7 @@ def test_a_real_full_disk_stops_the_run_in_one_error_and_resume_ends_as_uninterr
     assert "the run stopped in round " in message and "(last checkpoint: round 4)" in message, message
     assert read_manifest(run_dir)["round"] == 4  # every file of the previous checkpoint matches its digest
     assert not list((run_dir / CHECKPOINT_DIR).glob(".*.tmp"))  # no half-written file left
+    assert not list((run_dir / CHECKPOINT_DIR).glob("*-r6.safetensors"))  # nor a part of a checkpoint
 
     filled[0].unlink()
     resume_run(run_dir, dataset=tiny_dataset, workers=max(workers, 1))
