@@ -98,54 +98,44 @@ class Checkpointer:
         except OSError as error:
             raise DiskWriteError.of(self.path, error) from None
         try:
-            self._save(server, clients, server_round, records, seconds)
+            trained = {
+                client["client_id"]
+                for record in records
+                if record["round"] > self.round
+                for client in record["clients"]
+            }
+            saved = clients.save_states(trained, self.path, server_round)
+            for client_id, (name, digest) in sorted(saved.items()):
+                self.sha256[name] = digest
+                self.clients[str(client_id)] = name
+            server_file = f"server-r{server_round}.safetensors"
+            self.sha256[server_file] = save_atomic(server.server_state, self.path / server_file)
+            names = {server_file, *self.clients.values()}
+            for name in names - self.sha256.keys():  # carried over from a checkpoint without digests
+                self.sha256[name] = file_digest(self.path / name)
+            manifest: Manifest = {
+                "round": server_round,
+                "server": server_file,
+                "clients": dict(self.clients),
+                "sha256": {name: digest for name, digest in sorted(self.sha256.items()) if name in names},
+                "config": config_to_dict(server.config),
+                "rng": f"every stream derived from seed {server.config.seed} and (purpose, round, client)",
+                "wall_seconds": seconds,
+            }
+            if self.last is not None:
+                write_atomic(self.path / PREVIOUS_MANIFEST, json.dumps(self.last, indent=1) + "\n")
+            write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            keep = {MANIFEST, *names}
+            if self.last is not None:
+                keep |= {PREVIOUS_MANIFEST, self.last["server"], *self.last["clients"].values()}
+            self.last, self.round, self.sha256 = manifest, server_round, dict(manifest["sha256"])
+            for path in self.path.iterdir():
+                if path.name not in keep:
+                    path.unlink()
         except DiskWriteError:  # what this attempt wrote is no checkpoint: free its space again
             for path in self.path.glob(f"*-r{server_round}.safetensors"):
                 path.unlink(missing_ok=True)
             raise
-
-    def _save(
-        self,
-        server: ServerSide,
-        clients: StatefulPool,
-        server_round: int,
-        records: Sequence[RoundRecord],
-        seconds: float,
-    ) -> None:
-        trained = {
-            client["client_id"]
-            for record in records
-            if record["round"] > self.round
-            for client in record["clients"]
-        }
-        saved = clients.save_states(trained, self.path, server_round)
-        for client_id, (name, digest) in sorted(saved.items()):
-            self.sha256[name] = digest
-            self.clients[str(client_id)] = name
-        server_file = f"server-r{server_round}.safetensors"
-        self.sha256[server_file] = save_atomic(server.server_state, self.path / server_file)
-        names = {server_file, *self.clients.values()}
-        for name in names - self.sha256.keys():  # carried over from a checkpoint without digests
-            self.sha256[name] = file_digest(self.path / name)
-        manifest: Manifest = {
-            "round": server_round,
-            "server": server_file,
-            "clients": dict(self.clients),
-            "sha256": {name: digest for name, digest in sorted(self.sha256.items()) if name in names},
-            "config": config_to_dict(server.config),
-            "rng": f"every stream derived from seed {server.config.seed} and (purpose, round, client)",
-            "wall_seconds": seconds,
-        }
-        if self.last is not None:
-            write_atomic(self.path / PREVIOUS_MANIFEST, json.dumps(self.last, indent=1) + "\n")
-        write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        keep = {MANIFEST, *names}
-        if self.last is not None:
-            keep |= {PREVIOUS_MANIFEST, self.last["server"], *self.last["clients"].values()}
-        self.last, self.round, self.sha256 = manifest, server_round, dict(manifest["sha256"])
-        for path in self.path.iterdir():
-            if path.name not in keep:
-                path.unlink()
 
 
 def _read_manifest_file(path: Path) -> Manifest:

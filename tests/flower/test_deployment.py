@@ -152,26 +152,19 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
         assert rogue.wait(timeout=60) != 0, "a SuperNode with an unregistered key was accepted"
         assert "Failed to activate SuperNode" in processes.log("rogue")
 
+        def flwr_run(run_config: str) -> subprocess.CompletedProcess:
+            remaining = DEADLINE_S - (time.monotonic() - started)
+            command = ("flwr", "run", str(APP), "local", "--stream", "--run-config", run_config)
+            return _run(env, *command, timeout=remaining)
+
         out = tmp_path / "flower-run"
-        remaining = DEADLINE_S - (time.monotonic() - started)
-        result = _run(
-            env,
-            "flwr", "run", str(APP), "local", "--stream",
-            "--run-config", f'overrides="{OVERRIDES}" out-dir="{out}" experiment="loopback"',
-            timeout=remaining,
-        )  # fmt: skip
+        result = flwr_run(f'overrides="{OVERRIDES}" out-dir="{out}" experiment="loopback"')
         assert (out / "summary.json").is_file(), result.stdout[-3000:] + result.stderr[-3000:]
 
         # A ServerApp that fails (here: 4 clients asked of 3 nodes): `flwr run` still exits 0, so the run's
         # own status tells (`flwr list`: finished:failed; no summary.json), and its log says why in a line.
         failed = tmp_path / "failed-run"
-        remaining = DEADLINE_S - (time.monotonic() - started)
-        failing = _run(
-            env,
-            "flwr", "run", str(APP), "local", "--stream",
-            "--run-config", f'overrides="{OVERRIDES} federation.num_clients=4" out-dir="{failed}"',
-            timeout=remaining,
-        )  # fmt: skip
+        failing = flwr_run(f'overrides="{OVERRIDES} federation.num_clients=4" out-dir="{failed}"')
         assert failing.returncode == 0  # Flower's, whatever the ServerApp did
         assert "pfedlora on Flower: error: 4 of 4 clients were identified by no node" in failing.stdout, (
             failing.stdout
