@@ -112,12 +112,22 @@ def _summary_cells(s: Summary) -> dict[str, str]:
     """The headline figures of one run summary, formatted for people."""
     target = s.get("target_round")
     reach = f"round {target}" if target else "not reached"
+    by_arch = s.get("mean_accuracy_last_by_architecture") or {}
+    per_arch = (
+        {
+            f"last mean acc, {arch}": "–" if acc is None else f"{100 * acc:.2f}%"
+            for arch, acc in by_arch.items()
+        }
+        if len(by_arch) > 1
+        else {}
+    )
     return {
         "algorithm": s["algorithm"],
         "clients × fraction, rounds": f"{s['num_clients']} × {s['sample_fraction']:g}, {s['rounds']}",
         "clients scored": s.get("evaluation", "after-training"),
         "best mean acc (round)": f"{100 * s['mean_accuracy_best']:.2f}% ({s['best_round']})",
         "last mean acc": f"{100 * s['mean_accuracy_last']:.2f}%",
+        **(per_arch if len(per_arch) > 1 else {}),
         "last-10% mean acc": f"{100 * s['mean_accuracy_last10pct']:.2f}%",
         "std over clients": f"{100 * s['std_accuracy_last']:.2f} pp",
         f"target {100 * s['target_accuracy']:.0f}%": reach,

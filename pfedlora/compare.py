@@ -592,8 +592,35 @@ def flatness_note(groups: Sequence[tuple[str, Sequence[Result]]]) -> str:
     return f"{heading}: {kept}." if kept else ""
 
 
+def architecture_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
+    """The architectures of the runs, and one row per method: its last mean accuracy on each architecture's
+    clients (percent; mean ± std across seeds where there are several)."""
+    archs = list(
+        dict.fromkeys(a for _, _, s in results for a in s.get("mean_accuracy_last_by_architecture") or {})
+    )
+    rows = []
+    for method, runs in group_by_method(results):
+        row = [method]
+        for arch in archs:
+            values = [
+                100 * value
+                for _, _, s in runs
+                if (value := (s.get("mean_accuracy_last_by_architecture") or {}).get(arch)) is not None
+            ]
+            if not values:
+                row.append("–")
+            elif len(values) == 1:
+                row.append(f"{values[0]:.2f}")
+            else:
+                row.append(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}")
+        rows.append(row)
+    return archs, rows
+
+
 def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Path]:
-    """Write ``comparison.md``, ``comparison.csv`` and the plots of :func:`plot_runs` (all variants).
+    """Write ``comparison.md``, ``comparison.csv`` (with several architectures also
+    ``comparison-by-architecture.csv``, and their table in the Markdown) and the plots of :func:`plot_runs`
+    (all variants).
 
     With several seeds (labels ``<method>/seed-<seed>``), every cell is the mean ± standard deviation
     across seeds, the CSV has a mean and a std column for each, the plots show bands, and the Markdown
@@ -630,12 +657,28 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         *(["", verdict] if verdict else []),
         *(["", flatness] if (flatness := flatness_note(groups)) else []),
     ]
+    archs, arch_rows = architecture_rows(results)
+    if len(archs) > 1:
+        markdown += [
+            "",
+            "Last mean accuracy (%) of each architecture's clients:",
+            "",
+            "| method | " + " | ".join(archs) + " |",
+            "|" + "---|" * (len(archs) + 1),
+            *("| " + " | ".join(row) + " |" for row in arch_rows),
+        ]
     write_atomic(out / "comparison.md", "\n".join(markdown) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(csv_header)
     writer.writerows(csv_rows)
     write_atomic(out / "comparison.csv", buffer.getvalue())
+    written = [out / "comparison.md", out / "comparison.csv"]
+    if len(archs) > 1:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([["method", *archs], *arch_rows])
+        write_atomic(out / "comparison-by-architecture.csv", buffer.getvalue())
+        written.append(out / "comparison-by-architecture.csv")
     plot_input = [(method, [records for _, records, _ in runs]) for method, runs in groups]
     plots = plot_groups(plot_input, out, note)
-    return [out / "comparison.md", out / "comparison.csv", *plots]
+    return [*written, *plots]

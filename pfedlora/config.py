@@ -140,6 +140,14 @@ class ModelConfig:
     trainable_layers: int = -1
     """What private training may change in a transformer client: -1 everything, k >= 0 the top k layers
     and the head (0: the head alone); the rest stays as pretrained."""
+    pooling: str = "auto"
+    """How a transformer client pools its last hidden states into one feature: "mean" over the real
+    tokens, "last" (the last real token, as transformers' ``*ForSequenceClassification`` heads of decoders
+    do), or "auto" (each family's default: see ``pfedlora list``)."""
+    feature_dim: int = 256
+    """Width of the common feature space where a federation mixes transformer families of different widths:
+    every client then projects its pooled feature to it with a private linear layer (single-width
+    federations keep their own width, no projection)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,9 @@ class AdapterConfig:
     """Layers to adapt (placement "layers"); empty means every layer homogeneous across the federation."""
     epochs: int = 1
     phase_order: str = "local-first"
+    branch_family: str = ""
+    """Text clients, placement "branch": the model family whose tokenizer and frozen token embeddings the
+    shared branch reads ("" : the family of the first transformer architecture)."""
 
     @property
     def effective_alpha(self) -> float:
@@ -239,6 +250,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "federation.aggregator": AGGREGATORS,
     "federation.evaluate": EVALUATION_PROTOCOLS,
     "baselines.kl_reduction": ("batchmean", "mean"),
+    "model.pooling": ("auto", "mean", "last"),
 }
 
 
@@ -287,6 +299,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "train.local_steps": (0, _INF, True),
     "model.max_length": (2, _INF, True),
     "model.trainable_layers": (-1, _INF, True),
+    "model.feature_dim": (1, _INF, True),
     "adapter.rank": (1, _INF, True),
     "adapter.alpha": (0, _INF, True),
     "adapter.lr": (0, _INF, True),

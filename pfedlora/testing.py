@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from pfedlora.data import Dataset
-from pfedlora.models.transformer import _require_transformers
+from pfedlora.data.text import TextCorpus
+from pfedlora.models.transformer import require_transformers
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDS = ("in", "the", "beginning", "god", "created", "heaven", "and", "earth", "light", "was", "good")
@@ -17,7 +18,7 @@ WORDS = ("in", "the", "beginning", "god", "created", "heaven", "and", "earth", "
 def _save_tokenizer(folder: Path, extra_tokens: int = 0) -> list[str]:
     """A word-level tokenizer over the tiny vocabulary (plus ``extra_tokens`` unknown to any tiny model)."""
     words = [*SPECIAL_TOKENS, *WORDS, *(f"extra{i}" for i in range(extra_tokens))]
-    transformers = _require_transformers()
+    transformers = require_transformers()
     transformers.BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(folder)
     return words
 
@@ -27,7 +28,7 @@ def tiny_bert(folder: Path, layers: int = 3, hidden: int = 16, extra_tokens: int
 
     ``extra_tokens`` > 0 gives the tokenizer more tokens than the model embeds (a mismatched pair).
     """
-    transformers = _require_transformers()
+    transformers = require_transformers()
     folder.mkdir(parents=True, exist_ok=True)
     _save_tokenizer(folder, extra_tokens)
     config = transformers.BertConfig(
@@ -75,11 +76,32 @@ def tiny_text_dataset(length: int = 8, per_split: int = 48, groups: int = 6, voc
     )
 
 
-def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16) -> Path:
-    """A Llama-style decoder of ``layers`` layers with random weights (and the word-level tokenizer)."""
-    transformers = _require_transformers()
+OWN_SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>")
+OWN_WORDS = (*reversed(WORDS), "firmament", "waters", "darkness", "deep")
+
+
+def _save_own_tokenizer(folder: Path) -> list[str]:
+    """A word-level fast tokenizer of another vocabulary than the tiny BERT's (other ids, other size, other
+    special tokens), as a decoder family of its own would have."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    transformers = require_transformers()
+    words = [*OWN_SPECIAL_TOKENS, *OWN_WORDS]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    return words
+
+
+def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16, own_tokenizer: bool = False) -> Path:
+    """A Llama-style decoder of ``layers`` layers with random weights, with the tiny BERT's word-level
+    tokenizer or (``own_tokenizer``) one of its own vocabulary."""
+    transformers = require_transformers()
     folder.mkdir(parents=True, exist_ok=True)
-    words = _save_tokenizer(folder)
+    words = _save_own_tokenizer(folder) if own_tokenizer else _save_tokenizer(folder)
     config = transformers.LlamaConfig(
         vocab_size=len(words),
         hidden_size=hidden,
@@ -92,3 +114,32 @@ def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16) -> Path:
     torch.manual_seed(0)  # only the checkpoint's own random weights, made once here
     transformers.LlamaModel(config).save_pretrained(folder)
     return folder
+
+
+def tiny_corpus(per_split: int = 60, groups: int = 6, seed: int = 0) -> TextCorpus:
+    """Short sentences of the tiny words, labelled by source (3 classes over ``groups`` sources), so that
+    different tokenizers make different token ids of the same texts."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+        lengths = torch.randint(2, 7, (n,), generator=generator).tolist()
+        texts = tuple(
+            " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=generator))
+            for k in lengths
+        )
+        sources = torch.arange(n) % groups
+        return texts, sources % 3, sources
+
+    train_texts, train_y, train_groups = split(per_split)
+    test_texts, test_y, test_groups = split(per_split // 2)
+    return TextCorpus(
+        "tiny-corpus",
+        train_texts,
+        train_y,
+        train_groups,
+        test_texts,
+        test_y,
+        test_groups,
+        ("a", "b", "c"),
+        tuple(f"book{i}" for i in range(groups)),
+    )

@@ -82,9 +82,19 @@ def test_compare_runs_writes_and_resumes(tmp_path, tiny_data, monkeypatch):
     results = run_comparison(variants, tmp_path)
     paths = write_comparison(results, tmp_path)
     assert {p.name for p in paths} == {
-        "comparison.md", "comparison.csv", "accuracy_per_round.png", "accuracy_vs_megabytes.png",
-        "accuracy_vs_tflops.png",
+        "comparison.md", "comparison.csv", "comparison-by-architecture.csv", "accuracy_per_round.png",
+        "accuracy_vs_megabytes.png", "accuracy_vs_tflops.png",
     }  # fmt: skip
+    by_arch = list(csv.reader((tmp_path / "comparison-by-architecture.csv").open()))
+    assert by_arch[0] == ["method", "cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
+    summary = results[1][2]
+    per_arch = summary["mean_accuracy_last_by_architecture"]
+    expected = ["–" if per_arch[a] is None else f"{100 * per_arch[a]:.2f}" for a in by_arch[0][1:]]
+    assert by_arch[2] == ["standalone", *expected]
+    records = results[1][1]
+    accuracies = records[-1]["client_accuracies"]
+    cnn1 = [a for i, a in enumerate(accuracies) if i % 5 == 0 and a is not None]
+    assert summary["mean_accuracy_last_by_architecture"]["cnn1"] == pytest.approx(sum(cnn1) / len(cnn1))
     rows = list(csv.reader((tmp_path / "comparison.csv").open()))
     assert rows[0][0] == "method" and [r[0] for r in rows[1:]] == ["pfedlora-branch", "standalone"]
     assert rows[2][rows[0].index("MB total")] == "0.00"  # training alone sends nothing

@@ -23,7 +23,7 @@ from pfedlora.algorithms.state import State, check_schema, combine
 from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
-from pfedlora.models import FeatureClassifier, build_model
+from pfedlora.models import FeatureClassifier, ModelSettings, build_model, model_settings
 from pfedlora.registry import Registry
 from pfedlora.seeding import torch_generator
 
@@ -82,12 +82,18 @@ class Algorithm(ABC, Generic[ClientT]):
         self.num_classes = num_classes
 
     @functools.cached_property
+    def model_settings(self) -> ModelSettings:
+        """The ``[model]`` settings and what the federation decides for its models (text views, a common
+        feature width)."""
+        return model_settings(self.config)
+
+    @functools.cached_property
     def probe(self) -> FeatureClassifier:
         """A model of the federation's first architecture: what the family's models have in common (the
         head's name, the feature width)."""
         arch = self.config.federation.architectures[0]
         generator = torch_generator(self.config.seed, "probe")
-        return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
 
     @property
     def head_prefix(self) -> str:

@@ -21,7 +21,7 @@ from pfedlora.algorithms.base import Algorithm, ClientContext
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig, TrainConfig
 from pfedlora.data import ClientData
-from pfedlora.models import FeatureClassifier, build_model
+from pfedlora.models import FeatureClassifier, build_model, model_settings
 
 KL_REDUCTIONS: tuple[str, ...] = ("batchmean", "mean")
 
@@ -70,8 +70,9 @@ def build_pair(
     generator: torch.Generator,
 ) -> tuple[FeatureClassifier, FeatureClassifier]:
     """A private model of architecture ``arch`` and a ``baselines.shared_arch`` model, from ``generator``."""
-    local = build_model(arch, input_shape, num_classes, generator, config.model)
-    shared = build_model(config.baselines.shared_arch, input_shape, num_classes, generator, config.model)
+    settings = model_settings(config)
+    local = build_model(arch, input_shape, num_classes, generator, settings)
+    shared = build_model(config.baselines.shared_arch, input_shape, num_classes, generator, settings)
     return local, shared
 
 

@@ -47,7 +47,7 @@ class FedAvg(Algorithm[FeatureClassifier]):
         self.model_keys = frozenset(self.probe.state_dict())
 
     def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
-        return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
 
     def is_shared(self, key: str) -> bool:
         """Every tensor of the model."""

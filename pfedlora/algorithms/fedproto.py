@@ -101,7 +101,7 @@ class FedProto(Algorithm[PrototypeClient]):
     name = "fedproto"
 
     def create_client(self, arch: str, generator: torch.Generator) -> PrototypeClient:
-        model = build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
+        model = build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
         return PrototypeClient(model, self.num_classes)
 
     def is_shared(self, key: str) -> bool:

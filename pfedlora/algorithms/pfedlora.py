@@ -19,13 +19,17 @@ from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
+from pfedlora.errors import ConfigError
 from pfedlora.models import (
     PLACEMENTS,
     PersonalizedModel,
     attach_adapter,
+    branch_family,
     build_model,
+    family_of,
     homogeneous_targets,
     is_adapter_key,
+    is_transformer,
     load_adapter_state_dict,
     validate_targets,
 )
@@ -50,17 +54,26 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
             return ()
         probe = torch_generator(self.config.seed, "target-probe")
         models = {
-            arch: build_model(arch, self.input_shape, self.num_classes, probe, self.config.model)
+            arch: build_model(arch, self.input_shape, self.num_classes, probe, self.model_settings)
             for arch in dict.fromkeys(self.config.federation.architectures)
         }
         if self.config.adapter.targets:
             return validate_targets(models, self.config.adapter.targets)
-        return homogeneous_targets(models)
+        targets = homogeneous_targets(models)
+        families = sorted({family_of(arch).name for arch in models if is_transformer(arch)})
+        head = next(iter(models.values())).HEAD_NAME
+        if len(families) > 1 and all(t == head or t.startswith(f"{head}.") for t in targets):
+            raise ConfigError(
+                f"adapter.placement 'layers': the families {', '.join(families)} share no layer of one name "
+                "and shape but the head; use adapter.placement 'head' (LoRA on the common head) or "
+                "'branch', or name adapter.targets"
+            )
+        return targets
 
     def create_client(self, arch: str, generator: torch.Generator) -> PersonalizedModel:
         adapter = self.config.adapter
         return attach_adapter(
-            build_model(arch, self.input_shape, self.num_classes, generator, self.config.model),
+            build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings),
             placement=adapter.placement,
             rank=adapter.rank,
             alpha=adapter.effective_alpha,
@@ -68,6 +81,8 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
             input_shape=self.input_shape,
             num_classes=self.num_classes,
             generator=generator,
+            settings=self.model_settings,
+            branch_family=branch_family(self.config) if self.model_settings.views else "",
         )
 
     def is_shared(self, key: str) -> bool:

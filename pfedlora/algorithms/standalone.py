@@ -21,7 +21,7 @@ class Standalone(Algorithm[FeatureClassifier]):
     name = "standalone"
 
     def create_client(self, arch: str, generator: torch.Generator) -> FeatureClassifier:
-        return build_model(arch, self.input_shape, self.num_classes, generator, self.config.model)
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
 
     def is_shared(self, key: str) -> bool:
         return False

@@ -54,8 +54,8 @@ class Dataset:
     """A whole classification dataset in memory, of one of two kinds.
 
     - ``"image"``: uint8 images (N, C, H, W) with per-channel ``mean``/``std``;
-    - ``"text"``: int32 (N, 2, L), each sample's token ids and attention mask as its model family's
-      tokenizer made them (:func:`pfedlora.data.text.tokenize_corpus`); ``mean``/``std`` are empty.
+    - ``"text"``: int32 (N, 2·V, L), each sample's token ids and attention mask as each of the run's V
+      tokenizers made them (:func:`pfedlora.data.text.tokenize_corpus`); ``mean``/``std`` are empty.
 
     Labels are int64 (N,). ``train_groups``/``test_groups`` optionally give each sample's source (e.g. the
     book a verse comes from), named by ``group_names``; the ``by-source`` partition deals whole sources.
@@ -86,9 +86,12 @@ class Dataset:
                 raise DataError(
                     f"{self.name}: {split}_x must be uint8 (N, C, H, W), got {x.dtype} {list(x.shape)}"
                 )
-            if self.kind == "text" and (x.dtype != torch.int32 or x.dim() != 3 or x.shape[1] != 2):
+            if self.kind == "text" and (
+                x.dtype != torch.int32 or x.dim() != 3 or x.shape[1] < 2 or x.shape[1] % 2
+            ):
                 raise DataError(
-                    f"{self.name}: {split}_x must be int32 (N, 2, length), got {x.dtype} {list(x.shape)}"
+                    f"{self.name}: {split}_x must be int32 (N, 2·views, length), got {x.dtype} "
+                    f"{list(x.shape)}"
                 )
             if y.dtype != torch.int64 or y.shape != x.shape[:1]:
                 raise DataError(f"{self.name}: {split}_y must be int64 (N,), got {y.dtype} {list(y.shape)}")

@@ -216,16 +216,23 @@ Tokenizer = Any
 """A Hugging Face tokenizer (callable on a list of texts)."""
 
 
-def tokenize_corpus(corpus: TextCorpus, tokenizer: Tokenizer, max_length: int) -> Any:
-    """``corpus`` as a text :class:`~pfedlora.data.datasets.Dataset`: int32 (N, 2, max_length) token ids
-    and attention masks, padded and truncated to ``max_length``."""
+def tokenize_corpus(corpus: TextCorpus, tokenizer: Tokenizer | Sequence[Tokenizer], max_length: int) -> Any:
+    """``corpus`` as a text :class:`~pfedlora.data.datasets.Dataset`: int32 (N, 2·V, max_length), for each of
+    the V tokenizers in turn (one, or a sequence: one per model family of the run) the token ids and the
+    attention mask, padded and truncated to ``max_length``. The samples, labels and sources are the same
+    for every tokenizer, so a partition over samples gives every family the same split."""
     from pfedlora.data.datasets import Dataset
 
+    tokenizers: list[Tokenizer] = list(tokenizer) if isinstance(tokenizer, list | tuple) else [tokenizer]
+
     def encode(texts: Sequence[str]) -> torch.Tensor:
-        batch = tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1).to(torch.int32)
+        views = []
+        for each in tokenizers:
+            batch = each(
+                list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            views += [batch["input_ids"], batch["attention_mask"]]
+        return torch.stack(views, dim=1).to(torch.int32)  # (N, 2·V, L)
 
     return Dataset(
         name=corpus.name,

@@ -8,7 +8,8 @@ Three placements:
 - ``"head"``: LoRA on the head alone: the adapter phase computes the features once per batch without
   autograd and never backpropagates through the local model;
 - ``"branch"``: a small network of low-rank factorised layers beside the local model whose logits are added,
-  ``F(x) = f_local(x) + (alpha/r) · g(x)``, with g's last layer starting at zero.
+  ``F(x) = f_local(x) + (alpha/r) · g(x)``, with g's last layer starting at zero (for text, g reads one
+  family's tokenization whatever the client's own family, so it is homogeneous across families).
 
 Either way every adapter parameter name satisfies ``is_adapter_key`` and has the same shape on every client,
 so the server can average adapters across architectures.
@@ -16,8 +17,9 @@ so the server can average adapters across architectures.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,8 @@ from pfedlora.models.base import FeatureClassifier
 from pfedlora.models.cnn import check_input_shape, conv_pool_side, init_parameters_
 from pfedlora.models.lora import check_rank_alpha, is_adapter_key
 from pfedlora.models.peft_lora import inject_lora, is_lora_layer
+from pfedlora.models.registry import ModelSettings
+from pfedlora.models.transformer import TransformerClassifier, token_embeddings, view_of
 from pfedlora.registry import Registry
 
 _BRANCH_CHANNELS = 16
@@ -146,6 +150,54 @@ class LoRABranch(nn.Module):
         return self.fc_B(x)  # (B, num_classes)
 
 
+_TEXT_BRANCH_HIDDEN = 64
+
+
+class TextLoRABranch(nn.Module):
+    """g(x; θ) of the branch placement for text: a small network of rank-r factorised layers on the mean of
+    one family's frozen pretrained token embeddings, so that every client, whatever its own family, runs
+    the same branch on the same tokenization.
+
+    mean over the real tokens of E[ids] (B, h) → proj_A (h→r, no bias) → proj_B (r→64) → ReLU → fc_A
+    (64→r, no bias) → fc_B (r→classes). E (``embedding``: the family's input embeddings, vocabulary × h)
+    is a non-persistent buffer, never trained, never sent and held once per process (every client of a
+    process references the same tensor); it comes from the pretrained checkpoint every client can load.
+    fc_B starts at zero, so g starts at zero; the rest is initialised like PyTorch's default from
+    ``generator``.
+    """
+
+    embedding: torch.Tensor
+
+    def __init__(
+        self, embedding: torch.Tensor, view: int, num_classes: int, rank: int, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        check_rank_alpha(rank, 1.0)
+        self.view = view
+        self.register_buffer("embedding", embedding, persistent=False)  # (vocabulary, h)
+        width = int(embedding.shape[1])
+        meta = torch.device("meta")
+        self.proj_A = nn.Linear(width, rank, bias=False, device=meta)
+        self.proj_B = nn.Linear(rank, _TEXT_BRANCH_HIDDEN, device=meta)
+        self.fc_A = nn.Linear(_TEXT_BRANCH_HIDDEN, rank, bias=False, device=meta)
+        self.fc_B = nn.Linear(rank, num_classes, device=meta)
+        for layer in (self.proj_A, self.proj_B, self.fc_A, self.fc_B):
+            layer.to_empty(device="cpu")
+        init_parameters_(self, generator)
+        with torch.no_grad():
+            self.fc_B.weight.zero_()
+            self.fc_B.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Branch logits g(x) for a text batch (B, 2·V, L)."""
+        ids, mask = x[:, 2 * self.view].long(), x[:, 2 * self.view + 1]  # (B, L) each
+        weights = mask.unsqueeze(-1).to(self.embedding.dtype)  # (B, L, 1)
+        tokens = F.embedding(ids, self.embedding)  # (B, L, h), no gradient: a buffer
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, h)
+        hidden = F.relu(self.proj_B(self.proj_A(pooled)))  # (B, 64)
+        return self.fc_B(self.fc_A(hidden))  # (B, num_classes)
+
+
 class PersonalizedModel(nn.Module):
     """Private local model + homogeneous adapter: F(x; ω, θ). Attribute ``local`` is the (possibly
     LoRA-wrapped) HeteroCNN; each placement (``PLACEMENTS``) is a subclass that says where θ sits.
@@ -188,7 +240,9 @@ class BranchModel(PersonalizedModel):
 
     placement = "branch"
 
-    def __init__(self, local: FeatureClassifier, lora_branch: LoRABranch, *, rank: int, alpha: float) -> None:
+    def __init__(
+        self, local: FeatureClassifier, lora_branch: LoRABranch | TextLoRABranch, *, rank: int, alpha: float
+    ) -> None:
         super().__init__(local, rank=rank, alpha=alpha)
         self.lora_branch = lora_branch
 
@@ -232,10 +286,22 @@ class LayersModel(PersonalizedModel):
         return self.local.head(prefix)  # (B, num_classes)
 
 
-Attach = Callable[
-    [FeatureClassifier, int, float, Sequence[str], tuple[int, ...], int, torch.Generator],
-    PersonalizedModel,
-]
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter placement needs to know besides the model: the adapter's rank and alpha, the layers
+    it targets, the data's shape, and the run's model settings (for text: the tokenizations of a batch)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    branch_family: str = ""
+    """The family whose tokenization and token embeddings a text branch reads ("": the model's own)."""
+
+
+Attach = Callable[[FeatureClassifier, AdapterSpec, torch.Generator], PersonalizedModel]
 
 
 @dataclass(frozen=True)
@@ -243,7 +309,7 @@ class Placement:
     """One way of attaching the adapter: a ``PLACEMENTS`` entry."""
 
     attach: Attach
-    """(model, rank, alpha, targets, input_shape, num_classes, generator) -> the personalized model."""
+    """(model, spec, generator) -> the personalized model."""
     takes_targets: bool
     """Whether ``adapter.targets`` names layers for it (else targets are refused)."""
 
@@ -252,50 +318,36 @@ PLACEMENTS: Registry[Placement] = Registry("adapter.placement")
 """Every adapter placement, by name (the ``adapter.placement`` values)."""
 
 
-def _attach_layers(
-    model: FeatureClassifier,
-    rank: int,
-    alpha: float,
-    targets: Sequence[str],
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    generator: torch.Generator,
-) -> LayersModel:
-    """Wrap each of ``targets`` in PEFT's LoRA layer *in place* (A factors drawn in module order)."""
-    targets = validate_targets({"the local model": model}, targets)
-    inject_lora(model, targets, rank, alpha, generator)
-    return LayersModel(model, targets, rank=rank, alpha=alpha)
+def _attach_layers(model: FeatureClassifier, spec: AdapterSpec, generator: torch.Generator) -> LayersModel:
+    """Wrap each of the targets in PEFT's LoRA layer *in place* (A factors drawn in module order)."""
+    targets = validate_targets({"the local model": model}, spec.targets)
+    inject_lora(model, targets, spec.rank, spec.alpha, generator)
+    return LayersModel(model, targets, rank=spec.rank, alpha=spec.alpha)
 
 
-def _attach_branch(
-    model: FeatureClassifier,
-    rank: int,
-    alpha: float,
-    targets: Sequence[str],
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    generator: torch.Generator,
-) -> BranchModel:
-    """Leave ``model`` as it is and build a :class:`LoRABranch` beside it (``targets`` ignored)."""
-    if len(input_shape) != 3:
-        raise ConfigError(
-            "adapter.placement 'branch' is a small CNN beside the local model and needs images; this data "
-            f"has input shape {input_shape}. Use 'layers' or 'head'."
+def _attach_branch(model: FeatureClassifier, spec: AdapterSpec, generator: torch.Generator) -> BranchModel:
+    """Leave ``model`` as it is and build a branch beside it: a :class:`LoRABranch` for images, a
+    :class:`TextLoRABranch` on the branch family's tokenization for text (targets ignored)."""
+    branch: LoRABranch | TextLoRABranch
+    if len(spec.input_shape) == 3:
+        branch = LoRABranch(spec.input_shape, spec.num_classes, spec.rank, generator)
+    elif len(spec.input_shape) == 2 and isinstance(model, TransformerClassifier):
+        family = spec.branch_family or model.family
+        embedding = token_embeddings(family, spec.settings)
+        branch = TextLoRABranch(
+            embedding, view_of(family, spec.settings), spec.num_classes, spec.rank, generator
         )
-    return BranchModel(model, LoRABranch(input_shape, num_classes, rank, generator), rank=rank, alpha=alpha)
+    else:
+        raise ConfigError(
+            "adapter.placement 'branch' runs a small network beside the local model on images or on text; "
+            f"this data has input shape {spec.input_shape}. Use 'layers' or 'head'."
+        )
+    return BranchModel(model, branch, rank=spec.rank, alpha=spec.alpha)
 
 
-def _attach_head(
-    model: FeatureClassifier,
-    rank: int,
-    alpha: float,
-    targets: Sequence[str],
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    generator: torch.Generator,
-) -> LayersModel:
-    """LoRA on the head alone (``targets`` ignored)."""
-    return _attach_layers(model, rank, alpha, (model.HEAD_NAME,), input_shape, num_classes, generator)
+def _attach_head(model: FeatureClassifier, spec: AdapterSpec, generator: torch.Generator) -> LayersModel:
+    """LoRA on the head alone (targets ignored)."""
+    return _attach_layers(model, dataclasses.replace(spec, targets=(model.HEAD_NAME,)), generator)
 
 
 PLACEMENTS.add("layers", Placement(_attach_layers, takes_targets=True))
@@ -313,13 +365,16 @@ def attach_adapter(
     input_shape: Sequence[int],
     num_classes: int,
     generator: torch.Generator,
+    settings: ModelSettings | None = None,
+    branch_family: str = "",
 ) -> PersonalizedModel:
     """Give ``model`` an adapter at ``placement`` (a ``PLACEMENTS`` name) and return the personalized model.
 
     "layers" wraps each of ``targets`` in PEFT's LoRA layer *in place* (in module order, drawing the A
     factors from ``generator``); check the targets across the federation's architectures with
-    :func:`validate_targets` first. "branch" leaves ``model`` unwrapped, builds a :class:`LoRABranch` for
-    (``input_shape``, ``num_classes``, ``rank``) and ignores ``targets``.
+    :func:`validate_targets` first. "branch" leaves ``model`` unwrapped, builds a branch for
+    (``input_shape``, ``num_classes``, ``rank``; for text, on ``branch_family``'s tokenization, of the
+    run's ``settings``) and ignores ``targets``.
     """
     chosen = PLACEMENTS[placement]
     check_rank_alpha(rank, alpha)
@@ -331,7 +386,10 @@ def attach_adapter(
         )
     if any(is_lora_layer(module) for module in model.modules()):
         raise ConfigError("model already carries LoRA layers")
-    return chosen.attach(model, rank, alpha, targets, shape, num_classes, generator)
+    spec = AdapterSpec(
+        rank, alpha, tuple(targets), shape, num_classes, settings or ModelSettings(), branch_family
+    )
+    return chosen.attach(model, spec, generator)
 
 
 def _shape_or_none(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...] | None:

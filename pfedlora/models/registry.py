@@ -5,7 +5,9 @@ the paper registers cnn1..cnn5 (:mod:`pfedlora.models.cnn`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -13,8 +15,30 @@ from pfedlora.config import ModelConfig
 from pfedlora.models.base import FeatureClassifier
 from pfedlora.registry import Registry
 
-ModelSettings = ModelConfig
-"""The ``[model]`` section of the configuration: what a family may need beyond shapes (e.g. a checkpoint)."""
+
+@dataclass(frozen=True)
+class ModelSettings(ModelConfig):
+    """What a model family may need beyond shapes: the ``[model]`` section of the configuration (e.g. a
+    checkpoint), and what the run's other clients decide about the input (for text: which tokenizations a
+    batch holds, and whether features share one width). Made from a configuration by
+    :func:`pfedlora.models.model_settings`."""
+
+    views: tuple[str, ...] = ()
+    """The families whose tokenizations a text batch holds, in order: sample i is ``(2·len(views), L)``,
+    token ids and mask of each view in turn (a model reads its own family's). Empty: one view."""
+    project_features: bool = False
+    """Where the federation mixes transformer widths: every transformer client projects its pooled feature
+    to ``feature_dim`` with a private linear layer, so that heads, prototypes and headers are of one
+    shape."""
+
+    @classmethod
+    def of(cls, settings: ModelConfig) -> ModelSettings:
+        """``settings`` as ModelSettings (a bare ``[model]`` section: one view, no projection)."""
+        if isinstance(settings, ModelSettings):
+            return settings
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
 ModelBuilder = Callable[[Sequence[int], int, torch.Generator, ModelSettings], FeatureClassifier]
 """(input_shape, num_classes, generator, settings) -> a freshly initialised model."""
 
@@ -26,7 +50,7 @@ def build_model(
     input_shape: Sequence[int],
     num_classes: int,
     generator: torch.Generator,
-    settings: ModelSettings | None = None,
+    settings: ModelConfig | None = None,
 ) -> FeatureClassifier:
     """The architecture named ``arch`` (a ``MODELS`` name), initialised from ``generator``."""
-    return MODELS[arch](input_shape, num_classes, generator, settings or ModelSettings())
+    return MODELS[arch](input_shape, num_classes, generator, ModelSettings.of(settings or ModelConfig()))

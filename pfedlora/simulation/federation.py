@@ -55,14 +55,17 @@ class Federation:
 
 def load_run_dataset(config: ExperimentConfig) -> Dataset:
     """The dataset ``config`` names, from the first lookup location that holds it (or downloaded); a text
-    dataset tokenized by the tokenizer of the clients' model family."""
+    dataset tokenized once by the tokenizer of each model family the run uses (:func:`text_views`)."""
     data = config.data
 
     def tokenize(corpus: TextCorpus) -> Dataset:
-        from pfedlora.models.transformer import tokenizer_for
+        from pfedlora.models.transformer import family_tokenizer, text_views, tokenizer_for
 
-        tokenizer = tokenizer_for(config.federation.architectures, config.model)
-        return tokenize_corpus(corpus, tokenizer, config.model.max_length)
+        views = text_views(config)
+        if not views:  # no transformer architecture: tokenizer_for names the image architectures
+            tokenizer_for(config.federation.architectures, config.model)
+        tokenizers = [family_tokenizer(family, config.model) for family in views]
+        return tokenize_corpus(corpus, tokenizers, config.model.max_length)
 
     return load_dataset(data.dataset, data.data_dir or None, download=data.download, tokenize=tokenize)
 

@@ -105,6 +105,9 @@ class Summary(TypedDict):
     mean_accuracy_last10pct: float
     weighted_accuracy_last: float
     std_accuracy_last: float
+    mean_accuracy_last_by_architecture: dict[str, float | None]
+    """At the last evaluation: the mean accuracy of each architecture's clients (None where none of them
+    has evaluation samples), so that a small model's gain from a large one shows, and the reverse."""
     clients_without_eval_samples: int
     """Clients whose evaluation split is empty, left out of every mean (last evaluation)."""
     shared_parameters: int | None
@@ -151,6 +154,17 @@ def progress_to_target(records: Sequence[RoundRecord], target: float) -> TargetP
     }
 
 
+def accuracy_by_architecture(config: ExperimentConfig, record: RoundRecord) -> dict[str, float | None]:
+    """The mean accuracy of each architecture's clients in an evaluated ``record``, in the order of
+    ``federation.architectures`` (None where none of its clients has an accuracy)."""
+    ids = record.get("evaluated_clients", range(len(record["client_accuracies"])))
+    by_arch: dict[str, list[float]] = {arch: [] for arch in config.federation.architectures}
+    for client_id, accuracy in zip(ids, record["client_accuracies"], strict=True):
+        if accuracy is not None:
+            by_arch[config.architecture_of(client_id)].append(accuracy)
+    return {arch: sum(values) / len(values) if values else None for arch, values in by_arch.items()}
+
+
 def summarize_records(
     config: ExperimentConfig,
     records: Sequence[RoundRecord],
@@ -180,6 +194,7 @@ def summarize_records(
         "mean_accuracy_last10pct": curve["mean_accuracy_last10pct"],
         "weighted_accuracy_last": last["weighted_accuracy"],
         "std_accuracy_last": last["std_accuracy"],
+        "mean_accuracy_last_by_architecture": accuracy_by_architecture(config, last),
         "clients_without_eval_samples": last.get("clients_without_eval_samples", 0),
         "shared_parameters": shared_parameters,
         "bytes_down_total": sum(r["bytes_down"] for r in records),

