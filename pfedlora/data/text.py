@@ -216,18 +216,26 @@ Tokenizer = Any
 """A Hugging Face tokenizer (callable on a list of texts)."""
 
 
-def tokenize_corpus(corpus: TextCorpus, tokenizer: Tokenizer | Sequence[Tokenizer], max_length: int) -> Any:
+def tokenize_corpus(
+    corpus: TextCorpus, tokenizer: Tokenizer | Sequence[Tokenizer | None], max_length: int
+) -> Any:
     """``corpus`` as a text :class:`~pfedlora.data.datasets.Dataset`: int32 (N, 2·V, max_length), for each of
     the V tokenizers in turn (one, or a sequence: one per model family of the run) the token ids and the
-    attention mask, padded and truncated to ``max_length``. The samples, labels and sources are the same
-    for every tokenizer, so a partition over samples gives every family the same split."""
+    attention mask, padded and truncated to ``max_length`` (all zeros for a None: a view no model of this
+    process reads). The samples, labels and sources are the same for every tokenizer, so a partition over
+    samples gives every family the same split."""
     from pfedlora.data.datasets import Dataset
 
-    tokenizers: list[Tokenizer] = list(tokenizer) if isinstance(tokenizer, list | tuple) else [tokenizer]
+    tokenizers: list[Tokenizer | None] = (
+        list(tokenizer) if isinstance(tokenizer, list | tuple) else [tokenizer]
+    )
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
         views = []
         for each in tokenizers:
+            if each is None:
+                views += [torch.zeros(len(texts), max_length, dtype=torch.int64)] * 2
+                continue
             batch = each(
                 list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
             )

@@ -25,12 +25,18 @@ from torch import nn
 
 from pfedlora.algorithms import AnyAlgorithm, ClientContext, State, create_algorithm
 from pfedlora.config import ExperimentConfig
-from pfedlora.data import ClientData, Dataset, load_dataset
+from pfedlora.data import ClientData, Dataset
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import MODELS
+from pfedlora.models.transformer import families_read_by
 from pfedlora.seeding import torch_generator
-from pfedlora.simulation.federation import build_clients, create_client_state, resolve_device
+from pfedlora.simulation.federation import (
+    build_clients,
+    create_client_state,
+    load_run_dataset,
+    resolve_device,
+)
 from pfedlora.simulation.local import client_accuracy
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.results import save_atomic
@@ -79,8 +85,10 @@ def _integer(value: object, key: str) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str | None, download: bool) -> Dataset:
-    return load_dataset(name, data_dir, download=download)
+def _dataset(config: ExperimentConfig, data_dir: str | None, arch: str) -> Dataset:
+    """The run's dataset on this node; text tokenized by the tokenizers this node's client reads (its
+    family's, a shared model's and a text branch's), the other families' views left empty."""
+    return load_run_dataset(config, data_dir, families=families_read_by(config, arch))
 
 
 class Node:
@@ -99,8 +107,7 @@ class Node:
         self.client_id = settings.client_id
         self.arch = settings.arch or config.architecture_of(self.client_id)
         self.device = resolve_device(config.device)
-        data_dir = settings.data_dir or config.data.data_dir or None
-        dataset = _dataset(config.data.dataset, data_dir, config.data.download)
+        dataset = _dataset(config, settings.data_dir or None, self.arch)
         self.input_shape, self.num_classes = dataset.input_shape, dataset.num_classes
         self.data: ClientData = build_clients(config, dataset, self.device)[self.client_id]
         self.algorithm: AnyAlgorithm = create_algorithm(config, dataset.input_shape, dataset.num_classes)

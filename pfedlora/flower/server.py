@@ -129,9 +129,9 @@ class GridClients:
                 client_id = read_int(about, "client-id")
                 declared = read_int(about, "num-train"), read_int(about, "num-eval")
                 shape = about["input-shape"]
-                if not isinstance(shape, list) or len(shape) != 3:
-                    raise ValueError(f"input shape {shape!r} is not (C, H, W)")
-                channels, height, width = (int(v) for v in shape)
+                if not isinstance(shape, list) or len(shape) not in (2, 3):
+                    raise ValueError(f"input shape {shape!r} is neither (C, H, W) nor (2·views, length)")
+                input_shape = tuple(read_int({"dim": v}, "dim") for v in shape)
                 num_classes = read_int(about, "num-classes")
             except (KeyError, TypeError, ValueError) as error:
                 logger.warning("node %d sent a malformed identity and is ignored: %s", node, _describe(error))
@@ -148,7 +148,7 @@ class GridClients:
                 continue
             self.nodes[client_id] = node
             self.declared[client_id], self.declared_eval[client_id] = declared
-            self.input_shape, self.num_classes = (channels, height, width), num_classes
+            self.input_shape, self.num_classes = input_shape, num_classes
         self.client_of_node = {node: client_id for client_id, node in self.nodes.items()}
         expected = set(range(self.config.federation.num_clients))
         missing = sorted(expected - set(self.nodes))

@@ -306,6 +306,18 @@ def branch_family(config: ExperimentConfig) -> str:
     return config.adapter.branch_family or family_of(config.federation.architectures[0]).name
 
 
+def families_read_by(config: ExperimentConfig, arch: str) -> tuple[str, ...]:
+    """The families whose tokenizations a client of architecture ``arch`` reads: its own, that of a shared
+    transformer model (``baselines.shared_arch``) and that of a text branch."""
+    views = text_views(config)
+    read = [family_of(arch).name] if is_transformer(arch) else []
+    if is_transformer(config.baselines.shared_arch):
+        read.append(family_of(config.baselines.shared_arch).name)
+    if views and config.algorithm == "pfedlora" and config.adapter.placement == "branch":
+        read.append(branch_family(config))
+    return tuple(family for family in views if family in read)
+
+
 def model_settings(config: ExperimentConfig) -> ModelSettings:
     """The ``[model]`` settings of ``config`` with what its federation decides: the tokenizer views of a text
     batch, and whether features are projected to ``model.feature_dim`` (the federation mixes widths)."""

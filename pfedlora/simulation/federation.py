@@ -7,7 +7,7 @@ own client, the Flower server for the global state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +53,13 @@ class Federation:
     server_state: State
 
 
-def load_run_dataset(config: ExperimentConfig) -> Dataset:
-    """The dataset ``config`` names, from the first lookup location that holds it (or downloaded); a text
-    dataset tokenized once by the tokenizer of each model family the run uses (:func:`text_views`)."""
+def load_run_dataset(
+    config: ExperimentConfig, data_dir: str | None = None, families: Collection[str] | None = None
+) -> Dataset:
+    """The dataset ``config`` names, from the first lookup location that holds it (``data_dir`` first, else
+    ``data.data_dir``; or downloaded); a text dataset tokenized once by the tokenizer of each model family
+    the run uses (:func:`~pfedlora.models.text_views`), or only of ``families`` (the views of the others
+    all zeros: a Flower node tokenizes what its own client reads)."""
     data = config.data
 
     def tokenize(corpus: TextCorpus) -> Dataset:
@@ -64,10 +68,14 @@ def load_run_dataset(config: ExperimentConfig) -> Dataset:
         views = text_views(config)
         if not views:  # no transformer architecture: tokenizer_for names the image architectures
             tokenizer_for(config.federation.architectures, config.model)
-        tokenizers = [family_tokenizer(family, config.model) for family in views]
+        tokenizers = [
+            family_tokenizer(family, config.model) if families is None or family in families else None
+            for family in views
+        ]
         return tokenize_corpus(corpus, tokenizers, config.model.max_length)
 
-    return load_dataset(data.dataset, data.data_dir or None, download=data.download, tokenize=tokenize)
+    folder = data_dir or data.data_dir or None
+    return load_dataset(data.dataset, folder, download=data.download, tokenize=tokenize)
 
 
 def partition_clients(config: ExperimentConfig, dataset: Dataset) -> Partition:

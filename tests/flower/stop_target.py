@@ -28,7 +28,7 @@ if __name__ == "__main__":
     out_dir, state_dir = Path(sys.argv[1]), Path(sys.argv[2])
     marker = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     dataset = make_tiny_dataset()
-    node_module.load_dataset = lambda *args, **kwargs: dataset
+    node_module.load_run_dataset = lambda *args, **kwargs: dataset
     nodes = [{"partition-id": i, "num-partitions": 4, "state-dir": str(state_dir)} for i in range(4)]
 
     def pause(message, reply):

@@ -2,8 +2,10 @@
 
 The test makes its own CA and keys, registers three SuperNode keys, and starts a fourth SuperNode with an
 unregistered key, which the SuperLink must refuse. `flwr run` then runs pFedLoRA on real Fashion-MNIST over
-the three nodes (each told its architecture by its node config); the run directory it writes must equal a
-simulated run of the same configuration. Every process the test starts is stopped by its PID.
+the three nodes, then on the King James Bible with clients of two language-model families (a tiny BERT and
+the real MiniLM: other tokenizers, other widths) and a text branch; each run directory it writes must equal
+a simulated run of the same configuration. A ServerApp that fails is told by `flwr list`. Every process the
+test starts is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from pfedlora.config import load_config
 from pfedlora.simulation import TIMING_KEYS, read_run, run_experiment
+from pfedlora.testing import tiny_bert
 
 from .pki import make_node_key, make_tls
 
@@ -30,7 +33,13 @@ OVERRIDES = (
     "device=cpu federation.num_clients=3 federation.sample_fraction=1 federation.rounds=1 "
     "data.classes_per_client=2 train.batch_size=256"
 )
-DEADLINE_S = 170
+TEXT_OVERRIDES = (
+    "device=cpu", "data.dataset=kjv", "data.partition=by-source", "federation.num_clients=3",
+    "federation.sample_fraction=1", "federation.rounds=1", "federation.architectures=hf-l1,minilm-l1",
+    "adapter.placement=branch", "model.max_length=16", "model.feature_dim=32", "train.local_steps=2",
+    "train.batch_size=16",
+)  # fmt: skip
+DEADLINE_S = 200
 
 
 def _free_port() -> int:
@@ -101,6 +110,7 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
         "OMP_NUM_THREADS": "1",
     }
     tls = make_tls(tmp_path)
+    text_overrides = " ".join((*TEXT_OVERRIDES, f"model.checkpoint={tiny_bert(tmp_path / 'tiny-bert')}"))
     keys = [make_node_key(tmp_path, f"node{i}") for i in range(3)]
     rogue_key, _ = make_node_key(tmp_path, "rogue")
     link_port = _free_port()
@@ -130,10 +140,8 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
             registered = _run(env, "flwr", "supernode", "register", str(public), "local", timeout=30)
             assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
 
-        def supernode(name: str, key: Path, client_id: int, arch: str) -> subprocess.Popen:
-            node_config = (
-                f'partition-id={client_id} num-partitions=3 arch="{arch}" state-dir="{tmp_path / "state"}"'
-            )
+        def supernode(name: str, key: Path, client_id: int) -> subprocess.Popen:
+            node_config = f'partition-id={client_id} num-partitions=3 state-dir="{tmp_path / "state"}"'
             return processes.start(
                 name,
                 "flower-supernode",
@@ -147,8 +155,8 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
             )  # fmt: skip
 
         for i, (private, _) in enumerate(keys):
-            supernode(f"node{i}", private, i, f"cnn{i + 1}")
-        rogue = supernode("rogue", rogue_key, 0, "cnn1")
+            supernode(f"node{i}", private, i)
+        rogue = supernode("rogue", rogue_key, 0)
         assert rogue.wait(timeout=60) != 0, "a SuperNode with an unregistered key was accepted"
         assert "Failed to activate SuperNode" in processes.log("rogue")
 
@@ -161,6 +169,12 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
         result = flwr_run(f'overrides="{OVERRIDES}" out-dir="{out}" experiment="loopback"')
         assert (out / "summary.json").is_file(), result.stdout[-3000:] + result.stderr[-3000:]
 
+        # The same nodes in a federation of two language-model families on the King James Bible: each node
+        # tokenizes the verses with what its own client reads (its family's tokenizer, the branch's).
+        text_out = tmp_path / "flower-text"
+        result = flwr_run(f'overrides="{text_overrides}" out-dir="{text_out}" experiment="text"')
+        assert (text_out / "summary.json").is_file(), result.stdout[-3000:] + result.stderr[-3000:]
+
         # A ServerApp that fails (here: 4 clients asked of 3 nodes): `flwr run` still exits 0, so the run's
         # own status tells (`flwr list`: finished:failed; no summary.json), and its log says why in a line.
         failed = tmp_path / "failed-run"
@@ -172,7 +186,7 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
         assert not (failed / "summary.json").exists()
         listed = _run(env, "flwr", "list", "local", "--format", "json", timeout=30)
         statuses = sorted(run["status"] for run in json.loads(listed.stdout)["runs"])
-        assert statuses == ["finished:completed", "finished:failed"], listed.stdout
+        assert statuses == ["finished:completed", "finished:completed", "finished:failed"], listed.stdout
     finally:
         processes.stop_all()
     assert all(process.poll() is not None for process, _ in processes.started)
@@ -191,4 +205,17 @@ def test_tls_authenticated_deployment_refuses_unknown_node_and_matches_simulator
     assert [strip(r) for r in flower_records] == [strip(r) for r in sim_records]
     assert strip(flower_summary) == strip(sim_summary)
     assert flower_summary["mean_accuracy_last"] > 0.5
-    assert time.monotonic() - started < 180
+
+    text_config = load_config(None, text_overrides.split())
+    torch.set_num_threads(1)
+    try:
+        run_experiment(text_config, tmp_path / "simulated-text", workers=0)
+    finally:
+        torch.set_num_threads(threads)
+    (flower_records, flower_summary), (sim_records, _) = (
+        read_run(text_out),
+        read_run(tmp_path / "simulated-text"),
+    )
+    assert [strip(r) for r in flower_records] == [strip(r) for r in sim_records]
+    assert set(flower_summary["mean_accuracy_last_by_architecture"]) == {"hf-l1", "minilm-l1"}
+    assert time.monotonic() - started < 210

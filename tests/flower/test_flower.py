@@ -31,7 +31,7 @@ SETTING = ("federation.num_clients=4", "federation.sample_fraction=0.5", "federa
 
 @pytest.fixture
 def tiny_nodes(monkeypatch, tiny_dataset):
-    monkeypatch.setattr(node_module, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+    monkeypatch.setattr(node_module, "load_run_dataset", lambda *args, **kwargs: tiny_dataset)
     node_module.release_memory()
     yield
     node_module.release_memory()
