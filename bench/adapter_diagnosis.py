@@ -30,20 +30,16 @@ from common import synthetic_dataset  # bench/common.py
 from pfedlora.algorithms.training import autocast
 from pfedlora.config import ExperimentConfig, load_config, load_run_config
 from pfedlora.data import Dataset
-from pfedlora.metrics import FlopMeter
 from pfedlora.models.adapters import BranchModel
 from pfedlora.simulation import (
     Federation,
-    LocalClients,
     build_federation,
     run_experiment,
     run_federation,
-    run_rounds,
 )
-from pfedlora.simulation.checkpoint import read_manifest
-from pfedlora.simulation.experiment import intra_op_threads, restore_checkpoint
+from pfedlora.simulation.experiment import final_state
 from pfedlora.simulation.records import RoundRecord
-from pfedlora.simulation.results import CONFIG_FILE, read_records
+from pfedlora.simulation.results import CONFIG_FILE
 
 PREDICTORS = ("with adapter", "local model alone", "adapter alone")
 FIXED = ["algorithm=pfedlora", "adapter.placement=branch"]
@@ -61,23 +57,21 @@ def finish_run_in_memory(
             f"--from-run {run_dir}: the run is {config.algorithm} (placement {config.adapter.placement}); "
             "allowed: pfedlora with the branch placement"
         )
-    federation = build_federation(config, dataset)
-    clients = LocalClients(federation, FlopMeter())
-    done = restore_checkpoint(run_dir, federation, clients, read_manifest(run_dir))
-    with intra_op_threads(1):
-        records = run_rounds(federation, clients, None, done)
-    logged = read_records(run_dir)
-    if len(logged) == len(records) and logged[-1]["mean_accuracy"] != records[-1]["mean_accuracy"]:
+    final = final_state(run_dir, dataset)
+    records, logged = final.records, final.logged_accuracy
+    if logged is not None and not final.matches:
         raise SystemExit(
             f"--from-run {run_dir}: finished here at {records[-1]['mean_accuracy']:.4%} mean accuracy, the "
-            f"run logged {logged[-1]['mean_accuracy']:.4%}: not the run's clients (another code version?)"
+            f"run logged {logged:.4%}: not the run's clients (another code version?)"
         )
-    if len(logged) == len(records):
-        start = f"round {len(done)}'s checkpoint" if done else "the start (no checkpoint)"
+    if logged is not None:
+        first = final.replayed_from
+        start = f"round {first}'s checkpoint" if first else "the start (no checkpoint)"
         print(
-            f"rounds {len(done) + 1} to {len(records)}, rerun from {start}, reach the run's own last "
-            f"mean accuracy, {records[-1]['mean_accuracy']:.2%}"
+            f"rounds {first + 1} to {len(records)}, rerun from {start}, reach the run's own last mean "
+            f"accuracy, {records[-1]['mean_accuracy']:.2%}"
         )
+    federation = final.federation
     return config, federation, records
 
 

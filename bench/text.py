@@ -1,19 +1,21 @@
-"""Transformer clients on one core: samples per second of each depth and phase (prints figures, asserts
-nothing).
+"""Transformer clients on one core: samples per second of each family, depth and phase (prints figures,
+asserts nothing).
 
-For minilm-l2, -l4 and -l6 (the first k layers of all-MiniLM-L6-v2), in fp32 and bf16, one intra-op thread,
-batches of ``--batch`` random token sequences of ``--length`` tokens:
+For ``--archs`` (default minilm-l2, -l4, -l6: the first k layers of all-MiniLM-L6-v2, and smollm2-l8, -l16:
+of the SmolLM2-135M decoder), in fp32 and bf16, one intra-op thread, batches of ``--batch`` random token
+sequences of ``--length`` tokens (ids drawn from each family's vocabulary):
 
 - pFedLoRA's local phase, training the whole model (``model.trainable_layers = -1``), the top layer and the
   head (1) or the head alone (0), with the "layers" adapter attached and frozen;
 - its adapter phase for the "layers" placement (LoRA on q/k/v of the shared layers and the head: the
-  backward pass runs through the whole encoder) and the "head" placement (features once per batch without
-  autograd, then the head's LoRA);
+  backward pass runs through the whole encoder), the "head" placement (features once per batch without
+  autograd, then the head's LoRA) and the "branch" placement (the private model once per batch without
+  autograd, then the text branch on the family's frozen token embeddings);
 - inference (evaluation).
 
 FLOPs per sample from PyTorch's counter come with each figure.
 
-    python bench/text.py [--steps 8] [--batch 32] [--length 64] [--smoke]
+    python bench/text.py [--archs minilm-l2,smollm2-l8] [--steps 8] [--batch 32] [--length 64] [--smoke]
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from pfedlora.algorithms import ClientContext, create_algorithm
 from pfedlora.config import load_config
 from pfedlora.data import Dataset, build_client_data, make_partition
 from pfedlora.metrics import FlopMeter
+from pfedlora.models import family_of, family_tokenizer
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation.local import client_accuracy
 from pfedlora.testing import tiny_bert, tiny_text_dataset
 
 console = Console()
-MINILM_VOCABULARY = 30522
 
 
 def client_context(dataset: Dataset, arch: str) -> ClientContext:
@@ -64,7 +66,10 @@ def client_context(dataset: Dataset, arch: str) -> ClientContext:
 def measure(args: argparse.Namespace, arch: str, precision: str, overrides: list[str]) -> dict[str, float]:
     """Samples/s and FLOPs/sample of each phase and of inference for one architecture and precision."""
     steps, batch = args.steps, args.batch
-    dataset = tiny_text_dataset(args.length, per_split=steps * batch, vocabulary=args.vocabulary, groups=3)
+    vocabulary = (
+        0 if args.smoke else len(family_tokenizer(family_of(arch).name, load_config(None, overrides).model))
+    )
+    dataset = tiny_text_dataset(args.length, per_split=steps * batch, vocabulary=vocabulary, groups=3)
     base = [
         "device=cpu",
         f"federation.architectures={arch}",
@@ -100,6 +105,7 @@ def measure(args: argparse.Namespace, arch: str, precision: str, overrides: list
         )
     timed("adapter, layers", ["adapter.placement=layers"], "adapter")
     timed("adapter, head", ["adapter.placement=head"], "adapter")
+    timed("adapter, branch", ["adapter.placement=branch"], "adapter")
     timed("inference", ["adapter.placement=layers"], "inference")
     return figures
 
@@ -107,6 +113,9 @@ def measure(args: argparse.Namespace, arch: str, precision: str, overrides: list
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--archs", default="minilm-l2,minilm-l4,minilm-l6,smollm2-l8,smollm2-l16", help="comma-separated"
     )
     parser.add_argument("--steps", type=int, default=8, help="training steps per measurement")
     parser.add_argument("--batch", type=int, default=32)
@@ -119,9 +128,9 @@ def main() -> None:
         if args.smoke:
             args.steps, args.batch, args.length = 2, 4, 8
             checkpoint = tiny_bert(Path(folder) / "tiny")
-            archs, overrides, args.vocabulary = ["hf-l1", "hf-l3"], [f"model.checkpoint={checkpoint}"], 0
+            archs, overrides = ["hf-l1", "hf-l3"], [f"model.checkpoint={checkpoint}"]
         else:
-            archs, overrides, args.vocabulary = ["minilm-l2", "minilm-l4", "minilm-l6"], [], MINILM_VOCABULARY
+            archs, overrides = [arch.strip() for arch in args.archs.split(",") if arch.strip()], []
         console.print(
             f"torch {torch.__version__}, 1 thread, batch {args.batch}, {args.length} tokens, "
             f"{args.steps} steps per measurement"

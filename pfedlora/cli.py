@@ -1,5 +1,6 @@
-"""The ``pfedlora`` command line: ``run`` (and ``run --resume``) an experiment, ``report`` on finished runs,
-``compare`` several methods, ``tune`` hyperparameters on a validation split, ``list`` what is available.
+"""The ``pfedlora`` command line: ``run`` (and ``run --resume``) an experiment, ``report`` on runs,
+``compare`` several methods, ``tune`` hyperparameters on a validation split, ``export`` a client's model,
+``list`` what is available.
 
 Library errors (:class:`~pfedlora.errors.PfedloraError`) become one line on stderr and exit status 2;
 ``-v`` logs at INFO level.
@@ -521,12 +522,39 @@ def tune(
     console.print(f"for compare: {escape(for_compare)}", soft_wrap=True)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    client: Annotated[int, typer.Option("--client", "-k", help="The client id to export.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Export folder (default RUN_DIR/export/client-K)."),
+    ] = None,
+) -> None:
+    """Write one client's personalized model (its private state and the adapter) into a folder.
+
+    ``pfedlora.export.load_client(FOLDER)`` rebuilds it for prediction; a transformer client's encoder is
+    also a Hugging Face folder (``encoder/``), with the shared LoRA in PEFT's format (``encoder-adapter/``)
+    where it sits in the encoder. The client's state after the last round is rebuilt first: the rounds
+    after the run's last checkpoint run again here (one thread).
+    """
+    from pfedlora.export import export_client
+
+    target = out if out is not None else run_dir / "export" / f"client-{client}"
+    try:
+        with console.status(f"rebuilding client {client} of {run_dir} after its last round"):
+            written = export_client(run_dir, client, target)
+    except PfedloraError as error:
+        raise _fail(error) from None
+    console.print(f"client {client} written to [bold]{escape(str(written))}[/]")
+
+
 @app.command("list")
 def list_available() -> None:
     """Show the algorithms, models, datasets, partitions and adapter placements."""
     from pfedlora.algorithms import ALGORITHMS
     from pfedlora.data import DATASETS, PARTITIONS, search_paths
-    from pfedlora.models import MODELS, PLACEMENTS, build_model, is_transformer
+    from pfedlora.models import FAMILIES, MODELS, PLACEMENTS, build_model, is_transformer
     from pfedlora.seeding import torch_generator
 
     table = Table(title="algorithms", show_header=False)
@@ -544,10 +572,17 @@ def list_available() -> None:
         ]
         table.add_row(arch, *(f"{c / 1e6:.2f}M" for c in counts))
     console.print(table)
-    console.print(
-        "[bold]text models[/] (the first k layers of a pretrained transformer, input: text): "
-        "minilm-l1 … minilm-l6 (all-MiniLM-L6-v2 from the `text` extra), hf-l1 … hf-l48 (model.checkpoint)"
-    )
+    table = Table(title="text model families (<family>-l<k>: the first k layers; input: text)")
+    for column in ("family", "architectures", "pooling on auto", "checkpoint"):
+        table.add_column(column)
+    for _, family in FAMILIES.items():
+        table.add_row(
+            family.name,
+            f"{family.name}-l1 … {family.name}-l{family.layers}",
+            family.pooling,
+            escape(family.about),
+        )
+    console.print(table)
 
     console.print(f"[bold]datasets:[/] {', '.join(DATASETS)}")
     console.print(f"  looked up in: {', '.join(str(p) for p in search_paths())}")

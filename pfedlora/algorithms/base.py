@@ -46,6 +46,18 @@ class UploadBound:
     bytes: int
 
 
+@dataclass(frozen=True)
+class PeftAdapter:
+    """LoRA tensors of a client model under ``prefix``, the modules they adapt, the rank and alpha: what PEFT
+    needs to load them onto the model (:func:`pfedlora.models.peft_lora.save_peft_state`)."""
+
+    tensors: State
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float
+    prefix: str = ""
+
+
 @dataclass
 class ClientContext:
     """What a client's training round needs besides its own state."""
@@ -162,6 +174,11 @@ class Algorithm(ABC, Generic[ClientT]):
         By default: exactly the global state's tensors, with their shapes and dtypes.
         """
         check_schema(tensors, server_state)
+
+    def peft_adapter(self, server_state: State) -> PeftAdapter | None:
+        """The global state as an adapter in PEFT's format (written into the run directory at the end), where
+        it is one: by default none."""
+        return None
 
     def upload_bound(self, server_state: State) -> UploadBound:
         """The most tensors, and bytes of their values, that an upload :meth:`check_upload` accepts can hold

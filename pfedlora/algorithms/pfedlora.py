@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
+from pfedlora.algorithms.base import Algorithm, ClientContext, PeftAdapter, Upload, register_algorithm
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import ExperimentConfig
@@ -33,7 +33,11 @@ from pfedlora.models import (
     load_adapter_state_dict,
     validate_targets,
 )
+from pfedlora.models.peft_lora import lora_targets
 from pfedlora.seeding import torch_generator
+
+LOCAL_PREFIX = "local."
+"""Where a personalized model keeps its local model's tensors."""
 
 
 @register_algorithm
@@ -87,6 +91,15 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
 
     def is_shared(self, key: str) -> bool:
         return is_adapter_key(key)
+
+    def peft_adapter(self, server_state: State) -> PeftAdapter | None:
+        """Placements "layers" and "head": the global adapter is PEFT LoRA on the local model's layers,
+        loadable with ``PeftModel.from_pretrained`` onto the local model of any architecture of the run."""
+        targets = lora_targets(server_state, LOCAL_PREFIX)
+        if targets is None:
+            return None
+        adapter = self.config.adapter
+        return PeftAdapter(server_state, targets, adapter.rank, adapter.effective_alpha, LOCAL_PREFIX)
 
     def receive(self, client: PersonalizedModel, message: State) -> None:
         """The global adapter overwrites the client's (strictly: AdapterMismatchError names a difference)."""

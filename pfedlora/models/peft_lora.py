@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,42 @@ def save_peft_adapter(
     prefix: str = "",
 ) -> Path:
     """Write the adapter of ``model`` (keys under ``prefix``, e.g. ``local.``) in PEFT's format."""
+    return save_peft_state(model.state_dict(), directory, targets, rank, alpha, prefix)
+
+
+def save_peft_state(
+    state: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike[str],
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    prefix: str = "",
+) -> Path:
+    """Write the LoRA tensors of ``state`` under ``prefix`` (``<prefix><module>.lora_A.default.weight``, …)
+    in PEFT's format, for ``PeftModel.from_pretrained`` onto a model whose modules are ``targets``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora_config(targets, rank, alpha).save_pretrained(os.fspath(directory))
     tensors = {
         to_peft_key(key, prefix): value.detach().to("cpu").contiguous()
-        for key, value in model.state_dict().items()
+        for key, value in state.items()
         if is_adapter_key(key) and key.startswith(prefix)
     }
     save_file(tensors, os.fspath(directory / "adapter_model.safetensors"))
     return directory
+
+
+def lora_targets(state: Mapping[str, torch.Tensor], prefix: str = "") -> tuple[str, ...] | None:
+    """The modules (under ``prefix``) that the LoRA tensors of ``state`` adapt, in order, where every tensor
+    of ``state`` is a PEFT LoRA factor under ``prefix``; else None."""
+    modules: dict[str, None] = {}
+    for key in state:
+        head, sep, tail = key.removeprefix(prefix).partition(".lora_")
+        if (
+            not key.startswith(prefix)
+            or not sep
+            or tail not in (f"A.{ADAPTER_NAME}.weight", f"B.{ADAPTER_NAME}.weight")
+        ):
+            return None
+        modules[head] = None
+    return tuple(modules) or None

@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config, r
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, DiskWriteError
 from pfedlora.metrics import FlopMeter
+from pfedlora.models.peft_lora import save_peft_state
 from pfedlora.simulation.checkpoint import (
     CHECKPOINT_DIR,
     Checkpointer,
@@ -48,6 +50,7 @@ from pfedlora.simulation.results import (
     new_run_directory,
     read_records,
     write_atomic,
+    writing,
 )
 from pfedlora.simulation.workers import WorkerPool, usable_cores
 from pfedlora.stopping import RunStopped, run_state, signal_of
@@ -267,6 +270,45 @@ def restore_checkpoint(
     return [record for record in read_records(run_dir) if record["round"] <= last]
 
 
+@dataclass(frozen=True)
+class FinalState:
+    """A finished run rebuilt in memory: its configuration, its federation after the last round, the
+    records of the rounds replayed to rebuild it, and the mean accuracy the run itself logged last."""
+
+    config: ExperimentConfig
+    federation: Federation
+    records: list[RoundRecord]
+    replayed_from: int
+    """The round of the checkpoint the replay started from (0: the start)."""
+    logged_accuracy: float | None
+
+    @property
+    def matches(self) -> bool:
+        """Whether the replay ends at the mean accuracy the run logged (the same clients, bit for bit)."""
+        return self.logged_accuracy == self.records[-1].get("mean_accuracy")
+
+
+def final_state(run_dir: str | Path, dataset: Dataset | None = None) -> FinalState:
+    """The federation of the run in ``run_dir`` as it was after its last round: from its last checkpoint
+    (or the start), the later rounds run again in this process with one intra-op thread, as worker
+    processes train (every random stream derives from the seed, so they are the run's rounds again; a run
+    trained with more threads per client can differ in the last bits: :attr:`FinalState.matches` says).
+    Nothing is written."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    config = load_run_config(run_dir / CONFIG_FILE)
+    federation = build_federation(config, dataset)
+    clients = LocalClients(federation, FlopMeter())
+    manifest = read_manifest(run_dir)
+    done = restore_checkpoint(run_dir, federation, clients, manifest)
+    with intra_op_threads(1):
+        records = run_rounds(federation, clients, None, done)
+    logged = read_records(run_dir)
+    last = logged[-1].get("mean_accuracy") if len(logged) == len(records) else None
+    return FinalState(config, federation, records, manifest["round"] if manifest else 0, last)
+
+
 def _with_rounds(config: ExperimentConfig, rounds: int, checkpoint_round: int) -> ExperimentConfig:
     """``config`` with ``federation.rounds = rounds``, refused where the rounds already checkpointed would
     not be those of a run that long from the start."""
@@ -281,6 +323,24 @@ def _with_rounds(config: ExperimentConfig, rounds: int, checkpoint_round: int) -
             f"{checkpoint_round + 1} or more"
         )
     return replace(config, federation=dataclasses.replace(config.federation, rounds=rounds))
+
+
+ADAPTER_DIR = "adapter"
+"""The run directory's folder of the final global adapter in PEFT's format (where it is one)."""
+
+
+def write_global_adapter(run_dir: Path, server: ServerSide) -> Path | None:
+    """Write the final global adapter into ``run_dir/adapter/`` in PEFT's format, where the algorithm's
+    global state is one (:meth:`~pfedlora.algorithms.Algorithm.peft_adapter`); the folder, or None."""
+    adapter = server.algorithm.peft_adapter(server.server_state)
+    if adapter is None:
+        return None
+    folder = run_dir / ADAPTER_DIR
+    with writing(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return save_peft_state(
+            adapter.tensors, folder, adapter.targets, adapter.rank, adapter.alpha, adapter.prefix
+        )
 
 
 def finish_run(
@@ -317,6 +377,7 @@ def finish_run(
     try:
         records = run_rounds(server, clients, on_record, done, checkpoint)
         summary = summarize(server, records, seconds_before + time.perf_counter() - started)
+        write_global_adapter(writer.path, server)
         writer.write_summary(summary)
     except KeyboardInterrupt as stop:  # the files are as a crash would leave them: the checkpoint intact
         signum, where = signal_of(stop), str(writer.path)

