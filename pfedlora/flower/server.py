@@ -129,9 +129,10 @@ class GridClients:
                 client_id = read_int(about, "client-id")
                 declared = read_int(about, "num-train"), read_int(about, "num-eval")
                 shape = about["input-shape"]
-                if not isinstance(shape, list) or len(shape) not in (2, 3):
+                dims = [v for v in shape if type(v) is int and v > 0] if isinstance(shape, list) else []
+                if not isinstance(shape, list) or len(dims) != len(shape) or len(dims) not in (2, 3):
                     raise ValueError(f"input shape {shape!r} is neither (C, H, W) nor (2·views, length)")
-                input_shape = tuple(read_int({"dim": v}, "dim") for v in shape)
+                input_shape = tuple(int(v) for v in dims)
                 num_classes = read_int(about, "num-classes")
             except (KeyError, TypeError, ValueError) as error:
                 logger.warning("node %d sent a malformed identity and is ignored: %s", node, _describe(error))

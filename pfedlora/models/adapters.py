@@ -31,7 +31,7 @@ from pfedlora.models.cnn import check_input_shape, conv_pool_side, init_paramete
 from pfedlora.models.lora import check_rank_alpha, is_adapter_key
 from pfedlora.models.peft_lora import inject_lora, is_lora_layer
 from pfedlora.models.registry import ModelSettings
-from pfedlora.models.transformer import TransformerClassifier, token_embeddings, view_of
+from pfedlora.models.transformer import TransformerClassifier, token_embeddings, view_of, view_slice
 from pfedlora.registry import Registry
 
 _BRANCH_CHANNELS = 16
@@ -190,7 +190,7 @@ class TextLoRABranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Branch logits g(x) for a text batch (B, 2·V, L)."""
-        ids, mask = x[:, 2 * self.view].long(), x[:, 2 * self.view + 1]  # (B, L) each
+        ids, mask = view_slice(x, self.view)  # (B, L) each
         weights = mask.unsqueeze(-1).to(self.embedding.dtype)  # (B, L, 1)
         tokens = F.embedding(ids, self.embedding)  # (B, L, h), no gradient: a buffer
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, h)
