@@ -211,6 +211,40 @@ def test_bad_text_input_is_one_line_exit_2_and_nothing_written(tmp_path, overrid
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["missing", "unreadable", "no-gguf-package"])
+def test_a_bad_gguf_checkpoint_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, case):
+    gguf = tmp_path / "model.gguf"
+    if case != "missing":
+        gguf.write_bytes(b"GGUF" + bytes(64))
+    if case == "no-gguf-package":
+        import importlib.util
+
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else find_spec(n, *a)
+        )
+    fragment = {
+        "missing": "model.gguf': no such file",
+        "unreadable": "model.gguf: not a GGUF model transformers can read",
+        "no-gguf-package": "needs the `gguf` package: pip install 'pfedlora[llm]'",
+    }[case]
+    out = tmp_path / "run"
+    sets = [f"model.checkpoint={gguf}", "federation.architectures=hf-l1,minilm-l2"]
+    args = [
+        "run",
+        "--config",
+        "examples/kjv.toml",
+        "--out",
+        str(out),
+        *(a for o in sets for a in ("--set", o)),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert fragment in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
 def test_kjv_missing_on_the_command_line_says_how_to_get_it(tmp_path, kjv_not_installed):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--config", "examples/kjv.toml", "--out", str(out)])
