@@ -166,7 +166,8 @@ class ExportedClient:
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts as a text batch of the run: the tokenization of each of its families, (B, 2·V, L)."""
-        from pfedlora.data.text import TextCorpus, tokenize_corpus
+        from pfedlora.data.corpora import TextCorpus
+        from pfedlora.data.text import tokenize_corpus
 
         settings = model_settings(self.config)
         tokenizers = [family_tokenizer(family, self.config.model) for family in settings.views]

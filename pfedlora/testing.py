@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pfedlora.data import Dataset
-from pfedlora.data.text import TextCorpus
+from pfedlora.data.corpora import TextCorpus
 from pfedlora.models.transformer import require_transformers
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

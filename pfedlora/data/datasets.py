@@ -37,7 +37,7 @@ import numpy as np
 import pooch
 import torch
 
-from pfedlora.data.text import KjvSource, TextCorpus
+from pfedlora.data.corpora import KjvSource, TextCorpus
 from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError, PfedloraError
 from pfedlora.registry import Registry
 

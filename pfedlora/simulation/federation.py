@@ -25,7 +25,8 @@ from pfedlora.data import (
     load_dataset,
     make_partition,
 )
-from pfedlora.data.text import TextCorpus, tokenize_corpus
+from pfedlora.data.corpora import TextCorpus
+from pfedlora.data.text import tokenize_corpus
 from pfedlora.models import check_homogeneous
 from pfedlora.seeding import numpy_generator, torch_generator
 from pfedlora.simulation.store import ClientStore

@@ -268,7 +268,7 @@ def test_cifar_archive_in_a_layout_it_cannot_read_is_refused(tmp_path: Path) -> 
 
 
 def test_kjv_text_directly_in_a_named_folder_or_named_itself_is_found(tmp_path: Path) -> None:
-    from pfedlora.data.text import KjvSource
+    from pfedlora.data.corpora import KjvSource
 
     source = KjvSource(lambda: tmp_path / "cache")
     (tmp_path / "mine").mkdir()

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from pfedlora.cli import app
 from pfedlora.config import load_config
 from pfedlora.data import datasets, make_partition
+from pfedlora.data.corpora import KJV_BOOKS, KJV_GENRES, KjvSource, parse_kjv, read_kjv
 from pfedlora.data.partition import by_source
-from pfedlora.data.text import KJV_BOOKS, KJV_GENRES, KjvSource, parse_kjv, read_kjv, tokenize_corpus
+from pfedlora.data.text import tokenize_corpus
 from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError
 from pfedlora.models import tokenizer_for
 from pfedlora.simulation import read_run, run_experiment
