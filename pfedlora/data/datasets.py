@@ -37,7 +37,7 @@ import numpy as np
 import pooch
 import torch
 
-from pfedlora.data.corpora import KjvSource, TextCorpus
+from pfedlora.data.corpora import FortunesSource, KjvSource, TextCorpus
 from pfedlora.errors import ChecksumMismatchError, ConfigError, DataError, DatasetNotFoundError, PfedloraError
 from pfedlora.registry import Registry
 
@@ -604,6 +604,7 @@ class CifarSource:
 for _variant in CIFAR_LAYOUTS:
     DATASETS.add(_variant, CifarSource(_variant))
 DATASETS.add("kjv", KjvSource(lambda: CACHE_DIR))
+DATASETS.add("fortunes", FortunesSource(lambda: CACHE_DIR))
 
 
 def load_dataset(
