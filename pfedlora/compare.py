@@ -640,9 +640,12 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         rows, numbers = seed_rows(results)
         seeds = sorted({s["seed"] for _, _, s in results})
         header += f" Mean ± standard deviation across seeds {', '.join(map(str, seeds))}."
-        verdict = lead_verdict([method for method, _ in groups], numbers)
-        if paired := seed_by_seed_note(groups, numbers):
-            verdict += " " + paired
+        if min(len(runs) for _, runs in groups) > 1:
+            verdict = lead_verdict([method for method, _ in groups], numbers)
+            if paired := seed_by_seed_note(groups, numbers):
+                verdict += " " + paired
+        else:  # a standard deviation of one run is no spread: nothing to weigh a gap against
+            verdict = "One seed for some method: no spread across seeds to call a lead by."
         csv_header = ["method", *(f"{c} {stat}" for c in COLUMNS[1:] for stat in ("mean", "std"))]
         csv_rows: list[list[Any]] = [[row[0], *number] for row, number in zip(rows, numbers, strict=True)]
     else:

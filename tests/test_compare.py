@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from pfedlora import compare
 from pfedlora.cli import app
-from pfedlora.compare import plan_variants, run_comparison, write_comparison
+from pfedlora.compare import plan_variants, run_comparison, with_seeds, write_comparison
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import TIMING_KEYS
 
@@ -263,3 +263,10 @@ def test_the_flatness_note_reads_each_curve_over_its_last_tenth_of_rounds():
     # flat: from round 54 (interpolated 0.9008) to 60 is +0.12 points, averaged with 0 over two seeds.
     assert note.endswith("flat: flat +0.06; still moving: rising +1.20.")
     assert compare.flatness_note(compare.group_by_method([_curve("sparse", [(60, 0.9)])])) == ""
+
+
+def test_with_one_seed_no_lead_is_called(tmp_path, tiny_data):
+    variants = with_seeds(plan_variants(["pfedlora", "standalone"], ["branch"], None, TINY), [0])
+    write_comparison(run_comparison(variants, tmp_path), tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "no spread across seeds to call a lead by" in text and ": a lead." not in text
