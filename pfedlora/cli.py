@@ -94,13 +94,13 @@ def _same_command(stop: Stopped) -> str:
 
 
 def _round_progress(quiet: bool) -> Progress:
-    """A progress bar over rounds showing the latest mean accuracy and the ETA."""
+    """A progress bar over rounds showing the latest mean accuracy (or perplexity) and the ETA."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("mean acc {task.fields[accuracy]}"),
+        TextColumn("{task.fields[figure]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -122,16 +122,33 @@ def _summary_cells(s: Summary) -> dict[str, str]:
         if len(by_arch) > 1
         else {}
     )
+    perplexity = {}
+    if "mean_perplexity_last" in s:  # language modeling: the accuracies are next-token top-1
+        by_arch_ppl = s.get("mean_perplexity_last_by_architecture") or {}
+        perplexity = {
+            "best mean perplexity (round)": f"{s['mean_perplexity_best']:.3f} ({s['best_perplexity_round']})",
+            "last mean perplexity": f"{s['mean_perplexity_last']:.3f}",
+            "last median perplexity": f"{s['median_perplexity_last']:.3f}",
+            **{
+                f"last mean perplexity, {arch}": "–" if value is None else f"{value:.3f}"
+                for arch, value in (by_arch_ppl.items() if len(by_arch_ppl) > 1 else ())
+            },
+        }
     return {
         "algorithm": s["algorithm"],
         "clients × fraction, rounds": f"{s['num_clients']} × {s['sample_fraction']:g}, {s['rounds']}",
         "clients scored": s.get("evaluation", "after-training"),
+        **perplexity,
         "best mean acc (round)": f"{100 * s['mean_accuracy_best']:.2f}% ({s['best_round']})",
         "last mean acc": f"{100 * s['mean_accuracy_last']:.2f}%",
         **(per_arch if len(per_arch) > 1 else {}),
         "last-10% mean acc": f"{100 * s['mean_accuracy_last10pct']:.2f}%",
         "std over clients": f"{100 * s['std_accuracy_last']:.2f} pp",
-        f"target {100 * s['target_accuracy']:.0f}%": reach,
+        **(
+            {f"target ppl {s['target_perplexity']:g}": reach}
+            if "target_perplexity" in s
+            else {f"target {100 * s['target_accuracy']:.0f}%": reach}
+        ),
         "MB sent": f"{s['bytes_total'] / 1e6:.2f}",
         "train TFLOPs": f"{s['train_flops_total'] / 1e12:.2f}",
         "wall s": f"{s['wall_seconds']:.1f}",
@@ -237,7 +254,7 @@ def run(
     with progress:
         total = rounds if rounds is not None else cfg.federation.rounds
         task = progress.add_task(
-            f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=total, accuracy="–"
+            f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=total, figure="mean acc –"
         )
 
         def on_round(record: RoundRecord) -> None:
@@ -263,9 +280,12 @@ def run(
 
 
 def _show_accuracy(progress: Progress, task: TaskID, record: RoundRecord) -> None:
-    """Put an evaluated round's mean accuracy in the progress bar (other rounds keep the last one)."""
-    if "mean_accuracy" in record:
-        progress.update(task, accuracy=f"{100 * record['mean_accuracy']:.2f}%")
+    """Put an evaluated round's mean perplexity (language modeling) or accuracy in the progress bar (other
+    rounds keep the last one)."""
+    if "mean_perplexity" in record:
+        progress.update(task, figure=f"mean ppl {record['mean_perplexity']:.2f}")
+    elif "mean_accuracy" in record:
+        progress.update(task, figure=f"mean acc {100 * record['mean_accuracy']:.2f}%")
 
 
 def _run_label(path: Path, all_paths: list[Path]) -> str:
@@ -385,7 +405,10 @@ def _run_variants(
             state = "finished earlier, reused" if reused else "running"
             rounds = variant.config.federation.rounds
             tasks[variant.label] = progress.add_task(
-                f"{variant.label} ({state})", total=rounds, completed=rounds if reused else 0, accuracy="–"
+                f"{variant.label} ({state})",
+                total=rounds,
+                completed=rounds if reused else 0,
+                figure="mean acc –",
             )
 
         def on_round(label: str, record: RoundRecord) -> None:
@@ -412,8 +435,9 @@ def compare(
     target: Annotated[
         float | None,
         typer.Option(
-            help="Mean accuracy (a fraction) to read rounds, MB and FLOPs to; default: each run's "
-            "federation.target_accuracy. Changing it reruns nothing."
+            help="Mean accuracy (a fraction), or for language modeling mean perplexity, to read rounds, MB "
+            "and FLOPs to; default: each run's federation.target_accuracy (target_perplexity). Changing it "
+            "reruns nothing."
         ),
     ] = None,
     seeds: Annotated[
@@ -446,7 +470,7 @@ def compare(
         if seeds:
             variants = with_seeds(variants, _seeds(seeds))
         if target is not None:
-            check_target(target)
+            check_target(target, variants[0].config.data.task == "language-modeling")
     except PfedloraError as error:
         raise _fail(error) from None
     results = _run_variants(
@@ -507,14 +531,16 @@ def tune(
             workers,
         ),
     )
-    table = Table(title="search (validation accuracy at the last round)")
-    for column in ("variant", "settings", "validation acc %"):
+    perplexities = any(trial.perplexity is not None for trial in trials)
+    figure = "perplexity" if perplexities else "accuracy"
+    table = Table(title=f"search (validation {figure} at the last round)")
+    for column in ("variant", "settings", "validation ppl" if perplexities else "validation acc %"):
         table.add_column(column)
     for trial in trials:
         chosen = dict(trial.settings) == best[trial.label]
         settings = " ".join(f"{key}={value}" for key, value in trial.settings)
-        accuracy = f"{100 * trial.accuracy:.2f}" + (" ← chosen" if chosen else "")
-        table.add_row(escape(trial.label), escape(settings), accuracy)
+        value = f"{trial.perplexity:.3f}" if trial.perplexity is not None else f"{100 * trial.accuracy:.2f}"
+        table.add_row(escape(trial.label), escape(settings), value + (" ← chosen" if chosen else ""))
     console.print(table)
     for path in write_search(trials, best, out):
         console.print(f"written: [bold]{escape(str(path))}[/]")
@@ -549,13 +575,46 @@ def export(
     console.print(f"client {client} written to [bold]{escape(str(written))}[/]")
 
 
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished language-modeling run directory.")],
+    client: Annotated[int, typer.Option("--client", "-k", help="The client whose model writes.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to add.")] = 40,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="0: greedy; above 0: sampling at this temperature.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="The seed of the sampling.")] = 0,
+) -> None:
+    """Print how client K's personalized language model continues a prompt, and how the frozen base does.
+
+    The client's state after the last round is rebuilt first: the rounds after the run's last checkpoint
+    run again here (one thread).
+    """
+    from pfedlora.generation import Decoding
+    from pfedlora.generation import generate as continue_with
+
+    try:
+        decoding = Decoding(max_new_tokens, temperature, seed)
+        with console.status(f"rebuilding client {client} of {run_dir} after its last round"):
+            result = continue_with(run_dir, client, prompt, decoding)
+    except PfedloraError as error:
+        raise _fail(error) from None
+    console.print(
+        f"[bold]client {client} ({escape(result.arch)}):[/] {escape(prompt)}{escape(result.personalized)}"
+    )
+    console.print(f"[bold]zero-shot base:[/] {escape(prompt)}{escape(result.base)}")
+
+
 @app.command("list")
 def list_available() -> None:
-    """Show the algorithms, models, datasets, partitions and adapter placements."""
+    """Show the algorithms, models, tasks, datasets, partitions and adapter placements."""
     from pfedlora.algorithms import ALGORITHMS
     from pfedlora.data import DATASETS, PARTITIONS, search_paths
     from pfedlora.models import FAMILIES, MODELS, PLACEMENTS, build_model, is_transformer
+    from pfedlora.models.causal_lm import LANGUAGE_MODELS, LM_RANKS
     from pfedlora.seeding import torch_generator
+    from pfedlora.tasks import TASKS
 
     table = Table(title="algorithms", show_header=False)
     for name, cls in ALGORITHMS.items():
@@ -584,6 +643,16 @@ def list_available() -> None:
         )
     console.print(table)
 
+    families = sorted({arch.family for _, arch in LANGUAGE_MODELS.items()})
+    console.print(
+        "[bold]language models[/] (data.task = language-modeling; <family>-r<k>: the whole causal LM with a "
+        f"private LoRA of rank k): {', '.join(f'{f}-r{LM_RANKS[0]} … {f}-r{LM_RANKS[-1]}' for f in families)}"
+    )
+    table = Table(title="tasks (data.task)", show_header=False)
+    for name, task in TASKS.items():
+        serving = [algo for algo, cls in ALGORITHMS.items() if name in cls.tasks]
+        table.add_row(name, f"{task.about}; algorithms: {', '.join(serving)}")
+    console.print(table)
     console.print(f"[bold]datasets:[/] {', '.join(DATASETS)}")
     console.print(f"  looked up in: {', '.join(str(p) for p in search_paths())}")
     console.print(f"[bold]partitions:[/] {', '.join(PARTITIONS)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import queue
 import shutil
 import signal
@@ -29,7 +30,7 @@ from pfedlora.algorithms import algorithm_class
 from pfedlora.config import ExperimentConfig, differences, load_config, load_run_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, PfedloraError
-from pfedlora.metrics.accuracy import FLAT_CHANGE, change_over_last_tenth
+from pfedlora.metrics.accuracy import change_over_last_tenth
 from pfedlora.models import PLACEMENTS, is_transformer
 from pfedlora.plots import evaluation_note, plot_groups
 from pfedlora.simulation import read_run, resume_run, run_experiment
@@ -37,7 +38,16 @@ from pfedlora.simulation.checkpoint import checkpoint_round
 from pfedlora.simulation.federation import load_run_dataset
 from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.loop import RoundCallback
-from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated, progress_to_target
+from pfedlora.simulation.records import (
+    ACCURACY,
+    PERPLEXITY,
+    Headline,
+    RoundRecord,
+    Summary,
+    headline_of,
+    is_evaluated,
+    progress_to_target,
+)
 from pfedlora.simulation.results import CONFIG_FILE, SUMMARY_FILE, write_atomic
 from pfedlora.simulation.workers import usable_cores
 from pfedlora.stopping import (
@@ -89,7 +99,8 @@ def plan_variants(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> list[Variant]:
-    """One variant per algorithm, and per adapter placement for pFedLoRA, all on the same base config.
+    """One variant per algorithm, and per adapter placement for pFedLoRA (for classification), all on the
+    same base config.
 
     Overrides written ``label:key=value`` apply to that variant (or algorithm) only, after the shared ones,
     so each method can run with its own tuned hyperparameters.
@@ -99,9 +110,11 @@ def plan_variants(
     for placement in placements:
         PLACEMENTS.get(placement, "placement")
     shared, scoped = split_scoped(overrides)
+    # A language model's adapters sit on its layers whatever the placement: one variant per algorithm.
+    placed = load_config(config_file, shared).data.task == "classification"
     planned: list[tuple[str, str, list[str]]] = []
     for name in dict.fromkeys(algorithms):
-        if algorithm_class(name).adapter_placements:  # unknown names fail here, before anything runs
+        if algorithm_class(name).adapter_placements and placed:  # unknown names fail here, before any run
             for placement in dict.fromkeys(placements):
                 planned.append((name, f"{name}-{placement}", [f"adapter.placement={placement}"]))
         else:
@@ -371,9 +384,12 @@ def _job(variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events
         events.put(("error", variant.label, traceback.format_exc()))
 
 
-def check_target(target: float) -> None:
-    """Refuse a target accuracy that is not a fraction in (0, 1]."""
-    if not 0 < target <= 1:
+def check_target(target: float, generative: bool = False) -> None:
+    """Refuse a target accuracy that is not a fraction in (0, 1], or (``generative``: language modeling) a
+    target perplexity below 1."""
+    if generative and not target >= 1:
+        raise ConfigError(f"target perplexity: {target} is below 1, which no model reaches; e.g. 20")
+    if not generative and not 0 < target <= 1:
         raise ConfigError(f"target accuracy: {target} is not a fraction in (0, 1]; e.g. 0.8 for 80%")
 
 
@@ -383,11 +399,20 @@ def retarget(results: Sequence[Result], target: float) -> list[Result]:
     The target is a way of reading the curves, not part of the runs, so a comparison can be tabulated
     against another target without rerunning anything.
     """
-    check_target(target)
-    return [
-        (label, records, {**summary, **progress_to_target(records, target)})
-        for label, records, summary in results
-    ]
+    headline = _headline(results)
+    check_target(target, headline is PERPLEXITY)
+    retargeted = []
+    for label, records, summary in results:
+        progress = dict(progress_to_target(records, target, headline))
+        if headline is PERPLEXITY:
+            progress["target_perplexity"] = progress.pop("target_accuracy")
+        retargeted.append((label, records, {**summary, **progress}))
+    return retargeted  # type: ignore[return-value]
+
+
+def _headline(results: Sequence[Result]) -> Headline:
+    """The figure the results are judged by (that of the first run: every variant has one task)."""
+    return headline_of(results[0][1]) if results else ACCURACY
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -411,10 +436,31 @@ COLUMNS = (
 )
 
 
-def accuracy_within_flops(records: Sequence[RoundRecord], budget: float) -> float | None:
-    """Mean accuracy at the last evaluated round whose cumulative client FLOPs stay within ``budget``."""
+PERPLEXITY_COLUMNS = (
+    "method",
+    "best ppl",
+    "last ppl",
+    "last-10% ppl",
+    "Δ over last 10% of rounds (ppl)",
+    "ppl @ equal FLOPs",
+    "std (ppl)",
+    *COLUMNS[7:],
+)
+"""The columns where the runs are judged by perplexity (language modeling): mean over clients."""
+
+
+def columns(headline: Headline) -> tuple[str, ...]:
+    """The comparison table's columns for runs judged by ``headline``."""
+    return PERPLEXITY_COLUMNS if headline is PERPLEXITY else COLUMNS
+
+
+def accuracy_within_flops(
+    records: Sequence[RoundRecord], budget: float, headline: Headline = ACCURACY
+) -> float | None:
+    """Mean accuracy (or ``headline``'s figure) at the last evaluated round whose cumulative client FLOPs
+    stay within ``budget``."""
     within = [r for r in records if is_evaluated(r) and r["cumulative_train_flops"] <= budget * (1 + 1e-9)]
-    return within[-1]["mean_accuracy"] if within else None
+    return within[-1][headline.mean_key] if within else None  # type: ignore[literal-required]
 
 
 FORMATS: tuple[tuple[float, int], ...] = (
@@ -427,17 +473,50 @@ FORMATS: tuple[tuple[float, int], ...] = (
     (1.0, 1),
 )
 """(divisor, digits) of each numeric column of :data:`COLUMNS` (all but the method)."""
+PERPLEXITY_FORMATS: tuple[tuple[float, int], ...] = ((1.0, 3),) * 6 + FORMATS[6:]
 
 
-def _values(records: Sequence[RoundRecord], s: Summary, budget: float) -> list[float | None]:
-    """One run's numeric columns (:data:`COLUMNS` after the method), unscaled; None where not reached."""
+def formats(headline: Headline) -> tuple[tuple[float, int], ...]:
+    """(divisor, digits) of each numeric column of :func:`columns`."""
+    return PERPLEXITY_FORMATS if headline is PERPLEXITY else FORMATS
+
+
+def _curve_values(records: Sequence[RoundRecord], s: Summary, headline: Headline) -> list[float]:
+    """Best, last, last-10% mean and spread over clients (last evaluation) of ``headline``'s curve."""
+    if headline is ACCURACY:
+        return [
+            s["mean_accuracy_best"],
+            s["mean_accuracy_last"],
+            s["mean_accuracy_last10pct"],
+            s["std_accuracy_last"],
+        ]
+    evaluated = [r for r in records if is_evaluated(r)]
+    means = [r[headline.mean_key] for r in evaluated]  # type: ignore[literal-required]
+    tail = max(1, math.ceil(0.1 * len(means)))
+    clients = [v for v in evaluated[-1][headline.clients_key] if v is not None]  # type: ignore[literal-required]
+    best = max(means) if headline.higher_is_better else min(means)
+    return [best, means[-1], sum(means[-tail:]) / tail, statistics.pstdev(clients) if clients else math.nan]
+
+
+def _last(records: Sequence[RoundRecord], s: Summary, headline: Headline) -> float:
+    """The last mean accuracy (from the summary) or perplexity (from the last evaluated record)."""
+    if headline is ACCURACY:
+        return s["mean_accuracy_last"]
+    return [r for r in records if is_evaluated(r)][-1][headline.mean_key]  # type: ignore[literal-required]
+
+
+def _values(
+    records: Sequence[RoundRecord], s: Summary, budget: float, headline: Headline = ACCURACY
+) -> list[float | None]:
+    """One run's numeric columns (:func:`columns` after the method), unscaled; None where not reached."""
+    best, last, last10, spread = _curve_values(records, s, headline)
     return [
-        s["mean_accuracy_best"],
-        s["mean_accuracy_last"],
-        s["mean_accuracy_last10pct"],
-        _change_over_last_tenth(records),
-        accuracy_within_flops(records, budget),
-        s["std_accuracy_last"],
+        best,
+        last,
+        last10,
+        _change_over_last_tenth(records, headline),
+        accuracy_within_flops(records, budget, headline),
+        spread,
         s["target_round"],
         s["bytes_to_target"],
         s["train_flops_to_target"],
@@ -447,9 +526,10 @@ def _values(records: Sequence[RoundRecord], s: Summary, budget: float) -> list[f
     ]
 
 
-def _change_over_last_tenth(records: Sequence[RoundRecord]) -> float | None:
+def _change_over_last_tenth(records: Sequence[RoundRecord], headline: Headline = ACCURACY) -> float | None:
     evaluated = [r for r in records if is_evaluated(r)]
-    rounds, means = [r["round"] for r in evaluated], [r["mean_accuracy"] for r in evaluated]
+    rounds = [r["round"] for r in evaluated]
+    means = [r[headline.mean_key] for r in evaluated]  # type: ignore[literal-required]
     return change_over_last_tenth(rounds, means, records[-1]["round"]) if records else None
 
 
@@ -464,13 +544,15 @@ def comparison_rows(results: Sequence[Result]) -> list[list[str]]:
     "acc @ equal FLOPs" reads every curve at the smallest total client FLOPs any variant spent, so a
     method that trains more per round is not flattered by a comparison at equal rounds.
     """
-    budget = _flops_budget(results)
+    budget, headline = _flops_budget(results), _headline(results)
     return [
         [
             label,
             *(
                 _fmt(value, scale, digits)
-                for value, (scale, digits) in zip(_values(records, s, budget), FORMATS, strict=True)
+                for value, (scale, digits) in zip(
+                    _values(records, s, budget, headline), formats(headline), strict=True
+                )
             ),
         ]
         for label, records, s in results
@@ -506,14 +588,14 @@ def group_by_method(results: Sequence[Result]) -> list[tuple[str, list[Result]]]
 def seed_rows(results: Sequence[Result]) -> tuple[list[list[str]], list[list[float | None]]]:
     """One row per method: each column's mean ± standard deviation across seeds (n − 1), with "(k/n)"
     where only k of n seeds reached a value; and the numbers behind them (mean, std per column)."""
-    budget = _flops_budget(results)
+    budget, headline = _flops_budget(results), _headline(results)
     rows: list[list[str]] = []
     numbers: list[list[float | None]] = []
     for method, runs in group_by_method(results):
         cells: list[str] = [method]
         values: list[float | None] = []
-        columns = zip(*(_values(records, s, budget) for _, records, s in runs), strict=True)
-        for column, (scale, digits) in zip(columns, FORMATS, strict=True):
+        per_column = zip(*(_values(records, s, budget, headline) for _, records, s in runs), strict=True)
+        for column, (scale, digits) in zip(per_column, formats(headline), strict=True):
             present = [float(v) for v in column if v is not None]
             if not present:
                 cells.append("–")
@@ -530,82 +612,152 @@ def seed_rows(results: Sequence[Result]) -> tuple[list[list[str]], list[list[flo
 
 
 def _first_two(
-    methods: Sequence[str], numbers: Sequence[Sequence[float | None]]
+    methods: Sequence[str], numbers: Sequence[Sequence[float | None]], headline: Headline = ACCURACY
 ) -> list[tuple[float, float | None, str]]:
-    """The two best methods by last mean accuracy (mean, std, method), best first; fewer when fewer ran."""
+    """The two best methods by last mean accuracy (or ``headline``'s figure; mean, std, method), best
+    first; fewer when fewer ran."""
     last = [
         (row[2], row[3], method) for method, row in zip(methods, numbers, strict=True) if row[2] is not None
     ]
-    return sorted(last, reverse=True)[:2]
+    return sorted(last, key=lambda item: item[0], reverse=headline.higher_is_better)[:2]
 
 
-def lead_verdict(methods: Sequence[str], numbers: Sequence[Sequence[float | None]]) -> str:
-    """Whether the best method by last mean accuracy leads the runner-up by more than the spread across
-    seeds (the gap must exceed the sum of their standard deviations)."""
-    first_two = _first_two(methods, numbers)
+def _units(headline: Headline) -> str:
+    return "points" if headline is ACCURACY else headline.short
+
+
+def lead_verdict(
+    methods: Sequence[str], numbers: Sequence[Sequence[float | None]], headline: Headline = ACCURACY
+) -> str:
+    """Whether the best method by last mean accuracy (or ``headline``'s figure) leads the runner-up by more
+    than the spread across seeds (the gap must exceed the sum of their standard deviations)."""
+    first_two = _first_two(methods, numbers, headline)
     if len(first_two) < 2:
         return ""
     (best, best_sd, first), (second, second_sd, runner_up) = first_two
-    gap, spread = 100 * (best - second), 100 * ((best_sd or 0.0) + (second_sd or 0.0))
+    scale, units = headline.scale, _units(headline)
+    gap, spread = scale * abs(best - second), scale * ((best_sd or 0.0) + (second_sd or 0.0))
     verdict = "a lead" if gap > spread else "no lead: within the spread across seeds"
     return (
-        f"Last mean accuracy: {first} is ahead of {runner_up} by {gap:.2f} points; their standard deviations "
-        f"across seeds add up to {spread:.2f} points: {verdict}."
+        f"Last mean {headline.name}: {first} is ahead of {runner_up} by {gap:.2f} {units}; their standard "
+        f"deviations across seeds add up to {spread:.2f} {units}: {verdict}."
     )
 
 
 def seed_by_seed_note(
-    groups: Sequence[tuple[str, Sequence[Result]]], numbers: Sequence[Sequence[float | None]]
+    groups: Sequence[tuple[str, Sequence[Result]]],
+    numbers: Sequence[Sequence[float | None]],
+    headline: Headline = ACCURACY,
 ) -> str:
-    """The gap in last mean accuracy between the best method and the runner-up at each seed both ran (the
-    same seed: the same data partition), and at how many of them the best is ahead."""
-    first_two = _first_two([method for method, _ in groups], numbers)
+    """The gap in last mean accuracy (or ``headline``'s figure) between the best method and the runner-up
+    at each seed both ran (the same seed: the same data partition), and at how many of them the best is
+    ahead."""
+    first_two = _first_two([method for method, _ in groups], numbers, headline)
     if len(first_two) < 2:
         return ""
     (_, _, first), (_, _, runner_up) = first_two
-    last = {method: {s["seed"]: s["mean_accuracy_last"] for _, _, s in runs} for method, runs in groups}
+    last = {
+        method: {s["seed"]: _last(records, s, headline) for _, records, s in runs} for method, runs in groups
+    }
     seeds = sorted(last[first].keys() & last[runner_up].keys())
     if len(seeds) < 2:
         return ""
-    gaps = [100 * (last[first][seed] - last[runner_up][seed]) for seed in seeds]
-    ahead = sum(gap > 0 for gap in gaps)
+    gaps = [headline.scale * (last[first][seed] - last[runner_up][seed]) for seed in seeds]
+    ahead = sum(headline.better(gap, 0.0) for gap in gaps)
     return (
         f"Seed by seed ({', '.join(map(str, seeds))}), {first} minus {runner_up}: "
-        f"{', '.join(f'{gap:+.2f}' for gap in gaps)} points; ahead at {ahead} of {len(seeds)} seeds."
+        f"{', '.join(f'{gap:+.2f}' for gap in gaps)} {_units(headline)}; ahead at {ahead} of {len(seeds)} "
+        "seeds."
     )
 
 
-def flatness_note(groups: Sequence[tuple[str, Sequence[Result]]]) -> str:
+def flatness_note(groups: Sequence[tuple[str, Sequence[Result]]], headline: Headline = ACCURACY) -> str:
     """Which methods' curves are flat (their mean accuracy changed by less than 0.3 points over the last 10%
-    of the rounds, averaged over seeds) and which are still moving, with the change of each."""
+    of the rounds, a mean perplexity by less than 0.3% of its value; averaged over seeds) and which are
+    still moving, with the change of each."""
     flat: list[str] = []
     moving: list[str] = []
     for method, runs in groups:
-        changes = [c for _, records, _ in runs if (c := _change_over_last_tenth(records)) is not None]
+        changes = [
+            c for _, records, _ in runs if (c := _change_over_last_tenth(records, headline)) is not None
+        ]
         if changes:
             change = statistics.fmean(changes)
-            (flat if abs(change) < FLAT_CHANGE else moving).append(f"{method} {100 * change:+.2f}")
+            last = (
+                statistics.fmean(_last(records, s, headline) for _, records, s in runs)
+                if headline is PERPLEXITY
+                else 0.0
+            )
+            is_flat = headline.is_flat(change, last)
+            (flat if is_flat else moving).append(f"{method} {headline.scale * change:+.2f}")
     named = (("flat", flat), ("still moving", moving))
     kept = "; ".join(f"{name}: {', '.join(items)}" for name, items in named if items)
-    threshold = f"{100 * FLAT_CHANGE:g}"
-    heading = f"Change of mean accuracy over the last 10% of the rounds (points; flat below {threshold})"
+    threshold = (
+        f"points; flat below {100 * headline.flat_change:g}"
+        if headline is ACCURACY
+        else f"{headline.short}; flat below {100 * headline.flat_change:g}% of the value"
+    )
+    heading = f"Change of mean {headline.name} over the last 10% of the rounds ({threshold})"
     return f"{heading}: {kept}." if kept else ""
 
 
-def architecture_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
-    """The architectures of the runs, and one row per method: its last mean accuracy on each architecture's
-    clients (percent; mean ± std across seeds where there are several)."""
-    archs = list(
-        dict.fromkeys(a for _, _, s in results for a in s.get("mean_accuracy_last_by_architecture") or {})
+ALONE = "standalone"
+
+
+def versus_alone_note(results: Sequence[Result]) -> str:
+    """Language modeling: for each method, how many clients end with a lower (better) and a higher
+    perplexity on their own text than under training alone at the same seed (its last evaluation, client by
+    client), summed over the seeds both ran; empty without a training-alone run or for classification."""
+    headline = _headline(results)
+    if headline is not PERPLEXITY:
+        return ""
+    groups = dict(group_by_method(results))
+    if ALONE not in groups:
+        return ""
+
+    def last_values(records: Sequence[RoundRecord]) -> list[float | None]:
+        final = [r for r in records if is_evaluated(r)][-1]
+        return list(final[headline.clients_key])  # type: ignore[literal-required]
+
+    alone = {s["seed"]: last_values(records) for _, records, s in groups[ALONE]}
+    parts = []
+    for method, runs in groups.items():
+        if method == ALONE:
+            continue
+        better = worse = total = 0
+        for _, records, s in runs:
+            if s["seed"] not in alone:
+                continue
+            for mine, theirs in zip(last_values(records), alone[s["seed"]], strict=True):
+                if mine is None or theirs is None:
+                    continue
+                total += 1
+                better += mine < theirs
+                worse += mine > theirs
+        if total:
+            parts.append(f"{method} {better} better / {worse} worse of {total}")
+    if not parts:
+        return ""
+    return (
+        "Clients whose last perplexity on their own text is lower (better) or higher (worse) than under "
+        f"training alone at the same seed: {'; '.join(parts)}."
     )
+
+
+def architecture_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
+    """The architectures of the runs, and one row per method: its last mean accuracy (percent) or perplexity
+    on each architecture's clients (mean ± std across seeds where there are several)."""
+    headline = _headline(results)
+    key = f"mean_{headline.name}_last_by_architecture"
+    archs = list(dict.fromkeys(a for _, _, s in results for a in s.get(key) or {}))  # type: ignore[attr-defined]
     rows = []
     for method, runs in group_by_method(results):
         row = [method]
         for arch in archs:
             values = [
-                100 * value
+                headline.scale * value
                 for _, _, s in runs
-                if (value := (s.get("mean_accuracy_last_by_architecture") or {}).get(arch)) is not None
+                if (value := (s.get(key) or {}).get(arch)) is not None  # type: ignore[attr-defined]
             ]
             if not values:
                 row.append("–")
@@ -628,43 +780,54 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = results[0][2]["target_accuracy"] if results else 0.0
+    headline = _headline(results)
     note = evaluation_note([summary for _, _, summary in results])
     seeded = any(SEED_SEPARATOR in label for label, _, _ in results)
-    header = (
-        f"Target accuracy: {100 * target:g}% (mean over clients); {note}. FLOPs are client training FLOPs; "
-        '"acc @ equal FLOPs" is each curve read at the smallest total any method spent.'
-    )
+    if headline is PERPLEXITY:
+        target = results[0][2].get("target_perplexity", 0.0)
+        header = (
+            f"Target perplexity: {target:g} (mean over clients, each on its own test text; lower is better); "
+            f'{note}. FLOPs are client training FLOPs; "ppl @ equal FLOPs" is each curve read at the '
+            "smallest total any method spent."
+        )
+    else:
+        target = results[0][2]["target_accuracy"] if results else 0.0
+        header = (
+            f"Target accuracy: {100 * target:g}% (mean over clients); {note}. FLOPs are client training "
+            'FLOPs; "acc @ equal FLOPs" is each curve read at the smallest total any method spent.'
+        )
+    table_columns = columns(headline)
     groups = group_by_method(results)
     if seeded:
         rows, numbers = seed_rows(results)
         seeds = sorted({s["seed"] for _, _, s in results})
         header += f" Mean ± standard deviation across seeds {', '.join(map(str, seeds))}."
         if min(len(runs) for _, runs in groups) > 1:
-            verdict = lead_verdict([method for method, _ in groups], numbers)
-            if paired := seed_by_seed_note(groups, numbers):
+            verdict = lead_verdict([method for method, _ in groups], numbers, headline)
+            if paired := seed_by_seed_note(groups, numbers, headline):
                 verdict += " " + paired
         else:  # a standard deviation of one run is no spread: nothing to weigh a gap against
             verdict = "One seed for some method: no spread across seeds to call a lead by."
-        csv_header = ["method", *(f"{c} {stat}" for c in COLUMNS[1:] for stat in ("mean", "std"))]
+        csv_header = ["method", *(f"{c} {stat}" for c in table_columns[1:] for stat in ("mean", "std"))]
         csv_rows: list[list[Any]] = [[row[0], *number] for row, number in zip(rows, numbers, strict=True)]
     else:
         rows, verdict = comparison_rows(results), ""
-        csv_header, csv_rows = list(COLUMNS), [list(row) for row in rows]
+        csv_header, csv_rows = list(table_columns), [list(row) for row in rows]
     markdown = [
         header,
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(table_columns) + " |",
+        "|" + "---|" * len(table_columns),
         *("| " + " | ".join(row) + " |" for row in rows),
         *(["", verdict] if verdict else []),
-        *(["", flatness] if (flatness := flatness_note(groups)) else []),
+        *(["", flatness] if (flatness := flatness_note(groups, headline)) else []),
+        *(["", versus] if (versus := versus_alone_note(results)) else []),
     ]
     archs, arch_rows = architecture_rows(results)
     if len(archs) > 1:
         markdown += [
             "",
-            "Last mean accuracy (%) of each architecture's clients:",
+            f"Last mean {headline.name}{' (%)' * (headline is ACCURACY)} of each architecture's clients:",
             "",
             "| method | " + " | ".join(archs) + " |",
             "|" + "---|" * (len(archs) + 1),
@@ -683,5 +846,5 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         write_atomic(out / "comparison-by-architecture.csv", buffer.getvalue())
         written.append(out / "comparison-by-architecture.csv")
     plot_input = [(method, [records for _, records, _ in runs]) for method, runs in groups]
-    plots = plot_groups(plot_input, out, note)
+    plots = plot_groups(plot_input, out, note, headline)
     return [*written, *plots]

@@ -44,6 +44,9 @@ class DataConfig:
     """Which dataset, where it lives, and how it is split among clients."""
 
     dataset: str = "fashion-mnist"
+    task: str = "classification"
+    """What the clients learn (``pfedlora.tasks.TASKS``): "classification", or "language-modeling" (each
+    client's own text, scored by its perplexity; text datasets and ``<family>-r<k>`` architectures)."""
     data_dir: str = ""
     """Extra directory searched first; empty means the default lookup (see README)."""
     download: bool = True
@@ -69,6 +72,8 @@ class FederationConfig:
     """Client i gets architectures[i mod len(architectures)] (the paper: cnn{(i mod 5)+1})."""
     target_accuracy: float = 0.8
     """Mean accuracy whose first crossing is reported with the rounds, bytes and FLOPs it took."""
+    target_perplexity: float = 20.0
+    """Language modeling: the mean perplexity whose first reaching (at or below) is reported so instead."""
     min_clients: int = 1
     """Fewest valid uploads a round aggregates; with fewer the global state stays unchanged."""
     drop_rate: float = 0.0
@@ -254,18 +259,22 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _registries() -> dict[str, Registry[Any]]:
-    """Config key -> the registry its value (or, for a list, each member) must be in."""
+def _registries(task: str = "classification") -> dict[str, Registry[Any]]:
+    """Config key -> the registry its value (or, for a list, each member) must be in (the architectures:
+    those of ``task``, e.g. ``<family>-r<k>`` for language modeling)."""
     # Imported here, not at the top: the registered modules themselves import this one.
     from pfedlora.algorithms import ALGORITHMS
     from pfedlora.data import DATASETS, PARTITIONS
     from pfedlora.models import MODELS, PLACEMENTS
+    from pfedlora.models.causal_lm import LANGUAGE_MODELS
+    from pfedlora.tasks import TASKS
 
     return {
+        "data.task": TASKS,
         "algorithm": ALGORITHMS,
         "data.dataset": DATASETS,
         "data.partition": PARTITIONS,
-        "federation.architectures": MODELS,
+        "federation.architectures": LANGUAGE_MODELS if TASKS[task].generative else MODELS,
         "adapter.placement": PLACEMENTS,
         "baselines.shared_arch": MODELS,
     }
@@ -285,6 +294,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "federation.eval_sample": (0, _INF, True),
     "federation.client_memory_mb": (0, _INF, True),
     "federation.target_accuracy": (0, 1, True),
+    "federation.target_perplexity": (1, _INF, True),
     "federation.min_clients": (1, _INF, True),
     "federation.drop_rate": (0, 1, True),
     "federation.checkpoint_every": (0, _INF, True),
@@ -403,7 +413,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: unknown value {flat[key]!r}; allowed: {', '.join(allowed)}")
-    registries = _registries()
+    from pfedlora.tasks import TASKS
+
+    registries = _registries(TASKS.get(config.data.task).name)
     for key, registry in registries.items():
         value = flat[key]
         if isinstance(value, tuple):
@@ -420,8 +432,23 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             lower = "[" if low_inclusive else "("
             upper = "inf)" if high == _INF else f"{high:g}]"
             raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
+    source = registries["data.dataset"][config.data.dataset]
+    if TASKS[config.data.task].generative and source.kind != "text":
+        text = ", ".join(name for name, each in registries["data.dataset"].items() if each.kind == "text")
+        raise ConfigError(
+            f"data.task {config.data.task!r} needs a text dataset ({text}); {config.data.dataset!r} holds "
+            f"{source.kind}s"
+        )
+    algorithms = registries["algorithm"]
+    if config.data.task not in algorithms[config.algorithm].tasks:
+        serving = [name for name, cls in algorithms.items() if config.data.task in cls.tasks]
+        raise ConfigError(
+            f"algorithm {config.algorithm!r} does not serve data.task {config.data.task!r}; algorithms that "
+            f"do: {', '.join(serving)}"
+        )
     placements = registries["adapter.placement"]
-    if config.adapter.targets and not placements[config.adapter.placement].takes_targets:
+    generative = TASKS[config.data.task].generative  # a language model's adapters take targets anyway
+    if config.adapter.targets and not generative and not placements[config.adapter.placement].takes_targets:
         with_targets = " or ".join(repr(name) for name, p in placements.items() if p.takes_targets)
         raise ConfigError(
             f"adapter.targets applies only to adapter.placement = {with_targets} (placement "

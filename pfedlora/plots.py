@@ -1,6 +1,6 @@
-"""PNG plots of finished runs: mean accuracy per round, against cumulative megabytes sent, and against
-cumulative client training FLOPs. A method run with several seeds is one line (the mean over seeds) in a
-band of ± one standard deviation across seeds."""
+"""PNG plots of finished runs: mean accuracy (for language modeling: mean perplexity) per round, against
+cumulative megabytes sent, and against cumulative client training FLOPs. A method run with several seeds is
+one line (the mean over seeds) in a band of ± one standard deviation across seeds."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from pfedlora.simulation.records import RoundRecord, Summary, is_evaluated
+from pfedlora.simulation.records import ACCURACY, Headline, RoundRecord, Summary, headline_of, is_evaluated
 
 Run = tuple[str, list[RoundRecord]]
 """A label and the run's per-round records."""
@@ -23,17 +23,27 @@ Group = tuple[str, list[list[RoundRecord]]]
 XKey = Literal["round", "cumulative_bytes", "cumulative_train_flops"]
 
 
-def _curve(records: list[RoundRecord], x_key: XKey, scale: float = 1.0) -> tuple[list[float], list[float]]:
+def _curve(
+    records: list[RoundRecord], x_key: XKey, scale: float = 1.0, headline: Headline = ACCURACY
+) -> tuple[list[float], list[float]]:
     evaluated = [r for r in records if is_evaluated(r)]
-    return [r[x_key] / scale for r in evaluated], [100 * r["mean_accuracy"] for r in evaluated]
+    ys = [headline.scale * r[headline.mean_key] for r in evaluated]  # type: ignore[literal-required]
+    return [r[x_key] / scale for r in evaluated], ys
 
 
 def _plot(
-    groups: Sequence[Group], x_key: XKey, scale: float, xlabel: str, title: str, path: Path, note: str
+    groups: Sequence[Group],
+    x_key: XKey,
+    scale: float,
+    xlabel: str,
+    title: str,
+    path: Path,
+    note: str,
+    headline: Headline = ACCURACY,
 ) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for label, runs in groups:
-        curves = [_curve(records, x_key, scale) for records in runs]
+        curves = [_curve(records, x_key, scale, headline) for records in runs]
         length = min(len(xs) for xs, _ in curves)  # the same evaluated rounds for every seed
         xs = np.mean([xs[:length] for xs, _ in curves], axis=0)
         ys = np.array([ys[:length] for _, ys in curves])
@@ -47,7 +57,11 @@ def _plot(
                 xs, mean - spread, mean + spread, color=line[0].get_color(), alpha=0.2, linewidth=0
             )
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean accuracy over clients (%)")
+    ax.set_ylabel(
+        "mean accuracy over clients (%)"
+        if headline is ACCURACY
+        else "mean perplexity over clients (own text; lower is better)"
+    )
     ax.set_title(f"{title}\n{note}" if note else title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -71,33 +85,42 @@ def evaluation_note(summaries: Sequence[Summary]) -> str:
 
 def plot_runs(runs: Sequence[Run], out_dir: str | Path, note: str = "") -> list[Path]:
     """Write ``accuracy_per_round.png``, ``accuracy_vs_megabytes.png`` and ``accuracy_vs_tflops.png``
-    into ``out_dir``, one line per run; ``note`` (e.g. :func:`evaluation_note`) is a second title line."""
-    return plot_groups([(label, [records]) for label, records in runs], out_dir, note)
+    (``perplexity_…`` for language modeling) into ``out_dir``, one line per run; ``note`` (e.g.
+    :func:`evaluation_note`) is a second title line."""
+    headline = headline_of(runs[0][1]) if runs else ACCURACY
+    return plot_groups([(label, [records]) for label, records in runs], out_dir, note, headline)
 
 
-def plot_groups(groups: Sequence[Group], out_dir: str | Path, note: str = "") -> list[Path]:
+def plot_groups(
+    groups: Sequence[Group], out_dir: str | Path, note: str = "", headline: Headline = ACCURACY
+) -> list[Path]:
     """The plots of :func:`plot_runs`, one line per group: the mean over its runs (seeds), in a band of ±
     one standard deviation where it has several (x: the mean over seeds of the bytes or FLOPs)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    name, title = headline.name, f"Mean {headline.name}"
     return [
-        _plot(groups, "round", 1.0, "round", "Mean accuracy per round", out / "accuracy_per_round.png", note),
+        _plot(
+            groups, "round", 1.0, "round", f"{title} per round", out / f"{name}_per_round.png", note, headline
+        ),
         _plot(
             groups,
             "cumulative_bytes",
             1e6,
             "cumulative megabytes sent (down + up, all clients)",
-            "Mean accuracy against communication",
-            out / "accuracy_vs_megabytes.png",
+            f"{title} against communication",
+            out / f"{name}_vs_megabytes.png",
             note,
+            headline,
         ),
         _plot(
             groups,
             "cumulative_train_flops",
             1e12,
             "cumulative client training TFLOPs (all clients)",
-            "Mean accuracy against computation",
-            out / "accuracy_vs_tflops.png",
+            f"{title} against computation",
+            out / f"{name}_vs_tflops.png",
             note,
+            headline,
         ),
     ]

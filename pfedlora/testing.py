@@ -96,9 +96,12 @@ def _save_own_tokenizer(folder: Path) -> list[str]:
     return words
 
 
-def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16, own_tokenizer: bool = False) -> Path:
+def tiny_llama(
+    folder: Path, layers: int = 3, hidden: int = 16, own_tokenizer: bool = False, causal_lm: bool = False
+) -> Path:
     """A Llama-style decoder of ``layers`` layers with random weights, with the tiny BERT's word-level
-    tokenizer or (``own_tokenizer``) one of its own vocabulary."""
+    tokenizer or (``own_tokenizer``) one of its own vocabulary; with ``causal_lm`` a whole causal LM (with its
+    language-model head), else the bare decoder stack."""
     transformers = require_transformers()
     folder.mkdir(parents=True, exist_ok=True)
     words = _save_own_tokenizer(folder) if own_tokenizer else _save_tokenizer(folder)
@@ -112,7 +115,8 @@ def tiny_llama(folder: Path, layers: int = 3, hidden: int = 16, own_tokenizer: b
         max_position_embeddings=128,
     )
     torch.manual_seed(0)  # only the checkpoint's own random weights, made once here
-    transformers.LlamaModel(config).save_pretrained(folder)
+    model = transformers.LlamaForCausalLM(config) if causal_lm else transformers.LlamaModel(config)
+    model.save_pretrained(folder)
     return folder
 
 

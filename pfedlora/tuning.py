@@ -2,7 +2,8 @@
 
 Every variant starts from the base configuration with each axis at its first value; each axis in turn
 tries its values with the other axes at their best so far, and keeps the value with the highest mean
-validation accuracy at the last round (ties go to the value listed first, so list the cheapest first).
+validation accuracy at the last round (for language modeling the lowest validation perplexity; ties go to
+the value listed first, so list the cheapest first).
 Every trial is an ordinary run directory, so an interrupted search resumes. The test split is never read:
 a search refuses a configuration without a validation split.
 """
@@ -26,6 +27,8 @@ from pfedlora.simulation.lock import directory_lock
 from pfedlora.simulation.results import write_atomic
 
 SELECTION_METRIC: Final = "mean_accuracy_last"
+LM_SELECTION_METRIC: Final = "mean_perplexity_last"
+"""What a language-modeling search selects by instead (the lowest)."""
 Settings = tuple[tuple[str, str], ...]
 """Axis values of one trial, as (key, value) pairs in axis order."""
 
@@ -56,12 +59,19 @@ class Axis:
 
 @dataclass(frozen=True)
 class Trial:
-    """One run of the search: the variant, the axis values it used and its validation accuracy."""
+    """One run of the search: the variant, the axis values it used and its validation accuracy (for
+    language modeling: its validation perplexity)."""
 
     label: str
     settings: tuple[tuple[str, str], ...]
     accuracy: float
     run_dir: Path
+    perplexity: float | None = None
+
+    @property
+    def score(self) -> float:
+        """Higher is better: the accuracy, or the negated perplexity."""
+        return self.accuracy if self.perplexity is None else -self.perplexity
 
 
 def _trial_name(settings: Sequence[tuple[str, str]]) -> str:
@@ -130,8 +140,10 @@ def _search(
         def score(settings: Settings, variant: Variant = variant) -> float:
             trial = trial_of(settings)
             [(_, _, summary)] = run_comparison([trial], out, on_start, on_round, workers=workers)
-            trials.append(Trial(variant.label, settings, summary[SELECTION_METRIC], out / trial.label))
-            return summary[SELECTION_METRIC]
+            perplexity = summary.get(LM_SELECTION_METRIC)
+            done = Trial(variant.label, settings, summary[SELECTION_METRIC], out / trial.label, perplexity)
+            trials.append(done)
+            return done.score
 
         best[variant.label] = _coordinate_ascent([a for a in axes if a.applies_to(variant)], score, prepare)
     return trials, best
@@ -174,10 +186,12 @@ def write_search(trials: Sequence[Trial], best: dict[str, dict[str, str]], out_d
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["variant", "settings", "validation acc %", "run"])
+    perplexities = any(trial.perplexity is not None for trial in trials)
+    writer.writerow(["variant", "settings", "validation ppl" if perplexities else "validation acc %", "run"])
     for trial in trials:
         settings = " ".join(f"{k}={v}" for k, v in trial.settings)
-        writer.writerow([trial.label, settings, f"{100 * trial.accuracy:.2f}", trial.run_dir.as_posix()])
+        figure = f"{trial.perplexity:.3f}" if trial.perplexity is not None else f"{100 * trial.accuracy:.2f}"
+        writer.writerow([trial.label, settings, figure, trial.run_dir.as_posix()])
     write_atomic(out / "trials.csv", buffer.getvalue())
     write_atomic(out / "best.toml", tomli_w.dumps(best))
     return [out / "trials.csv", out / "best.toml"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -23,9 +23,10 @@ from pfedlora.algorithms.state import State, check_schema, combine
 from pfedlora.config import ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
-from pfedlora.models import FeatureClassifier, ModelSettings, build_model, model_settings
+from pfedlora.models import FeatureClassifier, ModelSettings, build_model, check_homogeneous, model_settings
 from pfedlora.registry import Registry
 from pfedlora.seeding import torch_generator
+from pfedlora.tasks import CLASSIFICATION, TASKS, Task
 
 ClientT = TypeVar("ClientT", bound=nn.Module)
 
@@ -69,6 +70,8 @@ class ClientContext:
     generator: torch.Generator
     """Batch order and augmentation of this client in this round."""
     meter: FlopMeter
+    task: Task = CLASSIFICATION
+    """What the client learns: its loss (:meth:`~pfedlora.tasks.Task.loss`)."""
 
 
 class Algorithm(ABC, Generic[ClientT]):
@@ -84,6 +87,8 @@ class Algorithm(ABC, Generic[ClientT]):
     """True where ``adapter.placement`` changes the algorithm (``compare`` runs one variant per placement)."""
     received: ClassVar[str] = "shared tensors"
     """What a client receives, in words (for error messages)."""
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    """The ``data.task`` values the algorithm serves."""
     schedule_spans_rounds: ClassVar[bool] = False
     """True where a round's training depends on ``federation.rounds`` (a schedule from first to last round),
     so a run cannot be extended to more rounds with the metrics of a longer run from the start."""
@@ -98,6 +103,23 @@ class Algorithm(ABC, Generic[ClientT]):
         """The ``[model]`` settings and what the federation decides for its models (text views, a common
         feature width)."""
         return model_settings(self.config)
+
+    @functools.cached_property
+    def task(self) -> Task:
+        """What the federation learns (``data.task``)."""
+        return TASKS[self.config.data.task]
+
+    def build_private_model(self, arch: str, generator: torch.Generator) -> nn.Module:
+        """A fresh private model of architecture ``arch`` for the run's task: a classifier
+        (:func:`~pfedlora.models.build_model`), or a language model with its private adapter
+        (:func:`~pfedlora.models.causal_lm.build_language_model`)."""
+        if self.task.generative:
+            from pfedlora.models.causal_lm import build_language_model
+
+            return build_language_model(
+                arch, self.model_settings, generator, targets=self.config.adapter.targets
+            )
+        return build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
 
     @functools.cached_property
     def probe(self) -> FeatureClassifier:
@@ -147,6 +169,11 @@ class Algorithm(ABC, Generic[ClientT]):
     def shared_state(self, client: ClientT) -> State:
         """The tensors of ``client``'s state that :meth:`is_shared` selects, detached."""
         return {k: v.detach() for k, v in client.state_dict().items() if self.is_shared(k)}
+
+    def check_shared_shapes(self, shared: Mapping[str, State]) -> None:
+        """Refuse (AdapterMismatchError) a federation whose architectures (the keys of ``shared``, each with
+        its clients' shared tensors) cannot share them: by default they must have one shape everywhere."""
+        check_homogeneous(shared)
 
     def initial_server_state(self, template: ClientT) -> State:
         """The global state before round 1, taken from a freshly initialised template client."""

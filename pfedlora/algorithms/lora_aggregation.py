@@ -60,7 +60,8 @@ class Aggregate:
     its own, or where a rule sends one global pair: see ``common``), and an update merged into the base."""
 
     common: Factors | None = None
-    """The factors every client receives (FedIT, FFA-LoRA's B with the shared A, FedSA-LoRA's A)."""
+    """The factors every client receives (FedIT, FFA-LoRA's B with the shared A, FedSA-LoRA's A; HetLoRA's
+    padded global factors, of which each client takes its rank's share)."""
     per_client: tuple[Factors, ...] = ()
     """Each client's own factors (HetLoRA, FlexLoRA: one per client, of its rank)."""
     merged: torch.Tensor | None = None
@@ -118,7 +119,10 @@ def hetlora(uploads: Sequence[Factors], weights: Sequence[float]) -> Aggregate:
     w = normalised(combined) if sum(combined) > 0 else normalised(weights)
     padded = [_padded(u, rank) for u in uploads]
     A, B = _mean([p.A for p in padded], w), _mean([p.B for p in padded], w)
-    return Aggregate(per_client=tuple(Factors(A[: u.rank].clone(), B[:, : u.rank].clone()) for u in uploads))
+    return Aggregate(
+        common=Factors(A, B),
+        per_client=tuple(Factors(A[: u.rank].clone(), B[:, : u.rank].clone()) for u in uploads),
+    )
 
 
 def weighted_update(uploads: Sequence[Factors], weights: Sequence[float]) -> torch.Tensor:

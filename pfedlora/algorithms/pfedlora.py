@@ -8,12 +8,17 @@ and uploads θ_k with its sample count; the server takes the sample-weighted mea
 F(x; ω_k, θ_k).
 
 Shared: the adapter tensors (state-dict keys with a ``lora_`` component). Private: everything else.
+
+For language modeling (``data.task = "language-modeling"``) ω_k is the client's private LoRA adapter on the
+frozen causal LM, of its architecture's rank, and θ a shared LoRA adapter of ``adapter.rank`` on the same
+layers (:mod:`pfedlora.models.causal_lm`); the phases and the server are the same.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, PeftAdapter, Upload, register_algorithm
 from pfedlora.algorithms.state import State
@@ -33,28 +38,34 @@ from pfedlora.models import (
     load_adapter_state_dict,
     validate_targets,
 )
+from pfedlora.models.causal_lm import SHARED_PREFIX, LanguageModelClient, build_language_model
 from pfedlora.models.peft_lora import lora_targets
 from pfedlora.seeding import torch_generator
 
 LOCAL_PREFIX = "local."
 """Where a personalized model keeps its local model's tensors."""
 
+PFedLoRAClient = PersonalizedModel | LanguageModelClient
+"""A client's state: a private model with the adapter, or a language model's private and shared adapters."""
+
 
 @register_algorithm
-class PFedLoRA(Algorithm[PersonalizedModel]):
+class PFedLoRA(Algorithm[PFedLoRAClient]):
     """Alternating local/adapter training with FedAvg of the adapters."""
 
     name = "pfedlora"
     uploads_global_state = True
     adapter_placements = True
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "language-modeling")
 
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__(config, input_shape, num_classes)
         self.targets = self._resolve_targets()
 
     def _resolve_targets(self) -> tuple[str, ...]:
-        """Explicit targets, validated, or every layer with one name and shape across the federation."""
-        if not PLACEMENTS[self.config.adapter.placement].takes_targets:
+        """Explicit targets, validated, or every layer with one name and shape across the federation (none
+        for a language model: its adapters' targets are module names, :mod:`~pfedlora.models.causal_lm`)."""
+        if self.task.generative or not PLACEMENTS[self.config.adapter.placement].takes_targets:
             return ()
         probe = torch_generator(self.config.seed, "target-probe")
         models = {
@@ -74,8 +85,17 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
             )
         return targets
 
-    def create_client(self, arch: str, generator: torch.Generator) -> PersonalizedModel:
+    def create_client(self, arch: str, generator: torch.Generator) -> PFedLoRAClient:
         adapter = self.config.adapter
+        if self.task.generative:
+            return build_language_model(
+                arch,
+                self.model_settings,
+                generator,
+                shared_rank=adapter.rank,
+                shared_alpha=adapter.effective_alpha,
+                targets=adapter.targets,
+            )
         return attach_adapter(
             build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings),
             placement=adapter.placement,
@@ -94,18 +114,20 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
 
     def peft_adapter(self, server_state: State) -> PeftAdapter | None:
         """Placements "layers" and "head": the global adapter is PEFT LoRA on the local model's layers,
-        loadable with ``PeftModel.from_pretrained`` onto the local model of any architecture of the run."""
-        targets = lora_targets(server_state, LOCAL_PREFIX)
+        loadable with ``PeftModel.from_pretrained`` onto the local model of any architecture of the run; for a
+        language model, onto the frozen causal LM."""
+        prefix = SHARED_PREFIX if self.task.generative else LOCAL_PREFIX
+        targets = lora_targets(server_state, prefix)
         if targets is None:
             return None
         adapter = self.config.adapter
-        return PeftAdapter(server_state, targets, adapter.rank, adapter.effective_alpha, LOCAL_PREFIX)
+        return PeftAdapter(server_state, targets, adapter.rank, adapter.effective_alpha, prefix)
 
-    def receive(self, client: PersonalizedModel, message: State) -> None:
+    def receive(self, client: PFedLoRAClient, message: State) -> None:
         """The global adapter overwrites the client's (strictly: AdapterMismatchError names a difference)."""
         load_adapter_state_dict(client, message)
 
-    def train(self, client: PersonalizedModel, message: State, ctx: ClientContext) -> Upload:
+    def train(self, client: PFedLoRAClient, message: State, ctx: ClientContext) -> Upload:
         self.receive(client, message)
         phases = [self.train_local_phase, self.train_adapter_phase]
         if self.config.adapter.phase_order == "adapter-first":
@@ -114,11 +136,11 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
             train_phase(client, ctx)
         return Upload(self.shared_state(client), ctx.data.num_train)
 
-    def train_local_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
+    def train_local_phase(self, client: PFedLoRAClient, ctx: ClientContext) -> None:
         """θ frozen; ω trained on CE(F(x; ω, θ), y): global knowledge flows into the local model."""
         train_on_client_data(client, client.local_parameters(), ctx, self.config.train, phase="local")
 
-    def train_adapter_phase(self, client: PersonalizedModel, ctx: ClientContext) -> None:
+    def train_adapter_phase(self, client: PFedLoRAClient, ctx: ClientContext) -> None:
         """ω frozen; θ trained on the same loss: local knowledge flows into the adapter.
 
         What does not depend on θ runs once per batch without autograd: the whole local model for the
@@ -129,7 +151,7 @@ class PFedLoRA(Algorithm[PersonalizedModel]):
             with torch.no_grad():
                 prefix = client.frozen_prefix(x)
             logits = client(x) if prefix is None else client.forward_from_prefix(prefix, x)
-            return F.cross_entropy(logits, y)
+            return ctx.task.loss(logits, x, y)
 
         train_on_client_data(
             client,

@@ -7,7 +7,6 @@ from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.algorithms.base import ClientContext
@@ -133,7 +132,8 @@ def train_on_client_data(
     """SGD on ``parameters`` alone (the rest of ``client`` frozen) over the client's batches (in the order
     ``train.batch_order`` says).
 
-    Defaults: ``train.local_epochs`` epochs at ``train.lr`` of cross-entropy on ``client(x)`` over
+    Defaults: ``train.local_epochs`` epochs at ``train.lr`` of the task's loss (cross-entropy for
+    classification) on ``client(x)`` over
     ``ctx.data`` (``train.local_steps`` steps instead, when set). Charged to ``ctx.meter`` as
     ``(ctx.arch, phase)``. Parameters frozen for good (those whose ``requires_grad`` is False between
     phases, e.g. a transformer's pretrained layers below ``model.trainable_layers``) are left out.
@@ -141,8 +141,8 @@ def train_on_client_data(
     data = ctx.data if data is None else data
     parameters = [p for p in parameters if p.requires_grad]
 
-    def cross_entropy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(client(x), y)
+    def task_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ctx.task.loss(client(x), x, y)
 
     with trainable(client, parameters):
         run_sgd(
@@ -151,7 +151,7 @@ def train_on_client_data(
             lambda: data.train_batches(
                 train.batch_size, ctx.generator, train.batch_order == "reshuffle", train.drop_last
             ),
-            cross_entropy if loss_fn is None else loss_fn,
+            task_loss if loss_fn is None else loss_fn,
             train,
             train.lr if lr is None else lr,
             ctx.meter,

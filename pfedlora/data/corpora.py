@@ -170,6 +170,7 @@ def read_kjv(path: Path, sha256: str = KJV_SHA256) -> TextCorpus:
 class KjvSource:
     """The KJV by genre: ``<root>/kjv/kjv.txt``, or Debian's bible-kjv (dumped once into the cache)."""
 
+    kind = "text"
     looked_for = f"{KJV_DIR}/{KJV_FILE} (or Debian's bible-kjv package)"
     file_names: tuple[str, ...] = (KJV_FILE,)
 
@@ -266,6 +267,7 @@ class FortunesSource:
     its category (43 of them, about 15,000 entries); the category is its label and its source, so the
     ``by-source`` partition gives each client a few whole categories."""
 
+    kind = "text"
     looked_for = f"{FORTUNES_DIR}/ with the category files (or Debian's fortunes package)"
     file_names: tuple[str, ...] = ("cookie", "computers", "definitions")
 

@@ -464,6 +464,9 @@ def search_paths(data_dir: str | Path | None = None) -> list[Path]:
 class DatasetSource(Protocol):
     """How one dataset is found, read, downloaded and explained: a ``DATASETS`` entry."""
 
+    kind: str
+    """What its samples are: "image" or "text"."""
+
     looked_for: str
     """What a lookup root must hold, for the "not found" message (e.g. ``fashion-mnist/ with ...``)."""
 
@@ -507,6 +510,7 @@ def _progressbar() -> bool:
 class FashionMnistSource:
     """Fashion-MNIST: the four IDX files in ``<root>/fashion-mnist/``."""
 
+    kind = "image"
     looked_for = f"{FASHION_MNIST_DIR}/ with the four IDX files"
     file_names = tuple(name for stem in FASHION_MNIST_SHA256 for name in (stem, f"{stem}.gz"))
 
@@ -550,6 +554,8 @@ DATASETS.add("fashion-mnist", FashionMnistSource())
 
 class CifarSource:
     """CIFAR-10 or CIFAR-100: the extracted folder or the official archive under a root."""
+
+    kind = "image"
 
     def __init__(self, variant: str) -> None:
         self.layout = _cifar_layout(variant)

@@ -188,7 +188,7 @@ def _evaluate(message: Message, context: Context) -> Message:
     settings = message.content.config_records[SETTINGS]
     arrays = message.content.array_records
     download = from_record(arrays[TENSORS]) if TENSORS in arrays else None  # after-download protocol
-    correct, total = _node(message, context).evaluate(read_int(settings, "round"), download)
+    correct, total, _ = _node(message, context).evaluate(read_int(settings, "round"), download)
     return Message(
         RecordDict({METRICS: MetricRecord({"correct": correct, "total": total})}), reply_to=message
     )

@@ -37,10 +37,11 @@ from pfedlora.simulation.federation import (
     load_run_dataset,
     resolve_device,
 )
-from pfedlora.simulation.local import client_accuracy
+from pfedlora.simulation.local import client_counts
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.results import save_atomic
 from pfedlora.simulation.rounds import client_update
+from pfedlora.tasks import Counts
 
 STATE_SUFFIX = ".safetensors"
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pfedlora" / "flower"
@@ -171,13 +172,13 @@ class Node:
         data = self.data
         return data.num_validation if self.config.eval_split == "validation" else data.num_test
 
-    def evaluate(self, server_round: int, download: State | None = None) -> tuple[int, int]:
-        """(correct, total) of the personalized predictor, as it is after ``server_round`` (having taken in
-        ``download`` when given; nothing is saved), on this client's evaluation split."""
+    def evaluate(self, server_round: int, download: State | None = None) -> Counts:
+        """(correct, total, summed NLL) of the personalized predictor, as it is after ``server_round`` (having
+        taken in ``download`` when given; nothing is saved), on this client's evaluation split."""
         state = self.load_state(server_round + 1)
         if download is not None:
             self.algorithm.receive(state, {k: v.to(self.device) for k, v in download.items()})
-        return client_accuracy(self.algorithm, state, self.data, self.config.eval_split)
+        return client_counts(self.algorithm, state, self.data, self.config.eval_split)
 
 
 def release_memory() -> None:

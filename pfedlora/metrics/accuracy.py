@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
+
+from pfedlora.tasks import Counts
 
 
 @dataclass(frozen=True)
@@ -21,14 +24,26 @@ class AccuracyReport:
     answered: tuple[bool, ...] | None = None
     """Per client, whether it answered at all (Flower: a node that did not reply in time, or whose reply
     was refused, has no accuracy either, and is not a client without samples); None: every client did."""
+    losses: tuple[float, ...] | None = None
+    """Per client, the summed negative log-likelihood of its scored items (language modeling: of its
+    tokens, which ``totals`` counts); None where the task reports no perplexity."""
 
     @classmethod
     def from_counts(
-        cls, counts: Mapping[int, tuple[int, int]], clients: int | Sequence[int]
+        cls,
+        counts: Mapping[int, tuple[int, int] | Counts],
+        clients: int | Sequence[int],
+        *,
+        losses: bool = False,
     ) -> AccuracyReport:
-        """The report of ``clients`` (a count n: clients 0..n-1) from their (correct, total) counts."""
+        """The report of ``clients`` (a count n: clients 0..n-1) from their (correct, total[, loss sum])
+        counts; with ``losses``, their summed NLL too (for perplexities)."""
         ids = range(clients) if isinstance(clients, int) else clients
-        return cls(tuple(counts[c][0] for c in ids), tuple(counts[c][1] for c in ids))
+        return cls(
+            tuple(counts[c][0] for c in ids),
+            tuple(counts[c][1] for c in ids),
+            losses=tuple(Counts(*counts[c]).loss_sum for c in ids) if losses else None,
+        )
 
     @property
     def per_client(self) -> tuple[float | None, ...]:
@@ -59,6 +74,28 @@ class AccuracyReport:
     def weighted(self) -> float:
         """Sample-weighted mean: all correct predictions over all samples."""
         return sum(self.correct) / max(sum(self.totals), 1)
+
+    @property
+    def per_client_perplexity(self) -> tuple[float | None, ...]:
+        """exp(summed NLL / tokens) per client (None without tokens); empty without losses."""
+        if self.losses is None:
+            return ()
+        return tuple(
+            math.exp(loss / total) if total else None
+            for loss, total in zip(self.losses, self.totals, strict=True)
+        )
+
+    @property
+    def mean_perplexity(self) -> float:
+        """Unweighted mean of the clients' perplexities (NaN where none has one)."""
+        values = [v for v in self.per_client_perplexity if v is not None]
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def median_perplexity(self) -> float:
+        """Median of the clients' perplexities (NaN where none has one)."""
+        values = [v for v in self.per_client_perplexity if v is not None]
+        return statistics.median(values) if values else math.nan
 
     @property
     def std(self) -> float:

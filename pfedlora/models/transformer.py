@@ -39,6 +39,7 @@ from pfedlora.models.base import FeatureClassifier
 from pfedlora.models.gguf import LLM_EXTRA, converted_checkpoint
 from pfedlora.models.registry import MODELS, ModelBuilder, ModelSettings
 from pfedlora.registry import Registry
+from pfedlora.tasks import TASKS
 
 if TYPE_CHECKING:
     from pfedlora.config import ExperimentConfig, ModelConfig
@@ -284,8 +285,22 @@ def tokenizer_for(architectures: Sequence[str], settings: ModelConfig) -> Any:
 def text_views(config: ExperimentConfig) -> tuple[str, ...]:
     """The families whose tokenizations a text run's batches hold, in order: the families of the
     federation's architectures, then that of ``baselines.shared_arch`` and ``adapter.branch_family`` where
-    they add one. Empty where no architecture is a transformer."""
+    they add one. Empty where no architecture is a transformer. Language modeling: the one family of the
+    language models (ConfigError for several: no adapter has one shape across their widths)."""
     archs = config.federation.architectures
+    if TASKS[config.data.task].generative:
+        from pfedlora.models.causal_lm import causal_lm_config, language_model_arch
+
+        families = tuple(dict.fromkeys(language_model_arch(arch).family for arch in archs))
+        for family in families:  # refused before any data is read: an encoder, say
+            causal_lm_config(FAMILIES[family].locate(config.model))
+        if len(families) > 1:
+            raise ConfigError(
+                "data.task 'language-modeling' with architectures of several families "
+                f"({', '.join(families)}): the shared adapter has one shape, so every client runs one "
+                "family's model"
+            )
+        return families
     if not any(is_transformer(arch) for arch in archs):
         return ()
     _text_only(archs)
@@ -321,7 +336,10 @@ def families_read_by(config: ExperimentConfig, arch: str) -> tuple[str, ...]:
 def model_settings(config: ExperimentConfig) -> ModelSettings:
     """The ``[model]`` settings of ``config`` with what its federation decides: the tokenizer views of a text
     batch, and whether features are projected to ``model.feature_dim`` (the federation mixes widths)."""
-    return _model_settings(config.model, config.federation.architectures, text_views(config))
+    views = text_views(config)
+    if TASKS[config.data.task].generative:  # one family, one width: nothing to project
+        return ModelSettings(**{**vars(ModelSettings.of(config.model)), "views": views})
+    return _model_settings(config.model, config.federation.architectures, views)
 
 
 @functools.lru_cache(maxsize=32)

@@ -27,7 +27,6 @@ from pfedlora.data import (
 )
 from pfedlora.data.corpora import TextCorpus
 from pfedlora.data.text import tokenize_corpus
-from pfedlora.models import check_homogeneous
 from pfedlora.seeding import numpy_generator, torch_generator
 from pfedlora.simulation.store import ClientStore
 
@@ -142,14 +141,15 @@ def to_layout(module: nn.Module, config: ExperimentConfig) -> nn.Module:
 def initial_global_state(algorithm: AnyAlgorithm, device: torch.device) -> State:
     """The global state before round 1, after checking that every architecture shares the same tensors.
 
-    Raises AdapterMismatchError, before any training, where the shared tensors differ between architectures.
+    Raises AdapterMismatchError, before any training, where the shared tensors differ between architectures
+    (:meth:`~pfedlora.algorithms.Algorithm.check_shared_shapes`).
     """
     config = algorithm.config
     archs = config.federation.architectures
     first_of_arch = {
         config.architecture_of(cid): cid for cid in reversed(range(config.federation.num_clients))
     }
-    check_homogeneous(
+    algorithm.check_shared_shapes(
         {
             arch: algorithm.shared_state(create_client_state(algorithm, cid, device))
             for arch, cid in first_of_arch.items()

@@ -19,6 +19,7 @@ from pfedlora.simulation.federation import Federation
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.rounds import client_update
 from pfedlora.simulation.store import SavedFiles, StateFiles, checkpoint_file
+from pfedlora.tasks import Counts
 
 EVAL_BATCH_SIZE = 1024
 
@@ -27,14 +28,23 @@ def client_accuracy(
     algorithm: AnyAlgorithm, state: nn.Module, data: ClientData, split: Split
 ) -> tuple[int, int]:
     """(correct, total) of one client's personalized predictor on its ``split``."""
+    counts = client_counts(algorithm, state, data, split)
+    return counts.correct, counts.total
+
+
+def client_counts(algorithm: AnyAlgorithm, state: nn.Module, data: ClientData, split: Split) -> Counts:
+    """(correct, total, summed NLL) of one client's personalized predictor on its ``split``: over samples,
+    or for language modeling over the tokens of its text (:meth:`~pfedlora.tasks.Task.counts`)."""
     state.eval()
-    hits = torch.zeros((), dtype=torch.int64, device=data.train_indices.device)
-    count = 0
+    task = algorithm.task
+    sums = torch.zeros(3, dtype=torch.float64, device=data.train_indices.device)
+    # A language model's scores are (B, L, vocabulary): evaluated in training-sized batches.
+    batch_size = algorithm.config.train.batch_size if task.generative else EVAL_BATCH_SIZE
     with torch.inference_mode(), autocast(algorithm.config.train, data.train_indices.device):
-        for x, y in data.eval_batches(split, EVAL_BATCH_SIZE):
-            hits += (algorithm.predict(state, x).argmax(dim=1) == y).sum()
-            count += len(y)
-    return int(hits), count  # one device-to-host copy per client, not per batch
+        for x, y in data.eval_batches(split, batch_size):
+            sums += task.counts(algorithm.predict(state, x), x, y)
+    correct, total, loss_sum = sums.tolist()  # one device-to-host copy per client, not per batch
+    return Counts(round(correct), round(total), loss_sum)
 
 
 def scored_state(
@@ -52,7 +62,8 @@ def scored_state(
 def evaluate(federation: Federation) -> AccuracyReport:
     """Every client's personalized predictor on its own evaluation split."""
     counts = LocalClients(federation, FlopMeter()).evaluate_counts()
-    return AccuracyReport.from_counts(counts, len(federation.clients))
+    generative = federation.algorithm.task.generative
+    return AccuracyReport.from_counts(counts, len(federation.clients), losses=generative)
 
 
 class LocalClients:
@@ -85,6 +96,7 @@ class LocalClients:
                 data=federation.clients[client_id],
                 generator=torch_generator(config.seed, "train", client_id, server_round),
                 meter=meter,
+                task=federation.algorithm.task,
             )
             upload = client_update(federation.algorithm, federation.client_states[client_id], message, ctx)
             results[client_id] = ClientResult(upload, meter.total, meter.samples - samples_before)
@@ -95,14 +107,14 @@ class LocalClients:
         server_round: int = 0,
         global_state: State | None = None,
         client_ids: Sequence[int] | None = None,
-    ) -> dict[int, tuple[int, int]]:
-        """(correct, total) of every held client (of those in ``client_ids``, if given) on its evaluation
-        split (see :func:`scored_state`)."""
+    ) -> dict[int, Counts]:
+        """(correct, total, summed NLL) of every held client (of those in ``client_ids``, if given) on its
+        evaluation split (see :func:`scored_state`)."""
         federation = self.federation
         algorithm, split, store = federation.algorithm, federation.config.eval_split, federation.client_states
         wanted = store if client_ids is None else sorted(set(client_ids) & store.owned)
         return {
-            cid: client_accuracy(
+            cid: client_counts(
                 algorithm,
                 scored_state(algorithm, store.view(cid), cid, server_round, global_state),
                 federation.clients[cid],
@@ -116,7 +128,10 @@ class LocalClients:
     ) -> AccuracyReport:
         counts = self.evaluate_counts(server_round, global_state, client_ids)
         everyone = len(self.federation.clients)
-        return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
+        generative = self.federation.algorithm.task.generative
+        return AccuracyReport.from_counts(
+            counts, everyone if client_ids is None else client_ids, losses=generative
+        )
 
     def save_states(self, client_ids: Set[int], folder: Path, server_round: int) -> SavedFiles:
         store = self.federation.client_states

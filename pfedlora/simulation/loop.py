@@ -202,6 +202,10 @@ def run_rounds(
             record["weighted_accuracy"] = report.weighted
             record["std_accuracy"] = report.std
             record["client_accuracies"] = list(report.per_client)
+            if report.losses is not None:  # language modeling: accuracies are next-token top-1
+                record["mean_perplexity"] = report.mean_perplexity
+                record["median_perplexity"] = report.median_perplexity
+                record["client_perplexities"] = list(report.per_client_perplexity)
             if sample is not None:
                 record["evaluated_clients"] = sample
             record["clients_without_eval_samples"] = report.without_samples
@@ -216,7 +220,10 @@ def run_rounds(
                     len(report.totals),
                     server.config.eval_split,
                 )
-            logger.info("round %d: mean accuracy %.4f", server_round, report.mean)
+            if report.losses is not None:
+                logger.info("round %d: mean perplexity %.3f", server_round, report.mean_perplexity)
+            else:
+                logger.info("round %d: mean accuracy %.4f", server_round, report.mean)
         records.append(record)
         if on_round is not None:
             on_round(record)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NotRequired, TypedDict
 
 from pfedlora.algorithms.privacy import PrivacySpent, privacy_spent
@@ -64,6 +65,11 @@ class RoundRecord(RoundResult):
     std_accuracy: NotRequired[float]
     client_accuracies: NotRequired[list[float | None]]
     """Per client; None where its evaluation split is empty (or, on Flower, it gave no valid evaluation)."""
+    mean_perplexity: NotRequired[float]
+    """Language modeling: the unweighted mean of the clients' perplexities on their own text (the accuracies
+    are then next-token top-1 accuracies, padding excluded)."""
+    median_perplexity: NotRequired[float]
+    client_perplexities: NotRequired[list[float | None]]
     clients_without_eval_samples: NotRequired[int]
     """Clients left out of the means because their evaluation split is empty."""
     clients_unanswered: NotRequired[int]
@@ -125,6 +131,17 @@ class Summary(TypedDict):
     train_samples_per_second: float
     privacy: PrivacySpent | None
     """With privacy on: the (ε, δ) spent in all and per round, and the assumptions of the accounting."""
+    task: NotRequired[str]
+    """Language modeling only (absent for classification, as in runs written before tasks existed)."""
+    mean_perplexity_best: NotRequired[float]
+    """Language modeling: the lowest mean perplexity of any evaluation, and its round."""
+    best_perplexity_round: NotRequired[int]
+    mean_perplexity_last: NotRequired[float]
+    median_perplexity_last: NotRequired[float]
+    mean_perplexity_last_by_architecture: NotRequired[dict[str, float | None]]
+    target_perplexity: NotRequired[float]
+    """Language modeling: the mean perplexity whose first reaching (at or below) ``target_round``,
+    ``bytes_to_target`` and ``train_flops_to_target`` then report."""
 
 
 def privacy_budget(config: ExperimentConfig, rounds: int) -> PrivacySpent | None:
@@ -137,15 +154,65 @@ def privacy_budget(config: ExperimentConfig, rounds: int) -> PrivacySpent | None
     return privacy_spent(privacy.noise_multiplier, rate, rounds, privacy.delta)
 
 
+@dataclass(frozen=True)
+class Headline:
+    """The figure a run is judged by, per client and as the mean over clients: its task's (accuracy for
+    classification, perplexity for language modeling), with which way is better and how it is shown."""
+
+    name: str
+    mean_key: str
+    """The record key of the mean over clients."""
+    clients_key: str
+    """The record key of the per-client values."""
+    higher_is_better: bool
+    scale: float
+    """Shown as value × scale (percent for accuracies)."""
+    short: str
+    """A column heading's name, e.g. "acc %"."""
+    flat_change: float
+    """A curve counts as flat when its mean changes by less than this over the last 10% of the rounds
+    (absolute; for perplexities relative to the last value)."""
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+    def reaches(self, value: float, target: float) -> bool:
+        """Whether ``value`` meets ``target``."""
+        return value >= target if self.higher_is_better else value <= target
+
+    def is_flat(self, change: float, last: float) -> bool:
+        bound = self.flat_change if self.higher_is_better else self.flat_change * abs(last)
+        return abs(change) < bound
+
+
+ACCURACY = Headline("accuracy", "mean_accuracy", "client_accuracies", True, 100.0, "acc %", 0.003)
+PERPLEXITY = Headline("perplexity", "mean_perplexity", "client_perplexities", False, 1.0, "ppl", 0.003)
+
+
+def headline_of(records: Sequence[RoundRecord]) -> Headline:
+    """The headline figure of a run's records: perplexity where they hold one (language modeling)."""
+    return PERPLEXITY if any("mean_perplexity" in r for r in records) else ACCURACY
+
+
 def is_evaluated(record: RoundRecord) -> bool:
     """Whether every client was evaluated after this round."""
     return "mean_accuracy" in record
 
 
-def progress_to_target(records: Sequence[RoundRecord], target: float) -> TargetProgress:
-    """The first evaluated round whose mean accuracy reaches ``target``, with the bytes and client training
-    FLOPs spent by then (``None`` each if no round reaches it)."""
-    reached = next((r for r in records if is_evaluated(r) and r["mean_accuracy"] >= target), None)
+def progress_to_target(
+    records: Sequence[RoundRecord], target: float, headline: Headline = ACCURACY
+) -> TargetProgress:
+    """The first evaluated round whose mean accuracy (or ``headline``'s figure) reaches ``target``, with the
+    bytes and client training FLOPs spent by then (``None`` each if no round reaches it)."""
+    reached = next(
+        (
+            r
+            for r in records
+            if is_evaluated(r) and headline.mean_key in r and headline.reaches(r[headline.mean_key], target)  # type: ignore[literal-required]
+        ),
+        None,
+    )
     return {
         "target_accuracy": target,
         "target_round": reached["round"] if reached else None,
@@ -154,12 +221,16 @@ def progress_to_target(records: Sequence[RoundRecord], target: float) -> TargetP
     }
 
 
-def accuracy_by_architecture(config: ExperimentConfig, record: RoundRecord) -> dict[str, float | None]:
-    """The mean accuracy of each architecture's clients in an evaluated ``record``, in the order of
-    ``federation.architectures`` (None where none of its clients has an accuracy)."""
-    ids = record.get("evaluated_clients", range(len(record["client_accuracies"])))
+def accuracy_by_architecture(
+    config: ExperimentConfig, record: RoundRecord, key: str = "client_accuracies"
+) -> dict[str, float | None]:
+    """The mean accuracy (or, ``key`` "client_perplexities", perplexity) of each architecture's clients in
+    an evaluated ``record``, in the order of ``federation.architectures`` (None where none of its clients
+    has one)."""
+    values_of: list[float | None] = record[key]  # type: ignore[literal-required]
+    ids = record.get("evaluated_clients", range(len(values_of)))
     by_arch: dict[str, list[float]] = {arch: [] for arch in config.federation.architectures}
-    for client_id, accuracy in zip(ids, record["client_accuracies"], strict=True):
+    for client_id, accuracy in zip(ids, values_of, strict=True):
         if accuracy is not None:
             by_arch[config.architecture_of(client_id)].append(accuracy)
     return {arch: sum(values) / len(values) if values else None for arch, values in by_arch.items()}
@@ -177,7 +248,7 @@ def summarize_records(
     last = evaluated[-1]
     train_samples = sum(r["train_samples"] for r in records)
     target = progress_to_target(records, config.federation.target_accuracy)
-    return {
+    summary: Summary = {
         "algorithm": config.algorithm,
         "dataset": config.data.dataset,
         "partition": config.data.partition,
@@ -210,3 +281,19 @@ def summarize_records(
         "train_samples_per_second": train_samples / wall_seconds if wall_seconds > 0 else 0.0,
         "privacy": privacy_budget(config, len(records)),
     }
+    if "mean_perplexity" in last:
+        best = min(evaluated, key=lambda r: (r["mean_perplexity"], r["round"]))
+        reached = progress_to_target(records, config.federation.target_perplexity, PERPLEXITY)
+        summary["target_round"] = reached["target_round"]
+        summary["bytes_to_target"] = reached["bytes_to_target"]
+        summary["train_flops_to_target"] = reached["train_flops_to_target"]
+        summary["target_perplexity"] = config.federation.target_perplexity
+        summary["task"] = config.data.task
+        summary["mean_perplexity_best"] = best["mean_perplexity"]
+        summary["best_perplexity_round"] = best["round"]
+        summary["mean_perplexity_last"] = last["mean_perplexity"]
+        summary["median_perplexity_last"] = last["median_perplexity"]
+        summary["mean_perplexity_last_by_architecture"] = accuracy_by_architecture(
+            config, last, "client_perplexities"
+        )
+    return summary

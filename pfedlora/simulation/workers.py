@@ -47,6 +47,7 @@ from pfedlora.simulation.local import LocalClients
 from pfedlora.simulation.loop import ClientResult
 from pfedlora.simulation.store import SavedFiles, StateFiles
 from pfedlora.stopping import exit_with_parent, leave_stops_to_parent
+from pfedlora.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,10 @@ class WorkerPool:
         during = f"the evaluation after round {server_round}"
         counts = self._ask_all(during, "evaluate", server_round, state, client_ids)
         everyone = self.config.federation.num_clients
-        return AccuracyReport.from_counts(counts, everyone if client_ids is None else client_ids)
+        generative = TASKS[self.config.data.task].generative
+        return AccuracyReport.from_counts(
+            counts, everyone if client_ids is None else client_ids, losses=generative
+        )
 
     def peak_memory(self) -> list[int]:
         """Each worker's peak resident memory so far, in bytes (pages of the shared dataset included)."""

@@ -6,8 +6,12 @@ from pfedlora.errors import ConfigError
 
 
 def test_the_configuration_accepts_exactly_the_registered_algorithms():
-    for name in ALGORITHMS:
-        assert load_config(None, [f"algorithm={name}"]).algorithm == name
+    for name, cls in ALGORITHMS.items():
+        task = "classification" if "classification" in cls.tasks else cls.tasks[0]
+        overrides = [f"algorithm={name}", f"data.task={task}"]
+        if task == "language-modeling":
+            overrides += ["data.dataset=kjv", "federation.architectures=smollm2-r8"]
+        assert load_config(None, overrides).algorithm == name
     with pytest.raises(ConfigError, match=f"allowed: {', '.join(ALGORITHMS)}$"):
         load_config(None, ["algorithm=fedfoo"])
 

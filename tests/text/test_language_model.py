@@ -1,0 +1,359 @@
+"""Language-model clients on a tiny random causal Llama (no download): the task's loss and figures, one frozen
+base per process with a client's state its adapters, exact phase freezing, PEFT's format, a whole run, and
+the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pfedlora.algorithms import ClientContext, create_algorithm
+from pfedlora.cli import app
+from pfedlora.config import load_config
+from pfedlora.data import build_client_data, make_partition
+from pfedlora.data.text import tokenize_corpus
+from pfedlora.errors import ConfigError
+from pfedlora.metrics import FlopMeter
+from pfedlora.models import family_tokenizer
+from pfedlora.models.causal_lm import LanguageModelClient, build_language_model, frozen_causal_lm
+from pfedlora.seeding import torch_generator
+from pfedlora.simulation import read_run, run_experiment
+from pfedlora.tasks import IGNORE, LANGUAGE_MODELING, TASKS, next_token_targets
+from pfedlora.testing import tiny_corpus, tiny_llama
+
+LENGTH = 8
+ARCHS = ("hf-r2", "hf-r4")
+
+
+@pytest.fixture(scope="module")
+def causal_llama(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("causal-llama"), layers=2, hidden=16, causal_lm=True)
+
+
+def _config(checkpoint, *overrides):
+    return load_config(
+        None,
+        [
+            "device=cpu",
+            "data.task=language-modeling",
+            "data.dataset=kjv",
+            "data.partition=by-source",
+            f"model.checkpoint={checkpoint}",
+            f"model.max_length={LENGTH}",
+            f"federation.architectures={','.join(ARCHS)}",
+            "federation.num_clients=4",
+            "federation.rounds=2",
+            "federation.eval_every=1",
+            "federation.sample_fraction=1.0",
+            "adapter.rank=2",
+            "train.batch_size=8",
+            "train.local_steps=3",
+            "train.lr=0.05",
+            *overrides,
+        ],
+    )
+
+
+def _dataset(config):
+    return tokenize_corpus(tiny_corpus(), [family_tokenizer("hf", config.model)], LENGTH)
+
+
+def _batch(config, n=6):
+    return _dataset(config).train_x[:n]
+
+
+def test_the_loss_is_next_token_cross_entropy_without_padding_as_transformers_computes_it(causal_llama):
+    config = _config(causal_llama)
+    x = _batch(config)
+    assert (x[:, 1] == 0).any()  # some padding to exclude
+    base = frozen_causal_lm(str(causal_llama))
+    ids, mask = x[:, 0].long(), x[:, 1].long()
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    with torch.no_grad():
+        out = base(input_ids=ids, attention_mask=mask, labels=labels)
+    task = TASKS["language-modeling"]
+    assert task is LANGUAGE_MODELING and task.metric == "perplexity"
+    loss = task.loss(out.logits, x, torch.zeros(len(x), dtype=torch.long))
+    torch.testing.assert_close(loss, out.loss)
+    hits, tokens, nll = task.counts(out.logits, x, torch.zeros(len(x))).tolist()
+    assert tokens == int(mask[:, 1:].sum())
+    assert nll / tokens == pytest.approx(out.loss.item(), rel=1e-5)
+    logits, targets = next_token_targets(out.logits, x)
+    valid = targets != IGNORE
+    assert hits == int((logits.argmax(-1)[valid] == targets[valid]).sum())
+
+
+def test_a_fresh_client_predicts_what_the_frozen_base_predicts_and_holds_only_its_adapters(causal_llama):
+    config = _config(causal_llama)
+    algorithm = create_algorithm(config, (2, LENGTH), 3)
+    x = _batch(config)
+    base = frozen_causal_lm(str(causal_llama))
+    with torch.no_grad():
+        expected = base(input_ids=x[:, 0].long(), attention_mask=x[:, 1].long()).logits
+    clients = [algorithm.create_client(arch, torch_generator(0, arch)) for arch in ARCHS]
+    for client in clients:
+        assert isinstance(client, LanguageModelClient)
+        with torch.no_grad():
+            torch.testing.assert_close(client(x), expected)  # B = 0: the adapters change nothing yet
+        assert client.base() is base  # one frozen model per process, shared by every client
+        keys = set(client.state_dict())
+        assert all(k.startswith(("private.", "adapter.")) for k in keys), keys
+        assert not any("embed_tokens" in k or "lm_head" in k for k in keys)
+    r2, r4 = (c.private.get_submodule("model.layers.0.self_attn.q_proj") for c in clients)
+    assert r2.A.shape == (2, 16) and r4.A.shape == (4, 16)  # the private ranks differ by architecture
+    shared = [{k: v.shape for k, v in algorithm.shared_state(c).items()} for c in clients]
+    assert shared[0] == shared[1] and len(shared[0]) == 2 * 2 * 2  # q, v of 2 layers, A and B: one shape
+    assert all(".lora_A.default.weight" in k or ".lora_B.default.weight" in k for k in shared[0])
+    state_bytes = sum(t.numel() * t.element_size() for t in clients[1].state_dict().values())
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    assert state_bytes < base_bytes / 4
+
+
+def test_each_phase_trains_its_own_adapter_alone(causal_llama):
+    config = _config(causal_llama)
+    algorithm = create_algorithm(config, (2, LENGTH), 3)
+    client = algorithm.create_client("hf-r2", torch_generator(0, "c"))
+    dataset = _dataset(config)
+    partition = make_partition(
+        "iid",
+        dataset.train_y.numpy(),
+        dataset.test_y.numpy(),
+        1,
+        np.random.default_rng(0),
+        classes_per_client=1,
+        alpha=1.0,
+        min_train_samples=1,
+    )
+    data = build_client_data(dataset, partition, augment=False)[0]
+    ctx = ClientContext(0, "hf-r2", 1, data, torch_generator(0, "t"), FlopMeter(), LANGUAGE_MODELING)
+    base_before = {k: v.clone() for k, v in frozen_causal_lm(str(causal_llama)).state_dict().items()}
+
+    def snapshot(prefix):
+        return {k: v.clone() for k, v in client.state_dict().items() if k.startswith(prefix)}
+
+    private, shared = snapshot("private."), snapshot("adapter.")
+    algorithm.train_local_phase(client, ctx)
+    assert all(torch.equal(v, snapshot("adapter.")[k]) for k, v in shared.items())
+    assert any(not torch.equal(v, snapshot("private.")[k]) for k, v in private.items())
+    private = snapshot("private.")
+    algorithm.train_adapter_phase(client, ctx)
+    assert all(torch.equal(v, snapshot("private.")[k]) for k, v in private.items())
+    assert any(not torch.equal(v, snapshot("adapter.")[k]) for k, v in shared.items())
+    after = frozen_causal_lm(str(causal_llama)).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())  # the base never trains
+
+
+def test_both_adapters_load_with_peft_onto_the_base_and_predict_as_the_client(causal_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = _config(causal_llama)
+    client = build_language_model(
+        "hf-r4",
+        create_algorithm(config, (2, LENGTH), 3).model_settings,
+        torch_generator(1, "c"),
+        shared_rank=2,
+    )
+    with torch.no_grad():  # nonzero B everywhere, so that both adapters change the logits
+        for p in client.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    folders = client.save_peft(tmp_path / "peft")
+    assert set(folders) == {"private", "adapter"}
+    x = _batch(config)
+    base = transformers.AutoModelForCausalLM.from_pretrained(causal_llama)
+    model = peft.PeftModel.from_pretrained(base, folders["private"], adapter_name="private")
+    model.load_adapter(folders["adapter"], adapter_name="adapter")
+    model.base_model.set_adapter(["private", "adapter"])
+    with torch.no_grad():
+        expected = model(input_ids=x[:, 0].long(), attention_mask=x[:, 1].long()).logits
+        torch.testing.assert_close(client(x), expected, rtol=1e-4, atol=1e-5)
+        fresh = frozen_causal_lm(str(causal_llama))(input_ids=x[:, 0].long()).logits
+        assert not torch.allclose(client(x), fresh)
+
+
+def test_a_run_records_each_clients_perplexity_and_writes_the_global_adapter(causal_llama, tmp_path):
+    config = _config(causal_llama)
+    summary = run_experiment(config, tmp_path / "run", dataset=_dataset(config), workers=0)
+    records, written = read_run(tmp_path / "run")
+    assert written == summary
+    evaluated = [r for r in records if "mean_perplexity" in r]
+    assert len(evaluated) == 2
+    last = evaluated[-1]
+    perplexities = [p for p in last["client_perplexities"] if p is not None]
+    assert len(last["client_perplexities"]) == 4 and perplexities
+    assert last["mean_perplexity"] == pytest.approx(sum(perplexities) / len(perplexities))
+    assert all(1 < p < 200 for p in perplexities)  # a vocabulary of a few dozen words
+    assert summary["task"] == "language-modeling"
+    assert summary["mean_perplexity_last"] == pytest.approx(last["mean_perplexity"])
+    assert set(summary["mean_perplexity_last_by_architecture"]) == set(ARCHS)
+    assert summary["bytes_total"] > 0  # the shared adapter travels
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and "q_proj" in str(adapter["target_modules"])
+    alone = run_experiment(
+        _config(causal_llama, "algorithm=standalone"), tmp_path / "alone", dataset=_dataset(config), workers=0
+    )
+    assert alone["bytes_total"] == 0 and math.isfinite(alone["mean_perplexity_last"])
+    base = run_experiment(
+        _config(causal_llama, "algorithm=zero-shot"), tmp_path / "base", dataset=_dataset(config), workers=0
+    )
+    assert base["bytes_total"] == 0 and base["train_flops_total"] == 0
+    first = read_run(tmp_path / "base")[0]
+    assert first[0]["client_perplexities"] == first[-1]["client_perplexities"]  # nothing trains
+    assert alone["mean_perplexity_last"] < base["mean_perplexity_last"]  # its own text: training pays
+
+
+def test_classification_summaries_keep_their_keys(tiny_config, tiny_dataset):
+    summary = run_experiment(tiny_config(), dataset=tiny_dataset, workers=0)
+    assert "task" not in summary and not any("perplexity" in key for key in summary)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("algorithm=fedgh",), "algorithm 'fedgh' does not serve data.task 'language-modeling'"),
+        (("data.dataset=fashion-mnist",), "needs a text dataset"),
+        (("federation.architectures=hf-l2",), "federation.architectures: unknown value 'hf-l2'"),
+        (("data.task=translation",), "data.task: unknown value 'translation'"),
+    ],
+)
+def test_a_task_that_the_config_cannot_serve_is_refused_in_one_line(causal_llama, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(causal_llama, *overrides)
+
+
+def test_an_encoder_or_a_rank_above_a_layers_width_is_refused_in_one_line(causal_llama, tiny_checkpoint):
+    with pytest.raises(ConfigError, match=r"needs a causal language model.*encoder"):
+        frozen_causal_lm(str(tiny_checkpoint))
+    config = _config(causal_llama, "federation.architectures=hf-r32")
+    with pytest.raises(ConfigError, match="LoRA rank 32 is above the width of a layer"):
+        create_algorithm(config, (2, LENGTH), 3).create_client("hf-r32", torch_generator(0, "c"))
+
+
+def test_the_command_line_refuses_an_encoder_for_language_modeling(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--out",
+            str(out),
+            "--set",
+            "data.task=language-modeling",
+            "--set",
+            "data.dataset=kjv",
+            "--set",
+            "federation.architectures=hf-r2",
+            "--set",
+            f"model.checkpoint={tiny_checkpoint}",
+            "--set",
+            "federation.num_clients=2",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert "needs a causal language model" in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
+def test_worker_processes_give_the_perplexities_of_one_process(causal_llama, tmp_path):
+    config = _config(causal_llama, "federation.sample_fraction=0.5")
+    alone = run_experiment(config, tmp_path / "one", dataset=_dataset(config), workers=0)
+    pooled = run_experiment(config, tmp_path / "two", dataset=_dataset(config), workers=2)
+    one, _ = read_run(tmp_path / "one")
+    two, _ = read_run(tmp_path / "two")
+    assert [r["client_perplexities"] for r in one] == [r["client_perplexities"] for r in two]
+    assert alone["mean_perplexity_last"] == pooled["mean_perplexity_last"]
+
+
+def test_generate_continues_a_prompt_with_the_clients_model_and_with_the_base(causal_llama, tmp_path):
+    from pfedlora.generation import Decoding, generate
+
+    config = _config(causal_llama, "federation.rounds=2", "train.lr=0.5")
+    run_experiment(config, tmp_path / "run", dataset=_dataset(config), workers=0)
+    prompt = tiny_corpus().train_texts[0]
+    greedy = generate(tmp_path / "run", 1, prompt, Decoding(max_new_tokens=6), dataset=_dataset(config))
+    assert greedy.arch == "hf-r4" and greedy.personalized and greedy.base
+    again = generate(tmp_path / "run", 1, prompt, Decoding(max_new_tokens=6), dataset=_dataset(config))
+    assert again == greedy  # greedy decoding of the rebuilt client: the same text
+    sampled = [
+        generate(tmp_path / "run", 1, prompt, Decoding(6, 1.5, seed), dataset=_dataset(config)).personalized
+        for seed in (0, 0, 1)
+    ]
+    assert sampled[0] == sampled[1]  # seeded sampling repeats
+    base = run_experiment(
+        _config(causal_llama, "algorithm=zero-shot"), tmp_path / "base", dataset=_dataset(config), workers=0
+    )
+    assert base["bytes_total"] == 0
+    untrained = generate(tmp_path / "base", 0, prompt, Decoding(max_new_tokens=6), dataset=_dataset(config))
+    assert untrained.personalized == untrained.base == greedy.base  # no adapter: the base's own words
+
+
+def test_generate_refuses_a_classification_run_in_one_line(tiny_config, tiny_dataset, tmp_path):
+    run_experiment(tiny_config(), tmp_path / "run", dataset=tiny_dataset, workers=0)
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "run"), "--client", "0", "--prompt", "In"])
+    assert result.exit_code == 2, result.output
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert "generate needs a language-modeling run" in " ".join(result.stderr.split())
+
+
+def test_a_comparison_of_language_models_is_judged_by_perplexity(causal_llama, tmp_path):
+    from pfedlora.compare import plan_variants, write_comparison
+
+    results = []
+    for method in ("pfedlora", "standalone", "zero-shot"):
+        for seed in (0, 1):
+            config = _config(causal_llama, f"algorithm={method}", f"seed={seed}")
+            label = f"{method}/seed-{seed}"
+            run_experiment(config, tmp_path / label, dataset=_dataset(config), workers=0)
+            records, summary = read_run(tmp_path / label)
+            results.append((label, records, summary))
+    written = write_comparison(results, tmp_path / "table")
+    text = (tmp_path / "table" / "comparison.md").read_text()
+    assert "Target perplexity: 20" in text and "| method | best ppl | last ppl |" in text
+    assert "Last mean perplexity:" in text  # the lead is called on perplexity, lower being better
+    versus = re.search(
+        r"pfedlora (\d+) better / (\d+) worse of 8; zero-shot (\d+) better / (\d+) worse", text
+    )
+    assert versus is not None, text  # 2 seeds x 4 clients, each against its own training alone
+    assert int(versus[3]) < int(versus[4])  # the untrained base is worse for most clients
+    assert {p.name for p in written} >= {"perplexity_per_round.png", "perplexity_vs_megabytes.png"}
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    lasts = {
+        m: float(rows[m].split(" | ")[2].split(" ± ")[0]) for m in ("pfedlora", "standalone", "zero-shot")
+    }
+    assert lasts["zero-shot"] > min(lasts["pfedlora"], lasts["standalone"])  # training pays
+    variants = plan_variants(["pfedlora", "fedit"], ["branch", "layers"], None, _overrides(causal_llama))
+    assert [v.label for v in variants] == ["pfedlora", "fedit"]  # no placements for language models
+
+
+def _overrides(checkpoint):
+    return [
+        "device=cpu",
+        "data.task=language-modeling",
+        "data.dataset=kjv",
+        f"model.checkpoint={checkpoint}",
+        f"federation.architectures={','.join(ARCHS)}",
+    ]
+
+
+def test_a_search_over_language_models_keeps_the_lowest_validation_perplexity(tmp_path):
+    from pfedlora.tuning import Axis, Trial, _coordinate_ascent, write_search
+
+    perplexity = {"0.1": 30.0, "0.5": 20.0, "1.0": 25.0}
+    trials = []
+
+    def score(settings):
+        trial = Trial("pfedlora", settings, 0.3, tmp_path / "t", perplexity[dict(settings)["train.lr"]])
+        trials.append(trial)
+        return trial.score
+
+    best = _coordinate_ascent([Axis("train.lr", ("0.1", "0.5", "1.0"))], score)
+    assert best == {"train.lr": "0.5"}  # the lowest perplexity, not the highest
+    write_search(trials, {"pfedlora": best}, tmp_path)
+    lines = (tmp_path / "trials.csv").read_text().splitlines()
+    assert lines[0] == "variant,settings,validation ppl,run" and "20.000" in lines[2]
