@@ -41,10 +41,16 @@ alone() {  # pFedLoRA in a federation of one family: the same client ids hold th
       --workers 2 --out "runs/text-$family-alone"
   done
 }
-figures() {
+figures() {  # every method at seed 0, then the closest three at seeds 0-2 (finished runs are only read)
   mkdir -p docs/figures
+  "$PFEDLORA" compare -q "${CONFIG[@]}" -a pfedlora,standalone,lg-fedavg,fedgh,fedproto,fml,fedkd,fedapen \
+    -p branch,head "${FAIR[@]}" --seeds 0 --jobs 2 --workers 1 --out runs/text-mixed > /dev/null
   for name in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
     cp "runs/text-mixed/$name.png" "docs/figures/kjv-mixed-${name//_/-}.png"
+  done
+  seeds > /dev/null
+  for name in accuracy_per_round accuracy_vs_tflops; do
+    cp "runs/text-mixed/$name.png" "docs/figures/kjv-mixed-seeds-${name//_/-}.png"
   done
 }
 
