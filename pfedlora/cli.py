@@ -458,6 +458,7 @@ def compare(
     """
     from pfedlora.compare import (
         check_target,
+        per_client_rows,
         plan_variants,
         retarget,
         run_comparison,
@@ -480,6 +481,14 @@ def compare(
     if target is not None:
         results = retarget(results, target)
     console.print(_summary_table([(label, summary) for label, _, summary in results], title="comparison"))
+    methods, client_rows = per_client_rows(results)
+    if client_rows:  # language models: each client's perplexity on its own text, method by method
+        table = Table(title="last perplexity of each client on its own test text (lower is better)")
+        for column in ("client", *methods):
+            table.add_column(escape(column), justify="right")
+        for row in client_rows:
+            table.add_row(*row)
+        console.print(table)
     for path in write_comparison(results, out):
         console.print(f"written: [bold]{escape(str(path))}[/]")
 

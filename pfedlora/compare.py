@@ -744,6 +744,32 @@ def versus_alone_note(results: Sequence[Result]) -> str:
     )
 
 
+def per_client_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
+    """Language modeling: the methods, and one row per client (its id) with its last perplexity on its own
+    text under each method (the mean over seeds); empty for classification."""
+    headline = _headline(results)
+    if headline is not PERPLEXITY:
+        return [], []
+    groups = group_by_method(results)
+    columns: list[list[float | None]] = []
+    for _, runs in groups:
+        finals = [[r for r in records if is_evaluated(r)][-1] for _, records, _ in runs]
+        per_seed = [list(final[headline.clients_key]) for final in finals]  # type: ignore[literal-required]
+        columns.append(
+            [
+                None
+                if any(v is None for v in values)
+                else statistics.fmean(v for v in values if v is not None)
+                for values in zip(*per_seed, strict=True)
+            ]
+        )
+    rows = [
+        [str(client), *(_fmt(column[client], 1.0, 3) for column in columns)]
+        for client in range(len(columns[0]))
+    ]
+    return [method for method, _ in groups], rows
+
+
 def architecture_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
     """The architectures of the runs, and one row per method: its last mean accuracy (percent) or perplexity
     on each architecture's clients (mean ± std across seeds where there are several)."""
@@ -771,8 +797,8 @@ def architecture_rows(results: Sequence[Result]) -> tuple[list[str], list[list[s
 
 def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Path]:
     """Write ``comparison.md``, ``comparison.csv`` (with several architectures also
-    ``comparison-by-architecture.csv``, and their table in the Markdown) and the plots of :func:`plot_runs`
-    (all variants).
+    ``comparison-by-architecture.csv``, for language models ``comparison-per-client.csv``, and their tables
+    in the Markdown) and the plots of :func:`plot_runs` (all variants).
 
     With several seeds (labels ``<method>/seed-<seed>``), every cell is the mean ± standard deviation
     across seeds, the CSV has a mean and a std column for each, the plots show bands, and the Markdown
@@ -823,6 +849,18 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         *(["", flatness] if (flatness := flatness_note(groups, headline)) else []),
         *(["", versus] if (versus := versus_alone_note(results)) else []),
     ]
+    methods, client_rows = per_client_rows(results)
+    if client_rows:
+        markdown += [
+            "",
+            "Last perplexity of each client on its own test text"
+            + (" (mean over seeds)" if seeded else "")
+            + ":",
+            "",
+            "| client | " + " | ".join(methods) + " |",
+            "|" + "---|" * (len(methods) + 1),
+            *("| " + " | ".join(row) + " |" for row in client_rows),
+        ]
     archs, arch_rows = architecture_rows(results)
     if len(archs) > 1:
         markdown += [
@@ -845,6 +883,11 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         csv.writer(buffer).writerows([["method", *archs], *arch_rows])
         write_atomic(out / "comparison-by-architecture.csv", buffer.getvalue())
         written.append(out / "comparison-by-architecture.csv")
+    if client_rows:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([["client", *methods], *client_rows])
+        write_atomic(out / "comparison-per-client.csv", buffer.getvalue())
+        written.append(out / "comparison-per-client.csv")
     plot_input = [(method, [records for _, records, _ in runs]) for method, runs in groups]
     plots = plot_groups(plot_input, out, note, headline)
     return [*written, *plots]

@@ -56,6 +56,8 @@ class DataConfig:
     min_train_samples: int = 10
     validation_fraction: float = 0.0
     """Share of each client's training data held out; when > 0 clients are evaluated on it, not on test."""
+    max_eval_samples: int = 0
+    """The most samples a client is scored on (a seeded subset of its test or validation split; 0: all)."""
     augment: str = "auto"
     """"auto" (random crop + flip for CIFAR, none for Fashion-MNIST), "on" or "off"."""
 
@@ -287,6 +289,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "data.dirichlet_alpha": (0, _INF, False),
     "data.min_train_samples": (1, _INF, True),
     "data.validation_fraction": (0, 0.5, True),
+    "data.max_eval_samples": (0, _INF, True),
     "federation.num_clients": (1, _INF, True),
     "federation.sample_fraction": (0, 1, False),
     "federation.rounds": (1, _INF, True),

@@ -14,11 +14,13 @@ A task joins by registering a :class:`Task` in ``TASKS``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pfedlora.registry import Registry
 
@@ -50,17 +52,42 @@ class Task:
         logits, targets = next_token_targets(scores, x)
         return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
+    def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss` of ``model``'s scores of a batch; a language model that gives the logits of the real
+        next tokens alone (``next_token_logits``) gives the same mean without scoring the padding."""
+        next_token_logits = getattr(model, "next_token_logits", None)
+        if self.generative and next_token_logits is not None:
+            logits, targets = next_token_logits(x)
+            return F.cross_entropy(logits, targets)
+        return self.loss(model(x), x, y)
+
+    def batch_counts(
+        self,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`counts` of a batch scored by ``predict``; for a language model with ``next_token_logits``,
+        from those."""
+        next_token_logits = getattr(model, "next_token_logits", None)
+        if self.generative and next_token_logits is not None:
+            return _counts(*next_token_logits(x))
+        return self.counts(predict(x), x, y)
+
     def counts(self, scores: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(hits, items, summed NLL) of a batch as a float64 tensor of 3 on the scores' device (summed over
         batches on the device, read once per client)."""
         if not self.generative:
-            logits, targets = scores, y
-        else:
-            logits, targets = next_token_targets(scores, x)
-        valid = targets != IGNORE
-        nll = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-        hits = ((logits.argmax(dim=-1) == targets) & valid).sum()
-        return torch.stack([hits.double(), valid.sum().double(), nll.double()])
+            return _counts(scores, y)
+        return _counts(*next_token_targets(scores, x))
+
+
+def _counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    valid = targets != IGNORE
+    nll = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    hits = ((logits.argmax(dim=-1) == targets) & valid).sum()
+    return torch.stack([hits.double(), valid.sum().double(), nll.double()])
 
 
 IGNORE = -100

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from pfedlora.data import Dataset
+from pfedlora.data import ClientData, Dataset, build_client_data, make_partition
 from pfedlora.data.corpora import TextCorpus
 from pfedlora.models.transformer import require_transformers
 
@@ -147,3 +148,18 @@ def tiny_corpus(per_split: int = 60, groups: int = 6, seed: int = 0) -> TextCorp
         ("a", "b", "c"),
         tuple(f"book{i}" for i in range(groups)),
     )
+
+
+def whole_client_data(dataset: Dataset) -> ClientData:
+    """All of ``dataset`` (its training and test samples) as the data of one client, unaugmented."""
+    partition = make_partition(
+        "iid",
+        dataset.train_y.numpy(),
+        dataset.test_y.numpy(),
+        1,
+        np.random.default_rng(0),
+        classes_per_client=1,
+        alpha=1.0,
+        min_train_samples=1,
+    )
+    return build_client_data(dataset, partition, augment=False)[0]

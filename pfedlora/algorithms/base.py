@@ -14,7 +14,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from pfedlora.models import FeatureClassifier, ModelSettings, build_model, check
 from pfedlora.registry import Registry
 from pfedlora.seeding import torch_generator
 from pfedlora.tasks import CLASSIFICATION, TASKS, Task
+
+if TYPE_CHECKING:
+    from pfedlora.models.causal_lm import LanguageModelClient
 
 ClientT = TypeVar("ClientT", bound=nn.Module)
 
@@ -114,12 +117,28 @@ class Algorithm(ABC, Generic[ClientT]):
         (:func:`~pfedlora.models.build_model`), or a language model with its private adapter
         (:func:`~pfedlora.models.causal_lm.build_language_model`)."""
         if self.task.generative:
-            from pfedlora.models.causal_lm import build_language_model
-
-            return build_language_model(
-                arch, self.model_settings, generator, targets=self.config.adapter.targets
-            )
+            return self.language_model(arch, generator)
         return build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype a frozen pretrained language model is kept in: bfloat16 where training runs in bf16."""
+        return torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
+
+    def language_model(self, arch: str, generator: torch.Generator, **options: Any) -> LanguageModelClient:
+        """A fresh language-model client of ``arch`` with the run's model settings, LoRA targets
+        (``adapter.targets``) and frozen base (:attr:`base_dtype`); ``options`` go to
+        :func:`~pfedlora.models.causal_lm.build_language_model` (its adapters)."""
+        from pfedlora.models.causal_lm import build_language_model
+
+        return build_language_model(
+            arch,
+            self.model_settings,
+            generator,
+            targets=self.config.adapter.targets,
+            base_dtype=self.base_dtype,
+            **options,
+        )
 
     @functools.cached_property
     def probe(self) -> FeatureClassifier:

@@ -49,7 +49,6 @@ from pfedlora.models.causal_lm import (
     SHARED_PREFIX,
     LanguageModelClient,
     adapted_modules,
-    build_language_model,
     frozen_causal_lm,
     language_model_arch,
 )
@@ -108,7 +107,7 @@ class FederatedLoRA(Algorithm[LanguageModelClient]):
         arch = language_model_arch(self.config.federation.architectures[0])
         checkpoint = FAMILIES[arch.family].locate(self.model_settings)
         targets = self.config.adapter.targets or DEFAULT_TARGETS
-        layers = adapted_modules(frozen_causal_lm(checkpoint), targets)
+        layers = adapted_modules(frozen_causal_lm(checkpoint, "cpu", self.base_dtype), targets)
         return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
 
     def rank_of(self, arch: str) -> int:
@@ -121,14 +120,12 @@ class FederatedLoRA(Algorithm[LanguageModelClient]):
 
     def create_client(self, arch: str, generator: torch.Generator) -> LanguageModelClient:
         rank = self.rank_of(arch)
-        return build_language_model(
+        return self.language_model(
             arch,
-            self.model_settings,
             generator,
             private=False,
             shared_rank=rank,
             shared_alpha=self.scaling * rank,
-            targets=self.config.adapter.targets,
             merged=self.server_keeps == "delta" and "delta" in self.down,
         )
 
@@ -157,14 +154,12 @@ class FederatedLoRA(Algorithm[LanguageModelClient]):
             }
         if self.ranks_per_client:  # the global factors are of the largest rank
             arch = self.config.federation.architectures[0]
-            template = build_language_model(
+            template = self.language_model(
                 arch,
-                self.model_settings,
                 torch_generator(self.config.seed, "server-init", "largest-rank"),
                 private=False,
                 shared_rank=self.largest_rank,
                 shared_alpha=self.scaling * self.largest_rank,
-                targets=self.config.adapter.targets,
             ).to(template.device_marker.device)
         kept = set(self.up) | set(self.down)
         return {

@@ -25,7 +25,6 @@ from pfedlora.algorithms.fedavg import require_one_architecture
 from pfedlora.algorithms.pfedlora import PFedLoRA, PFedLoRAClient
 from pfedlora.algorithms.state import State
 from pfedlora.config import ExperimentConfig
-from pfedlora.models.causal_lm import build_language_model
 
 
 @register_algorithm
@@ -45,14 +44,8 @@ class FedIT(PFedLoRA):
         if not self.task.generative:
             return super().create_client(arch, generator)
         adapter = self.config.adapter
-        return build_language_model(
-            arch,
-            self.model_settings,
-            generator,
-            private=False,
-            shared_rank=adapter.rank,
-            shared_alpha=adapter.effective_alpha,
-            targets=adapter.targets,
+        return self.language_model(
+            arch, generator, private=False, shared_rank=adapter.rank, shared_alpha=adapter.effective_alpha
         )
 
     def train(self, client: PFedLoRAClient, message: State, ctx: ClientContext) -> Upload:

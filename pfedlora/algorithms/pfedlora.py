@@ -38,7 +38,7 @@ from pfedlora.models import (
     load_adapter_state_dict,
     validate_targets,
 )
-from pfedlora.models.causal_lm import SHARED_PREFIX, LanguageModelClient, build_language_model
+from pfedlora.models.causal_lm import SHARED_PREFIX, LanguageModelClient
 from pfedlora.models.peft_lora import lora_targets
 from pfedlora.seeding import torch_generator
 
@@ -88,13 +88,8 @@ class PFedLoRA(Algorithm[PFedLoRAClient]):
     def create_client(self, arch: str, generator: torch.Generator) -> PFedLoRAClient:
         adapter = self.config.adapter
         if self.task.generative:
-            return build_language_model(
-                arch,
-                self.model_settings,
-                generator,
-                shared_rank=adapter.rank,
-                shared_alpha=adapter.effective_alpha,
-                targets=adapter.targets,
+            return self.language_model(
+                arch, generator, shared_rank=adapter.rank, shared_alpha=adapter.effective_alpha
             )
         return attach_adapter(
             build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings),
@@ -150,8 +145,9 @@ class PFedLoRA(Algorithm[PFedLoRAClient]):
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 prefix = client.frozen_prefix(x)
-            logits = client(x) if prefix is None else client.forward_from_prefix(prefix, x)
-            return ctx.task.loss(logits, x, y)
+            if prefix is None:
+                return ctx.task.batch_loss(client, x, y)
+            return ctx.task.loss(client.forward_from_prefix(prefix, x), x, y)
 
         train_on_client_data(
             client,

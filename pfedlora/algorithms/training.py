@@ -142,7 +142,7 @@ def train_on_client_data(
     parameters = [p for p in parameters if p.requires_grad]
 
     def task_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ctx.task.loss(client(x), x, y)
+        return ctx.task.batch_loss(client, x, y)
 
     with trainable(client, parameters):
         run_sgd(

@@ -13,7 +13,7 @@ import torch
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.state import State
-from pfedlora.models.causal_lm import LanguageModelClient, build_language_model
+from pfedlora.models.causal_lm import LanguageModelClient
 
 
 @register_algorithm
@@ -24,7 +24,7 @@ class ZeroShot(Algorithm[LanguageModelClient]):
     tasks: ClassVar[tuple[str, ...]] = ("language-modeling",)
 
     def create_client(self, arch: str, generator: torch.Generator) -> LanguageModelClient:
-        return build_language_model(arch, self.model_settings, generator, private=False)
+        return self.language_model(arch, generator, private=False)
 
     def is_shared(self, key: str) -> bool:
         return False

@@ -15,6 +15,7 @@ from pfedlora.data.datasets import (
 from pfedlora.data.partition import (
     PARTITIONS,
     Partition,
+    cap_evaluation,
     carve_validation,
     dirichlet,
     iid,
@@ -31,6 +32,7 @@ __all__ = [
     "Partition",
     "Split",
     "build_client_data",
+    "cap_evaluation",
     "carve_validation",
     "dirichlet",
     "iid",

@@ -292,6 +292,24 @@ def carve_validation(partition: Partition, fraction: float, rng: np.random.Gener
     return Partition(tuple(train), partition.test, tuple(validation))
 
 
+def cap_evaluation(partition: Partition, most: int, rng: np.random.Generator) -> Partition:
+    """Each client's test and validation indices cut to at most ``most`` (a uniformly random subset, kept
+    sorted; 0: all), so that scoring many clients, or language models, costs less; training is unchanged."""
+    if most < 0:
+        raise ConfigError(f"data.max_eval_samples={most} is invalid; it must be 0 (all) or more")
+    if most == 0:
+        return partition
+
+    def cut(indices: np.ndarray) -> np.ndarray:
+        if len(indices) <= most:
+            return indices
+        return np.sort(rng.choice(indices, size=most, replace=False)).astype(np.int64)
+
+    return Partition(
+        partition.train, tuple(cut(t) for t in partition.test), tuple(cut(v) for v in partition.validation)
+    )
+
+
 @dataclass(frozen=True)
 class PartitionSettings:
     """The settings a partition may use (each uses its own and ignores the rest)."""

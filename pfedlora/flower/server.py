@@ -383,6 +383,11 @@ def run_server(
     ``in_flight``, ``quiet_rounds``: see :class:`GridClients`. ``out_dir`` is locked for this process
     while it runs.
     """
+    if config.data.task != "classification":  # refused before any directory is made or node asked
+        raise ConfigError(
+            f"data.task {config.data.task!r} does not run on Flower yet (its nodes score tokens, which the "
+            "server's evaluation does not read); run it in the simulator, or use data.task 'classification'"
+        )
     out_dir = Path(out_dir)
     resuming = resume and (out_dir / CONFIG_FILE).is_file()
     claim = directory_lock(out_dir) if resuming else new_run_directory(out_dir)

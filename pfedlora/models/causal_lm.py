@@ -38,6 +38,7 @@ from pfedlora.models.peft_lora import save_peft_state
 from pfedlora.models.registry import ModelSettings
 from pfedlora.models.transformer import FAMILIES, require_transformers
 from pfedlora.registry import Registry
+from pfedlora.tasks import IGNORE
 
 _LM_ARCH = re.compile(r"^(?P<family>[a-z0-9]+)-r(?P<rank>\d+)$")
 LM_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -99,14 +100,18 @@ def causal_lm_config(checkpoint: str) -> Any:
     return config
 
 
-def frozen_causal_lm(checkpoint: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The causal LM of ``checkpoint`` on ``device``, frozen and in eval mode: one per process and device,
-    shared by every client (ConfigError where the checkpoint holds no causal LM, e.g. an encoder)."""
-    return _frozen_causal_lm(checkpoint, str(torch.device(device)))
+def frozen_causal_lm(
+    checkpoint: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The causal LM of ``checkpoint`` on ``device`` with weights in ``dtype``, frozen and in eval mode: one
+    per process, device and dtype, shared by every client (ConfigError where the checkpoint holds no causal
+    LM, e.g. an encoder). Frozen weights may be kept in bfloat16 for bf16 training: autocast would cast them
+    so for every matmul anyway, and they never receive an update."""
+    return _frozen_causal_lm(checkpoint, str(torch.device(device)), dtype)
 
 
 @functools.lru_cache(maxsize=4)
-def _frozen_causal_lm(checkpoint: str, device: str) -> nn.Module:
+def _frozen_causal_lm(checkpoint: str, device: str, dtype: torch.dtype) -> nn.Module:
     transformers = require_transformers()
     config = causal_lm_config(checkpoint)
     _dropout_off(config)
@@ -118,7 +123,7 @@ def _frozen_causal_lm(checkpoint: str, device: str) -> nn.Module:
     except (OSError, ValueError) as error:
         raise ConfigError(f"model.checkpoint {checkpoint!r} holds no loadable weights: {error}") from None
     model.requires_grad_(False)
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     _install_hooks(model)
     return model
 
@@ -312,12 +317,13 @@ class LanguageModelClient(nn.Module):
         targets: Sequence[str],
         generator: torch.Generator,
         merged: bool = False,
+        base_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.checkpoint = checkpoint
+        self.checkpoint, self.base_dtype = checkpoint, base_dtype
         # Where the client lives (it moves with .to()), also when it holds no adapter at all.
         self.register_buffer("device_marker", torch.empty(0), persistent=False)
-        layers = adapted_modules(frozen_causal_lm(checkpoint), targets)
+        layers = adapted_modules(frozen_causal_lm(checkpoint, "cpu", base_dtype), targets)
         self.private = (
             LoRAAdapter(layers, private_rank, private_alpha, generator, peft_names=False)
             if private_rank
@@ -332,7 +338,7 @@ class LanguageModelClient(nn.Module):
 
     def base(self) -> nn.Module:
         """The frozen model (the process's one, on this client's device)."""
-        return frozen_causal_lm(self.checkpoint, self.device_marker.device)
+        return frozen_causal_lm(self.checkpoint, self.device_marker.device, self.base_dtype)
 
     def adapters(self) -> list[dict[str, Factors]]:
         """The updates the forward adds: merged ones, the private adapter's, the shared one's."""
@@ -344,6 +350,23 @@ class LanguageModelClient(nn.Module):
         with adapters_on(self.base(), self.adapters()) as model:
             logits: torch.Tensor = model(input_ids=ids, attention_mask=mask).logits
         return logits
+
+    def next_token_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of the positions whose next token is real (T, V) and those tokens (T,): the language
+        model head runs on these alone, not on padding (the mean of their cross-entropy is the task's loss,
+        :func:`~pfedlora.tasks.next_token_targets`)."""
+        ids, mask = x[:, 0].long(), x[:, 1].long()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)  # (B, L-1)
+        keep = targets != IGNORE
+        base = self.base()
+        with adapters_on(base, self.adapters()) as model:
+            if getattr(model.config, "final_logit_softcapping", None):  # a head with more than a matmul
+                return self(x)[:, :-1][keep], targets[keep]
+            decoder = getattr(model, str(model.base_model_prefix))
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+            head: nn.Module = getattr(model, "get_output_embeddings")()  # noqa: B009 (untyped in torch)
+            logits: torch.Tensor = head(hidden[:, :-1][keep])  # (T, V)
+        return logits, targets[keep]
 
     def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -385,10 +408,12 @@ def build_language_model(
     private: bool = True,
     targets: Sequence[str] = (),
     merged: bool = False,
+    base_dtype: torch.dtype = torch.float32,
 ) -> LanguageModelClient:
     """A fresh client of language-model architecture ``arch``: its private adapter (unless ``private`` is
     False), a shared one of ``shared_rank`` (0: none) and, with ``merged``, dense merged updates; LoRA on
-    ``targets`` (default ``q_proj``, ``v_proj``), alpha = 2·rank for the private adapter."""
+    ``targets`` (default ``q_proj``, ``v_proj``), alpha = 2·rank for the private adapter; the frozen base in
+    ``base_dtype``."""
     spec = language_model_arch(arch)
     family = FAMILIES[spec.family]
     rank = spec.private_rank if private else 0
@@ -401,6 +426,7 @@ def build_language_model(
         targets=tuple(targets) or DEFAULT_TARGETS,
         generator=generator,
         merged=merged,
+        base_dtype=base_dtype,
     )
 
 

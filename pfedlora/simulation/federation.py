@@ -21,6 +21,7 @@ from pfedlora.data import (
     Dataset,
     Partition,
     build_client_data,
+    cap_evaluation,
     carve_validation,
     load_dataset,
     make_partition,
@@ -97,7 +98,7 @@ def partition_clients(config: ExperimentConfig, dataset: Dataset) -> Partition:
         partition = carve_validation(
             partition, data_cfg.validation_fraction, numpy_generator(config.seed, "validation")
         )
-    return partition
+    return cap_evaluation(partition, data_cfg.max_eval_samples, numpy_generator(config.seed, "eval-cap"))
 
 
 def client_counts(config: ExperimentConfig, dataset: Dataset) -> dict[int, int]:

@@ -42,7 +42,7 @@ def client_counts(algorithm: AnyAlgorithm, state: nn.Module, data: ClientData, s
     batch_size = algorithm.config.train.batch_size if task.generative else EVAL_BATCH_SIZE
     with torch.inference_mode(), autocast(algorithm.config.train, data.train_indices.device):
         for x, y in data.eval_batches(split, batch_size):
-            sums += task.counts(algorithm.predict(state, x), x, y)
+            sums += task.batch_counts(lambda batch: algorithm.predict(state, batch), state, x, y)
     correct, total, loss_sum = sums.tolist()  # one device-to-host copy per client, not per batch
     return Counts(round(correct), round(total), loss_sum)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 from pfedlora.algorithms import ALGORITHMS, ClientContext, create_algorithm
 from pfedlora.cli import app
 from pfedlora.config import load_config
-from pfedlora.data import build_client_data, make_partition
 from pfedlora.data.text import tokenize_corpus
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
@@ -32,7 +30,7 @@ from pfedlora.models import (
 from pfedlora.models.gguf import CONVERSION_NOTE, _damage, converted_checkpoint
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation import federation, read_run, run_experiment
-from pfedlora.testing import OWN_WORDS, tiny_corpus, tiny_llama
+from pfedlora.testing import OWN_WORDS, tiny_corpus, tiny_llama, whole_client_data
 
 LENGTH = 8
 MIXED = ("hf-l1", "tinyllama-l2", "hf-l2", "tinyllama-l3")
@@ -157,17 +155,7 @@ def test_phases_freeze_exactly_and_the_branch_phase_never_touches_the_private_mo
     config = _config(tiny_checkpoint, "adapter.placement=branch", "data.partition=iid")
     dataset = _dataset(config)
     algorithm = create_algorithm(config, dataset.input_shape, 3)
-    partition = make_partition(
-        "iid",
-        dataset.train_y.numpy(),
-        dataset.test_y.numpy(),
-        1,
-        np.random.default_rng(0),
-        classes_per_client=1,
-        alpha=1.0,
-        min_train_samples=1,
-    )
-    data = build_client_data(dataset, partition, augment=False)[0]
+    data = whole_client_data(dataset)
     client = algorithm.create_client("tinyllama-l2", torch_generator(0, "c"))
     with torch.no_grad():
         client.lora_branch.fc_B.weight.fill_(0.1)  # so that the local phase sees a branch that matters

@@ -12,46 +12,21 @@ import torch
 from pfedlora.algorithms import ALGORITHMS, Upload, create_algorithm
 from pfedlora.algorithms.federated_lora import factor_of, key_of
 from pfedlora.algorithms.lora_aggregation import Factors, best_rank, hetlora
-from pfedlora.config import load_config
 from pfedlora.data.text import tokenize_corpus
 from pfedlora.models import family_tokenizer
 from pfedlora.models.causal_lm import frozen_causal_lm
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation import build_federation, run_experiment
-from pfedlora.testing import tiny_corpus, tiny_llama
+from pfedlora.testing import tiny_corpus
 
-LENGTH = 8
+from .conftest import LM_LENGTH as LENGTH
+from .conftest import lm_config
+
 LM_METHODS = [name for name, cls in ALGORITHMS.items() if "language-modeling" in cls.tasks]
 
 
-@pytest.fixture(scope="module")
-def causal_llama(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("causal-llama"), layers=2, hidden=16, causal_lm=True)
-
-
 def _config(checkpoint, algorithm, *overrides):
-    return load_config(
-        None,
-        [
-            "device=cpu",
-            f"algorithm={algorithm}",
-            "data.task=language-modeling",
-            "data.dataset=kjv",
-            "data.partition=by-source",
-            f"model.checkpoint={checkpoint}",
-            f"model.max_length={LENGTH}",
-            "federation.architectures=hf-r2,hf-r4",
-            "federation.num_clients=4",
-            "federation.rounds=2",
-            "federation.eval_every=1",
-            "federation.sample_fraction=1.0",
-            "adapter.rank=2",
-            "train.batch_size=8",
-            "train.local_steps=3",
-            "train.lr=0.1",
-            *overrides,
-        ],
-    )
+    return lm_config(checkpoint, f"algorithm={algorithm}", "train.lr=0.1", *overrides)
 
 
 def _dataset(config):

@@ -8,7 +8,6 @@ import json
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -16,7 +15,6 @@ from typer.testing import CliRunner
 from pfedlora.algorithms import ClientContext, create_algorithm
 from pfedlora.cli import app
 from pfedlora.config import load_config
-from pfedlora.data import build_client_data, make_partition
 from pfedlora.data.text import tokenize_corpus
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
@@ -25,39 +23,16 @@ from pfedlora.models.causal_lm import LanguageModelClient, build_language_model,
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation import read_run, run_experiment
 from pfedlora.tasks import IGNORE, LANGUAGE_MODELING, TASKS, next_token_targets
-from pfedlora.testing import tiny_corpus, tiny_llama
+from pfedlora.testing import tiny_corpus, whole_client_data
 
-LENGTH = 8
+from .conftest import LM_LENGTH as LENGTH
+from .conftest import lm_config
+
 ARCHS = ("hf-r2", "hf-r4")
 
 
-@pytest.fixture(scope="module")
-def causal_llama(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("causal-llama"), layers=2, hidden=16, causal_lm=True)
-
-
 def _config(checkpoint, *overrides):
-    return load_config(
-        None,
-        [
-            "device=cpu",
-            "data.task=language-modeling",
-            "data.dataset=kjv",
-            "data.partition=by-source",
-            f"model.checkpoint={checkpoint}",
-            f"model.max_length={LENGTH}",
-            f"federation.architectures={','.join(ARCHS)}",
-            "federation.num_clients=4",
-            "federation.rounds=2",
-            "federation.eval_every=1",
-            "federation.sample_fraction=1.0",
-            "adapter.rank=2",
-            "train.batch_size=8",
-            "train.local_steps=3",
-            "train.lr=0.05",
-            *overrides,
-        ],
-    )
+    return lm_config(checkpoint, "train.lr=0.05", *overrides)
 
 
 def _dataset(config):
@@ -87,6 +62,41 @@ def test_the_loss_is_next_token_cross_entropy_without_padding_as_transformers_co
     logits, targets = next_token_targets(out.logits, x)
     valid = targets != IGNORE
     assert hits == int((logits.argmax(-1)[valid] == targets[valid]).sum())
+
+
+def test_the_head_on_real_tokens_alone_gives_the_loss_and_counts_of_the_whole_logits(causal_llama):
+    config = _config(causal_llama)
+    client = create_algorithm(config, (2, LENGTH), 3).create_client("hf-r4", torch_generator(0, "c"))
+    with torch.no_grad():  # nonzero adapters, so that the hooks matter
+        for p in client.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x, y = _batch(config), torch.zeros(6, dtype=torch.long)
+    task = LANGUAGE_MODELING
+    with torch.no_grad():
+        logits = client(x)
+        torch.testing.assert_close(task.batch_loss(client, x, y), task.loss(logits, x, y))
+        torch.testing.assert_close(
+            task.batch_counts(client, client, x, y), task.counts(logits, x, y), rtol=1e-5, atol=1e-4
+        )
+
+
+def test_bf16_training_keeps_the_frozen_base_in_bf16(causal_llama):
+    config = _config(causal_llama, "train.precision=bf16")
+    client = create_algorithm(config, (2, LENGTH), 3).create_client("hf-r2", torch_generator(0, "c"))
+    assert client.base().dtype == torch.bfloat16 and client.base() is not frozen_causal_lm(str(causal_llama))
+    assert all(p.dtype == torch.float32 for p in client.parameters())  # the adapters train in fp32
+
+
+def test_clients_are_scored_on_at_most_max_eval_samples(causal_llama, tmp_path):
+    from pfedlora.simulation.federation import partition_clients
+
+    config = _config(causal_llama, "data.max_eval_samples=3")
+    capped = partition_clients(config, _dataset(config))
+    full = partition_clients(_config(causal_llama), _dataset(config))
+    assert all(
+        len(t) == min(3, len(f)) and set(t) <= set(f) for t, f in zip(capped.test, full.test, strict=True)
+    )
+    assert all((a == b).all() for a, b in zip(capped.train, full.train, strict=True))  # training unchanged
 
 
 def test_a_fresh_client_predicts_what_the_frozen_base_predicts_and_holds_only_its_adapters(causal_llama):
@@ -119,18 +129,7 @@ def test_each_phase_trains_its_own_adapter_alone(causal_llama):
     config = _config(causal_llama)
     algorithm = create_algorithm(config, (2, LENGTH), 3)
     client = algorithm.create_client("hf-r2", torch_generator(0, "c"))
-    dataset = _dataset(config)
-    partition = make_partition(
-        "iid",
-        dataset.train_y.numpy(),
-        dataset.test_y.numpy(),
-        1,
-        np.random.default_rng(0),
-        classes_per_client=1,
-        alpha=1.0,
-        min_train_samples=1,
-    )
-    data = build_client_data(dataset, partition, augment=False)[0]
+    data = whole_client_data(_dataset(config))
     ctx = ClientContext(0, "hf-r2", 1, data, torch_generator(0, "t"), FlopMeter(), LANGUAGE_MODELING)
     base_before = {k: v.clone() for k, v in frozen_causal_lm(str(causal_llama)).state_dict().items()}
 
@@ -321,7 +320,13 @@ def test_a_comparison_of_language_models_is_judged_by_perplexity(causal_llama, t
     )
     assert versus is not None, text  # 2 seeds x 4 clients, each against its own training alone
     assert int(versus[3]) < int(versus[4])  # the untrained base is worse for most clients
-    assert {p.name for p in written} >= {"perplexity_per_round.png", "perplexity_vs_megabytes.png"}
+    assert {p.name for p in written} >= {
+        "perplexity_per_round.png",
+        "perplexity_vs_megabytes.png",
+        "comparison-per-client.csv",
+    }
+    per_client = (tmp_path / "table" / "comparison-per-client.csv").read_text().splitlines()
+    assert per_client[0] == "client,pfedlora,standalone,zero-shot" and len(per_client) == 5  # 4 clients
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     lasts = {
         m: float(rows[m].split(" | ")[2].split(" ± ")[0]) for m in ("pfedlora", "standalone", "zero-shot")
@@ -357,3 +362,14 @@ def test_a_search_over_language_models_keeps_the_lowest_validation_perplexity(tm
     write_search(trials, {"pfedlora": best}, tmp_path)
     lines = (tmp_path / "trials.csv").read_text().splitlines()
     assert lines[0] == "variant,settings,validation ppl,run" and "20.000" in lines[2]
+
+
+def test_flower_refuses_language_modeling_before_anything_is_written(tmp_path):
+    from pfedlora.flower.server import run_server
+
+    config = load_config(
+        None, ["data.task=language-modeling", "data.dataset=kjv", "federation.architectures=smollm2-r8"]
+    )
+    with pytest.raises(ConfigError, match="does not run on Flower yet"):
+        run_server(None, config, tmp_path / "flower", "lm")  # type: ignore[arg-type]
+    assert not (tmp_path / "flower").exists()
