@@ -381,7 +381,10 @@ def finish_run(
         writer.write_summary(summary)
     except KeyboardInterrupt as stop:  # the files are as a crash would leave them: the checkpoint intact
         signum, where = signal_of(stop), str(writer.path)
-        raise RunStopped(signum, where, in_round, fed_cfg.rounds, checkpointer.round, True) from None
+        # The directory says which checkpoint a resume starts from: a stop that lands just after one was
+        # written, before this process noted it, must name that one.
+        saved = checkpoint_round(writer.path)
+        raise RunStopped(signum, where, max(in_round, saved + 1), fed_cfg.rounds, saved, True) from None
     except DiskWriteError as error:  # the same, and the message says so
         state = run_state(in_round, fed_cfg.rounds, checkpointer.round)
         raise DiskWriteError(error.path, error.reason, f"the run stopped {state}") from None
