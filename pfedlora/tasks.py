@@ -52,6 +52,11 @@ class Task:
         logits, targets = next_token_targets(scores, x)
         return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
+    def scored_items(self, x: torch.Tensor) -> int:
+        """How many items :meth:`counts` scores in a batch ``x``: its samples, or for language modeling the
+        real tokens after the first of each sample."""
+        return int(x[:, 1, 1:].sum()) if self.generative else len(x)
+
     def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """:meth:`loss` of ``model``'s scores of a batch; a language model that gives the logits of the real
         next tokens alone (``next_token_logits``) gives the same mean without scoring the padding."""

@@ -33,7 +33,14 @@ from typing import ClassVar
 
 import torch
 
-from pfedlora.algorithms.base import Algorithm, ClientContext, PeftAdapter, Upload, register_algorithm
+from pfedlora.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    PeftAdapter,
+    Upload,
+    UploadBound,
+    register_algorithm,
+)
 from pfedlora.algorithms.lora_aggregation import (
     LORA_RULES,
     Factors,
@@ -222,6 +229,16 @@ class FederatedLoRA(Algorithm[LanguageModelClient]):
         allowed = range(1, self.largest_rank + 1) if self.ranks_per_client else (self.config.adapter.rank,)
         if len(ranks) != 1 or next(iter(ranks)) not in allowed:
             raise ValueError(f"the factors' ranks {sorted(ranks)} are not one rank of {allowed}")
+
+    def upload_bound(self, server_state: State) -> UploadBound:
+        """Every module's factors of ``up`` at the federation's largest rank, in float32."""
+        rank = self.largest_rank
+        values = sum(
+            rank * (in_features if factor == "A" else out_features)
+            for out_features, in_features in self.layer_shapes.values()
+            for factor in self.up
+        )
+        return UploadBound(len(self.layer_shapes) * len(self.up), 4 * values)
 
     def uploads_by_module(self, server_state: State, uploads: Sequence[Upload]) -> dict[str, list[Factors]]:
         """Each module's factors of every upload (a factor the method does not upload: the server's)."""

@@ -79,13 +79,16 @@ def run_sgd(
     kind: Hashable,
     after_step: Callable[[], None] | None = None,
     steps: int = 0,
+    cost_key: Callable[[torch.Tensor], Hashable] | None = None,
 ) -> None:
     """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``, or, when
     ``steps`` > 0, exactly ``steps`` steps (as many passes as that takes, the last one cut short).
 
     A fresh optimizer serves each call, so momentum never carries stale directions across rounds or
     phases. ``batches`` is called once per pass; every step is charged to ``meter`` under ``kind``.
-    ``after_step`` runs after every optimizer step (e.g. a projection onto a constraint set).
+    ``after_step`` runs after every optimizer step (e.g. a projection onto a constraint set). Where a step's
+    FLOPs are not proportional to its samples (a language model's head runs on its real tokens),
+    ``cost_key(x)`` and the batch size are added to ``kind``, so that each distinct pair is counted once.
     """
     if epochs == 0 or not parameters:
         return
@@ -102,15 +105,18 @@ def run_sgd(
         if after_step is not None:
             after_step()
 
+    def charged(x: torch.Tensor) -> Hashable:
+        return kind if cost_key is None else (kind, len(x), cost_key(x))
+
     if steps <= 0:
         for _ in range(epochs):
             for x, y in batches():
-                meter.run(kind, len(y), partial(step, x, y))
+                meter.run(charged(x), len(y), partial(step, x, y))
         return
     done = 0
     while done < steps:
         for x, y in batches():
-            meter.run(kind, len(y), partial(step, x, y))
+            meter.run(charged(x), len(y), partial(step, x, y))
             done += 1
             if done == steps:
                 return
@@ -158,4 +164,5 @@ def train_on_client_data(
             kind=(ctx.arch, phase),
             after_step=after_step,
             steps=train.local_steps,
+            cost_key=ctx.task.scored_items if ctx.task.generative else None,
         )

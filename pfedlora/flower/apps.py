@@ -188,7 +188,8 @@ def _evaluate(message: Message, context: Context) -> Message:
     settings = message.content.config_records[SETTINGS]
     arrays = message.content.array_records
     download = from_record(arrays[TENSORS]) if TENSORS in arrays else None  # after-download protocol
-    correct, total, _ = _node(message, context).evaluate(read_int(settings, "round"), download)
+    correct, total, loss = _node(message, context).evaluate(read_int(settings, "round"), download)
     return Message(
-        RecordDict({METRICS: MetricRecord({"correct": correct, "total": total})}), reply_to=message
+        RecordDict({METRICS: MetricRecord({"correct": correct, "total": total, "loss": loss})}),
+        reply_to=message,
     )

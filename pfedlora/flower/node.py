@@ -29,6 +29,7 @@ from pfedlora.data import ClientData, Dataset
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import MODELS
+from pfedlora.models.causal_lm import LANGUAGE_MODELS
 from pfedlora.models.transformer import families_read_by
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation.federation import (
@@ -64,7 +65,7 @@ class NodeSettings:
         if "partition-id" not in node_config:
             raise ConfigError("node config lacks partition-id (the stable client id of this node)")
         arch = node_config.get("arch")
-        if arch is not None:
+        if arch is not None and str(arch) not in LANGUAGE_MODELS:  # a classifier's, or a language model's
             MODELS.get(str(arch), "node config arch")
         total = node_config.get("num-partitions")
         return cls(
@@ -161,6 +162,7 @@ class Node:
             data=self.data,
             generator=torch_generator(self.config.seed, "train", self.client_id, server_round),
             meter=meter,
+            task=self.algorithm.task,
         )
         upload = client_update(self.algorithm, state, {k: v.to(self.device) for k, v in message.items()}, ctx)
         self._save(state, server_round)
@@ -168,9 +170,12 @@ class Node:
 
     @property
     def num_eval(self) -> int:
-        """Samples of this client's evaluation split."""
-        data = self.data
-        return data.num_validation if self.config.eval_split == "validation" else data.num_test
+        """Items its evaluation scores: the samples of its evaluation split (for language modeling their
+        scored tokens)."""
+        data, task, split = self.data, self.algorithm.task, self.config.eval_split
+        if task.generative:
+            return sum(task.scored_items(x) for x, _ in data.eval_batches(split, 1024))
+        return data.num_validation if split == "validation" else data.num_test
 
     def evaluate(self, server_round: int, download: State | None = None) -> Counts:
         """(correct, total, summed NLL) of the personalized predictor, as it is after ``server_round`` (having

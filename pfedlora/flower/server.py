@@ -46,6 +46,7 @@ from pfedlora.simulation.results import (
     write_atomic,
 )
 from pfedlora.simulation.store import SavedFiles, StateFiles
+from pfedlora.tasks import TASKS, Counts
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class GridClients:
             self._message(content(client_id), client_id, MessageType.EVALUATE, server_round)
             for client_id in asked
         ]
-        counts: dict[int, tuple[int, int]] = {}
+        counts: dict[int, Counts] = {}
         heard: set[int] = set()
         for reply in self._send(outgoing):
             client_id = self._sender(reply, set(asked), heard, server_round)
@@ -306,24 +307,33 @@ class GridClients:
                 server_round,
                 missing,
             )
+        none = Counts(0, 0)
+        generative = TASKS[self.config.data.task].generative
         return AccuracyReport(
-            tuple(counts.get(c, (0, 0))[0] for c in clients),
-            tuple(counts.get(c, (0, 0))[1] for c in clients),
+            tuple(counts.get(c, none).correct for c in clients),
+            tuple(counts.get(c, none).total for c in clients),
             tuple(c in counts for c in clients),
+            tuple(counts.get(c, none).loss_sum for c in clients) if generative else None,
         )
 
-    def _evaluation(self, reply: Message, client_id: int) -> tuple[int, int]:
-        """(correct, total) of an evaluation reply; ValueError unless 0 <= correct <= total and total is the
-        size of the evaluation split the client declared."""
+    def _evaluation(self, reply: Message, client_id: int) -> Counts:
+        """(correct, total, summed NLL) of an evaluation reply; ValueError unless 0 <= correct <= total,
+        total is the size of the evaluation split the client declared (for language modeling its scored
+        tokens) and, where the task reports perplexity, the summed NLL is a finite number >= 0."""
         metrics = reply.content.metric_records[METRICS]
         correct, total = read_int(metrics, "correct"), read_int(metrics, "total")
         if not 0 <= correct <= total:
             raise ValueError(f"correct = {correct} of total = {total} is impossible")
         if total != self.declared_eval[client_id]:
             raise ValueError(
-                f"total = {total}, but the client declared {self.declared_eval[client_id]} evaluation samples"
+                f"total = {total}, but the client declared {self.declared_eval[client_id]} evaluation items"
             )
-        return correct, total
+        if not TASKS[self.config.data.task].generative:
+            return Counts(correct, total)
+        loss = metrics["loss"]
+        if isinstance(loss, bool) or not isinstance(loss, int | float) or not 0 <= loss < float("inf"):
+            raise ValueError(f"loss = {loss!r} is not a finite number >= 0")
+        return Counts(correct, total, float(loss))
 
 
 def _train_result(reply: Message, bound: UploadBound | None = None) -> ClientResult:
@@ -383,11 +393,6 @@ def run_server(
     ``in_flight``, ``quiet_rounds``: see :class:`GridClients`. ``out_dir`` is locked for this process
     while it runs.
     """
-    if config.data.task != "classification":  # refused before any directory is made or node asked
-        raise ConfigError(
-            f"data.task {config.data.task!r} does not run on Flower yet (its nodes score tokens, which the "
-            "server's evaluation does not read); run it in the simulator, or use data.task 'classification'"
-        )
     out_dir = Path(out_dir)
     resuming = resume and (out_dir / CONFIG_FILE).is_file()
     claim = directory_lock(out_dir) if resuming else new_run_directory(out_dir)

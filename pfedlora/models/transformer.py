@@ -325,6 +325,8 @@ def families_read_by(config: ExperimentConfig, arch: str) -> tuple[str, ...]:
     """The families whose tokenizations a client of architecture ``arch`` reads: its own, that of a shared
     transformer model (``baselines.shared_arch``) and that of a text branch."""
     views = text_views(config)
+    if TASKS[config.data.task].generative:  # one family, one view
+        return views
     read = [family_of(arch).name] if is_transformer(arch) else []
     if is_transformer(config.baselines.shared_arch):
         read.append(family_of(config.baselines.shared_arch).name)

@@ -173,3 +173,9 @@ def test_every_language_modeling_method_runs_and_scores_each_client(causal_llama
     assert math.isfinite(summary["mean_perplexity_last"]) and summary["mean_perplexity_last"] > 1
     shares = method not in ("standalone", "zero-shot")
     assert (summary["bytes_total"] > 0) == shares
+    algorithm = create_algorithm(config, (2, LENGTH), 3)
+    largest = algorithm.create_client("hf-r4", torch_generator(0, "largest"))
+    upload = algorithm.shared_state(largest)
+    bound = algorithm.upload_bound(algorithm.initial_server_state(largest))
+    assert len(upload) <= bound.tensors  # what Flower refuses unread lies above what a client can send
+    assert sum(t.numel() * t.element_size() for t in upload.values()) <= bound.bytes

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from pfedlora.algorithms import ClientContext, create_algorithm
 from pfedlora.cli import app
-from pfedlora.config import load_config
 from pfedlora.data.text import tokenize_corpus
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
@@ -364,12 +363,42 @@ def test_a_search_over_language_models_keeps_the_lowest_validation_perplexity(tm
     assert lines[0] == "variant,settings,validation ppl,run" and "20.000" in lines[2]
 
 
-def test_flower_refuses_language_modeling_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("algorithm", ["pfedlora", "flexlora"])
+def test_a_flower_run_of_language_models_equals_the_simulated_run(
+    causal_llama, tmp_path, monkeypatch, algorithm
+):
+    from pfedlora.flower import node as node_module
+    from pfedlora.flower.apps import client_app
     from pfedlora.flower.server import run_server
+    from pfedlora.simulation import TIMING_KEYS
+    from tests.flower.harness import InProcessGrid
 
-    config = load_config(
-        None, ["data.task=language-modeling", "data.dataset=kjv", "federation.architectures=smollm2-r8"]
-    )
-    with pytest.raises(ConfigError, match="does not run on Flower yet"):
-        run_server(None, config, tmp_path / "flower", "lm")  # type: ignore[arg-type]
-    assert not (tmp_path / "flower").exists()
+    config = _config(causal_llama, f"algorithm={algorithm}", "federation.sample_fraction=0.5")
+    dataset = _dataset(config)
+    monkeypatch.setattr(node_module, "load_run_dataset", lambda *args, **kwargs: dataset)
+    node_module.release_memory()
+    run_experiment(config, tmp_path / "simulated", dataset=dataset, workers=0)
+    nodes = [
+        {
+            "partition-id": i,
+            "num-partitions": 4,
+            "arch": config.architecture_of(i),
+            "state-dir": str(tmp_path / "s"),
+        }
+        for i in range(4)
+    ]
+    run_server(InProcessGrid(client_app, nodes), config, tmp_path / "flower", experiment="lm")
+    node_module.release_memory()
+    simulated, flower = read_run(tmp_path / "simulated"), read_run(tmp_path / "flower")
+    # PyTorch's FLOP counter (the first step of each kind and token count, per node and round on Flower,
+    # per process in the simulator) changes a counted step's gradients in the last bits: perplexities
+    # agree to 1e-6, everything else exactly.
+    inexact = {"client_perplexities", "mean_perplexity", "median_perplexity", "mean_accuracy"}
+    inexact |= {"weighted_accuracy", "std_accuracy", "client_accuracies"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS | inexact} for r in rs]  # noqa: E731
+    assert strip(flower[0]) == strip(simulated[0])  # who trained, what was sent, bytes, FLOPs: the same
+    for ours, theirs in zip(flower[0], simulated[0], strict=True):
+        if "client_perplexities" in theirs:
+            assert ours["client_perplexities"] == pytest.approx(theirs["client_perplexities"], rel=1e-6)
+            assert ours["client_accuracies"] == pytest.approx(theirs["client_accuracies"], abs=0.05)
+    assert flower[1]["mean_perplexity_last"] == pytest.approx(simulated[1]["mean_perplexity_last"], rel=1e-6)
