@@ -534,8 +534,9 @@ def _change_over_last_tenth(records: Sequence[RoundRecord], headline: Headline =
 
 
 def _flops_budget(results: Sequence[Result]) -> float:
-    """The smallest total client FLOPs any run spent: where "acc @ equal FLOPs" reads every curve."""
-    return min((s["train_flops_total"] for _, _, s in results), default=0.0)
+    """The smallest total client FLOPs any run that trained spent: where "acc @ equal FLOPs" reads every
+    curve (a run that trains nothing, the zero-shot base, would make it zero)."""
+    return min((s["train_flops_total"] for _, _, s in results if s["train_flops_total"] > 0), default=0.0)
 
 
 def comparison_rows(results: Sequence[Result]) -> list[list[str]]:
