@@ -190,6 +190,18 @@ def adapted_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Li
     return found
 
 
+def _add_at(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Add ``module`` under the dotted ``name`` below ``root``, making empty containers on the way, so that
+    state-dict keys mirror the frozen model's module names."""
+    parent = root
+    *path, leaf = name.split(".")
+    for part in path:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, module)
+
+
 class LowRankFactors(nn.Module):
     """A and B of one adapted layer: named ``lora_A.default.weight`` / ``lora_B.default.weight`` as PEFT
     names them (``peft_names``), else ``A`` / ``B``."""
@@ -241,13 +253,7 @@ class LoRAAdapter(nn.Module):
         self.rank, self.alpha, self.scaling = rank, float(alpha), float(alpha) / rank
         self.modules_adapted = tuple(layers)
         for name, layer in layers.items():  # module order: the draws of A follow it
-            parent: nn.Module = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, LowRankFactors(layer, rank, generator, peft_names=peft_names))
+            _add_at(self, name, LowRankFactors(layer, rank, generator, peft_names=peft_names))
 
     def factors(self) -> dict[str, Factors]:
         """Module name -> (A, B, alpha/r)."""
@@ -277,15 +283,9 @@ class MergedUpdates(nn.Module):
         super().__init__()
         self.modules_adapted = tuple(layers)
         for name, layer in layers.items():
-            parent: nn.Module = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
             holder = nn.Module()
             holder.register_buffer("delta", torch.zeros(layer.out_features, layer.in_features))
-            parent.add_module(leaf, holder)
+            _add_at(self, name, holder)
 
     def factors(self) -> dict[str, Factors]:
         """Module name -> (None, ΔW, 1)."""
