@@ -1,21 +1,50 @@
 #!/usr/bin/env bash
 # Regenerates docs/results-lm.md's runs: every language-modeling method on SmolLM2 clients of the KJV by
-# book (examples/kjv-lm.toml), seed 0, and copies the figures into docs/figures.
+# book (examples/kjv-lm.toml) and of Debian's fortunes by category (examples/fortunes-lm.toml), seed 0; the
+# closest methods (and pFedLoRA and training alone) at seeds 1 and 2; copies the figures into docs/figures.
 #
-#   bash docs/regenerate-lm.sh        # about 25 minutes on a 2-core CPU; reruns reuse finished runs
+#   bash docs/regenerate-lm.sh [target ...]   # targets: kjv fortunes kjv-seeds fortunes-seeds figures
 #
+# About 25 minutes a corpus at seed 0 and 30 for the seeds, on a 2-core CPU; reruns reuse finished runs.
 # Needs `make setup-text`. The methods that train one adapter in one phase get pFedLoRA's two phases' steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PFEDLORA=${PFEDLORA:-.venv/bin/pfedlora}
 export HF_HUB_OFFLINE=1
-SINGLE=(standalone fedit ffa-lora fedsa-lora hetlora flexlora flora)
+ALL=pfedlora,standalone,zero-shot,fedit,ffa-lora,fedsa-lora,hetlora,flexlora,flora
 FAIR=()
-for method in "${SINGLE[@]}"; do FAIR+=(--set "$method:train.local_steps=12"); done
-"$PFEDLORA" compare -q --config examples/kjv-lm.toml \
-  -a pfedlora,standalone,zero-shot,fedit,ffa-lora,fedsa-lora,hetlora,flexlora,flora \
-  "${FAIR[@]}" --jobs 2 --workers 1 --out runs/lm-kjv
-mkdir -p docs/figures
-for name in perplexity_per_round perplexity_vs_megabytes perplexity_vs_tflops; do
-  cp "runs/lm-kjv/$name.png" "docs/figures/lm-kjv-${name//_/-}.png"
+for method in standalone fedit ffa-lora fedsa-lora hetlora flexlora flora; do
+  FAIR+=(--set "$method:train.local_steps=12")
 done
+# The three methods closest to the best at seed 0 (see results-lm.md), with pFedLoRA and training alone.
+KJV_CLOSEST=${KJV_CLOSEST:-pfedlora,standalone,flexlora,fedit,hetlora}
+FORTUNES_CLOSEST=${FORTUNES_CLOSEST:-pfedlora,standalone,flexlora,fedit,hetlora}
+
+every_method() {  # corpus: every method, seed 0
+  "$PFEDLORA" compare -q --config "examples/$1-lm.toml" -a "$ALL" "${FAIR[@]}" --seeds 0 \
+    --jobs 2 --workers 1 --out "runs/lm-$1"
+}
+closest() {  # corpus, methods: seeds 0-2 (seed 0 is reused)
+  "$PFEDLORA" compare -q --config "examples/$1-lm.toml" -a "$2" "${FAIR[@]}" --seeds 0,1,2 \
+    --jobs 2 --workers 1 --out "runs/lm-$1"
+}
+kjv() { every_method kjv; }
+fortunes() { every_method fortunes; }
+kjv-seeds() { closest kjv "$KJV_CLOSEST"; }
+fortunes-seeds() { closest fortunes "$FORTUNES_CLOSEST"; }
+figures() {  # every method at seed 0, then the closest at seeds 0-2 (finished runs are only read)
+  mkdir -p docs/figures
+  for corpus in kjv fortunes; do
+    every_method "$corpus" > /dev/null
+    for name in perplexity_per_round perplexity_vs_megabytes perplexity_vs_tflops; do
+      cp "runs/lm-$corpus/$name.png" "docs/figures/lm-$corpus-${name//_/-}.png"
+    done
+    if [ "$corpus" = kjv ]; then closest kjv "$KJV_CLOSEST"; else closest fortunes "$FORTUNES_CLOSEST"; fi \
+      > /dev/null
+    cp "runs/lm-$corpus/perplexity_per_round.png" "docs/figures/lm-$corpus-seeds-perplexity-per-round.png"
+  done
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(kjv fortunes kjv-seeds fortunes-seeds figures)
+for target in "${targets[@]}"; do "$target"; done
