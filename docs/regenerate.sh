@@ -32,11 +32,11 @@ TUNED=(
   --set pfedlora:adapter.epochs=2 --set pfedlora:adapter.rank=8
   --set standalone:train.local_epochs=3 --set standalone:train.lr=0.03
   --set lg-fedavg:train.local_epochs=3 --set lg-fedavg:train.lr=0.03
-  --set fml:train.local_epochs=3 --set fml:train.lr=0.03 --set fml:baselines.fml_alpha=0.5
+  --set fml:train.local_epochs=3 --set fml:train.lr=0.03 --set fml:fml.alpha=0.5
   --set fedkd:train.local_epochs=3 --set fedkd:train.lr=0.03
-  --set fedgh:train.local_epochs=3 --set fedgh:train.lr=0.03 --set fedgh:baselines.fedgh_server_lr=0.1
+  --set fedgh:train.local_epochs=3 --set fedgh:train.lr=0.03 --set fedgh:fedgh.server_lr=0.1
   --set fedapen:train.local_epochs=3 --set fedapen:train.lr=0.03
-  --set fedapen:baselines.fedapen_lambda_lr=0.01
+  --set fedapen:fedapen.lambda_lr=0.01
   --set fedproto:train.local_epochs=3 --set fedproto:train.lr=0.03
 )
 
@@ -53,8 +53,8 @@ declare -A SETTINGS=(
 search() {
   "$PFEDLORA" tune -a pfedlora,standalone,lg-fedavg,fml,fedkd,fedgh,fedapen -p branch \
     -x train.local_epochs=1,2,3 -x train.lr=0.01,0.03 \
-    -x pfedlora:adapter.epochs=1,2 -x pfedlora:adapter.rank=8,16 -x fml:baselines.fml_alpha=0.5,0.3 \
-    -x fedgh:baselines.fedgh_server_lr=0.01,0.1 -x fedapen:baselines.fedapen_lambda_lr=0.01,0.1 \
+    -x pfedlora:adapter.epochs=1,2 -x pfedlora:adapter.rank=8,16 -x fml:fml.alpha=0.5,0.3 \
+    -x fedgh:fedgh.server_lr=0.01,0.1 -x fedapen:fedapen.lambda_lr=0.01,0.1 \
     --set federation.rounds=30 --set data.validation_fraction=0.1 "${KERNEL[@]}" --out runs/tune-n100-c10-k5
 }
 

@@ -617,8 +617,11 @@ def generate(
 
 @app.command("list")
 def list_available() -> None:
-    """Show the algorithms, models, tasks, datasets, partitions and adapter placements."""
+    """Show the algorithms and their options, models, tasks, datasets, partitions and adapter placements."""
+    import dataclasses
+
     from pfedlora.algorithms import ALGORITHMS
+    from pfedlora.config import allowed_values, default_options, option_key
     from pfedlora.data import DATASETS, PARTITIONS, search_paths
     from pfedlora.models import FAMILIES, MODELS, PLACEMENTS, build_model, is_transformer
     from pfedlora.models.causal_lm import LANGUAGE_MODELS, LM_RANKS
@@ -628,6 +631,15 @@ def list_available() -> None:
     table = Table(title="algorithms", show_header=False)
     for name, cls in ALGORITHMS.items():
         table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+    title = "algorithms' own options (--set <algorithm>.<key>=<value>, or a [<algorithm>] section)"
+    table = Table(title=title)
+    for column in ("key", "default", "allowed"):
+        table.add_column(column)
+    for name, options in default_options().items():
+        for declared in dataclasses.fields(options):
+            key, default = f"{name}.{option_key(declared.name)}", getattr(options, declared.name)
+            table.add_row(key, repr(default), escape(allowed_values(declared)))
     console.print(table)
 
     table = Table(title="models (client i gets architectures[i mod n])")

@@ -1,11 +1,11 @@
 """Experiment configuration: frozen dataclasses, loaded from TOML and ``key=value`` overrides.
 
 A configuration is a tree of sections (``[data]``, ``[federation]``, ``[train]``, ``[model]``,
-``[adapter]``, ``[baselines]``, ``[privacy]``) under a few top-level keys (``algorithm``, ``seed``,
-``device``). Every value is validated once, here, and an error names the bad key, the bad value and what
-is allowed; names of algorithms, datasets, partitions, models and adapter placements are checked against
-their registries (:mod:`pfedlora.registry`). Nothing downstream re-checks or copies these values onto objects.
-"""
+``[adapter]``, ``[privacy]``, and one section of each algorithm's own options, e.g. ``[fedkd]``) under a
+few top-level keys (``algorithm``, ``seed``, ``device``). Every value is validated once, here, and an error
+names the bad key, the bad value and what is allowed; names of algorithms, datasets, partitions, models and
+adapter placements are checked against their registries (:mod:`pfedlora.registry`). Nothing downstream
+re-checks or copies these values onto objects."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import logging
 import math
 import tomllib
 import typing
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -180,24 +180,85 @@ class AdapterConfig:
         return self.alpha if self.alpha > 0 else 2.0 * self.rank
 
 
-@dataclass(frozen=True)
-class BaselineConfig:
-    """Hyperparameters of the baselines (SPEC §4); pFedLoRA ignores them."""
+def option(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    choices: tuple[str, ...] = (),
+    models: bool = False,
+) -> Any:
+    """A field of an algorithm's options, with what :func:`validate` allows: a range ``low`` to ``high``
+    (``high`` included; ``low`` where ``low_inclusive``), a tuple of ``choices``, or any registered model
+    name (``models``)."""
+    metadata: dict[str, Any] = {"choices": choices, "models": models}
+    if low is not None:
+        metadata["range"] = (low, high, low_inclusive)
+    return field(default=default, metadata=metadata)
 
-    shared_arch: str = "cnn5"
-    """The small homogeneous model shared by FML, FedKD and FedAPEN."""
-    kl_reduction: str = "batchmean"
-    """Reduction of every KL term: "batchmean" (per-sample mean, SPEC §4) or "mean" (per element)."""
-    fml_alpha: float = 0.5
-    fml_beta: float = 0.5
-    fedkd_energy_start: float = 0.95
-    fedkd_energy_end: float = 0.98
-    fedgh_server_lr: float = 0.01
-    fedgh_server_epochs: int = 1
-    fedproto_lambda: float = 10.0
-    fedapen_holdout_fraction: float = 0.05
-    fedapen_lambda_epochs: int = 5
-    fedapen_lambda_lr: float = 0.01
+
+@dataclass(frozen=True)
+class AlgorithmOptions:
+    """Base of an algorithm's own options (a frozen dataclass registered with the algorithm as its
+    ``options_type``): the fields of the ``[<algorithm>]`` section, declared with :func:`option`. A field
+    named ``lambda_`` is the key ``lambda``."""
+
+    def check(self) -> None:
+        """Refuse (ConfigError) values that are each allowed but not together; by default nothing."""
+
+
+@dataclass(frozen=True)
+class SharedModelOptions(AlgorithmOptions):
+    """Options of an algorithm whose clients share a small homogeneous model beside their private one."""
+
+    shared_arch: str = option("cnn5", models=True)
+    """The architecture of the shared model (its tokenizer is read where it is a transformer)."""
+
+
+def option_key(name: str) -> str:
+    """The configuration key of the options field ``name`` (``lambda_`` -> ``lambda``)."""
+    return name.rstrip("_")
+
+
+class OptionSections(Mapping[str, AlgorithmOptions]):
+    """Every registered algorithm's options, by algorithm name (read-only, comparable, hashable)."""
+
+    def __init__(self, sections: Mapping[str, AlgorithmOptions]) -> None:
+        self._sections = dict(sections)
+
+    def __getitem__(self, name: str) -> AlgorithmOptions:
+        return self._sections[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sections)
+
+    def __len__(self) -> int:
+        return len(self._sections)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._sections.items()))
+
+    def __repr__(self) -> str:
+        return f"OptionSections({self._sections!r})"
+
+    def replaced(self, name: str, options: AlgorithmOptions) -> OptionSections:
+        """A copy with ``name``'s options replaced."""
+        return OptionSections({**self._sections, name: options})
+
+
+def option_classes() -> dict[str, type[AlgorithmOptions]]:
+    """The options class of every registered algorithm that has options, by algorithm name."""
+    from pfedlora.algorithms import ALGORITHMS
+
+    return {
+        name: cls.options_type for name, cls in ALGORITHMS.items() if dataclasses.fields(cls.options_type)
+    }
+
+
+def default_options() -> OptionSections:
+    """Every registered algorithm's options at their defaults."""
+    return OptionSections({name: cls() for name, cls in option_classes().items()})
 
 
 @dataclass(frozen=True)
@@ -228,13 +289,19 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    options: OptionSections = field(default_factory=default_options)
+    """Each algorithm's own options (the ``[<algorithm>]`` sections, e.g. ``[fedkd] energy_start``)."""
 
     def architecture_of(self, client_id: int) -> str:
         """The architecture name of client ``client_id``."""
         archs = self.federation.architectures
         return archs[client_id % len(archs)]
+
+    @property
+    def algorithm_options(self) -> AlgorithmOptions:
+        """The options of the run's own algorithm (an empty :class:`AlgorithmOptions` where it has none)."""
+        return self.options.get(self.algorithm, AlgorithmOptions())
 
     @property
     def adapter_lr(self) -> float:
@@ -256,7 +323,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.sgd_kernel": SGD_KERNELS,
     "federation.aggregator": AGGREGATORS,
     "federation.evaluate": EVALUATION_PROTOCOLS,
-    "baselines.kl_reduction": ("batchmean", "mean"),
     "model.pooling": ("auto", "mean", "last"),
 }
 
@@ -278,7 +344,6 @@ def _registries(task: str = "classification") -> dict[str, Registry[Any]]:
         "data.partition": PARTITIONS,
         "federation.architectures": LANGUAGE_MODELS if TASKS[task].generative else MODELS,
         "adapter.placement": PLACEMENTS,
-        "baselines.shared_arch": MODELS,
     }
 
 
@@ -317,16 +382,6 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "adapter.alpha": (0, _INF, True),
     "adapter.lr": (0, _INF, True),
     "adapter.epochs": (0, _INF, True),
-    "baselines.fml_alpha": (0, 1, True),
-    "baselines.fml_beta": (0, 1, True),
-    "baselines.fedkd_energy_start": (0, 1, False),
-    "baselines.fedkd_energy_end": (0, 1, False),
-    "baselines.fedgh_server_lr": (0, _INF, False),
-    "baselines.fedgh_server_epochs": (1, _INF, True),
-    "baselines.fedproto_lambda": (0, _INF, True),
-    "baselines.fedapen_holdout_fraction": (0, 0.5, False),
-    "baselines.fedapen_lambda_epochs": (1, _INF, True),
-    "baselines.fedapen_lambda_lr": (0, _INF, False),
     "privacy.clip_norm": (0, _INF, True),
     "privacy.noise_multiplier": (0, _INF, True),
     "privacy.delta": (0, 1, False),
@@ -374,33 +429,69 @@ def _is_section(tp: Any) -> bool:
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = _section_fields(cls)
+    fields = {option_key(name): f for name, f in _section_fields(cls).items()}
+    sections = option_classes() if cls is ExperimentConfig else {}
+    options: dict[str, AlgorithmOptions] = {}
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
-        if name not in fields:
-            allowed = ", ".join(f"{prefix}{f}" for f in fields)
+        if name in sections:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a section (table) of {name}'s options, got {value!r}")
+            options[name] = _build(sections[name], value, f"{key}.")
+            continue
+        if name not in fields or (sections and fields[name].name == "options"):
+            allowed = ", ".join(f"{prefix}{f}" for f in fields if not (sections and f == "options"))
+            if sections:
+                allowed += f"; sections of an algorithm's options: {', '.join(sections)}"
             raise ConfigError(f"unknown key {key!r}; allowed keys here: {allowed}")
-        tp = hints[name]
+        field_name = fields[name].name
+        tp = hints[field_name]
         if _is_section(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a section (table) of keys, got {value!r}")
-            kwargs[name] = _build(tp, value, f"{key}.")
+            kwargs[field_name] = _build(tp, value, f"{key}.")
         else:
-            kwargs[name] = _coerce(key, value, tp)
+            kwargs[field_name] = _coerce(key, value, tp)
+    if sections:
+        kwargs["options"] = OptionSections({n: options.get(n) or c() for n, c in sections.items()})
     return cls(**kwargs)
 
 
 def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Every value of ``config`` (or of one section) by its dotted key, e.g. ``{"train.lr": 0.01, ...}``."""
+    """Every value of ``config`` (or of one section) by its dotted key, e.g. ``{"train.lr": 0.01, ...}``; an
+    algorithm's options under its name (``"fedkd.energy_start"``)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
+        if isinstance(value, OptionSections):
+            for name, options in value.items():
+                out.update(flat_config(options, f"{prefix}{name}."))
+        elif dataclasses.is_dataclass(value):
             out.update(flat_config(value, f"{prefix}{f.name}."))
         else:
-            out[f"{prefix}{f.name}"] = value
+            out[f"{prefix}{option_key(f.name)}"] = value
     return out
+
+
+def allowed_values(declared: dataclasses.Field) -> str:
+    """What an options field allows, in words (for ``pfedlora list``): its range, choices or "a model"."""
+    meta = declared.metadata
+    if meta.get("choices"):
+        return ", ".join(meta["choices"])
+    if meta.get("models"):
+        return "a model name (see models)"
+    if "range" in meta:
+        low, high, low_inclusive = meta["range"]
+        return f"{'[' if low_inclusive else '('}{low:g}, {'inf)' if high == _INF else f'{high:g}]'}"
+    return "any"
+
+
+def _option_fields(config: ExperimentConfig) -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """Every algorithm's options field: its key, its value and its declaration."""
+    for name, options in config.options.items():
+        for f in dataclasses.fields(options):
+            yield f"{name}.{option_key(f.name)}", getattr(options, f.name), f
 
 
 def differences(before: ExperimentConfig, now: ExperimentConfig, ignore: Collection[str] = ()) -> str:
@@ -429,12 +520,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         else:
             registry.get(value, key)
     for key, (low, high, low_inclusive) in _RANGES.items():
-        value = flat[key]
-        too_low = value < low if low_inclusive else value <= low
-        if too_low or value > high:
-            lower = "[" if low_inclusive else "("
-            upper = "inf)" if high == _INF else f"{high:g}]"
-            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
+        _check_range(key, flat[key], low, high, low_inclusive)
     source = registries["data.dataset"][config.data.dataset]
     if TASKS[config.data.task].generative and source.kind != "text":
         text = ", ".join(name for name, each in registries["data.dataset"].items() if each.kind == "text")
@@ -458,11 +544,16 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"{config.adapter.placement!r} adapts no layer); got targets {list(config.adapter.targets)} "
             f"with placement {config.adapter.placement!r}"
         )
-    if config.baselines.fedkd_energy_start > config.baselines.fedkd_energy_end:
-        raise ConfigError(
-            f"baselines.fedkd_energy_start ({config.baselines.fedkd_energy_start}) must not exceed "
-            f"baselines.fedkd_energy_end ({config.baselines.fedkd_energy_end})"
-        )
+    for key, value, declared in _option_fields(config):
+        choices = declared.metadata.get("choices", ())
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(choices)}")
+        if declared.metadata.get("models"):
+            _models().get(value, key)
+        if "range" in declared.metadata:
+            _check_range(key, value, *declared.metadata["range"])
+    for options in config.options.values():
+        options.check()
     if config.privacy.noise_multiplier > 0 and not config.privacy.enabled:
         raise ConfigError(
             f"privacy.noise_multiplier = {config.privacy.noise_multiplier} needs privacy.clip_norm > 0: "
@@ -477,6 +568,20 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("train.local_epochs and adapter.epochs are both 0: nothing would be trained")
     _check_federation(config.federation)
     return config
+
+
+def _check_range(key: str, value: float, low: float, high: float, low_inclusive: bool) -> None:
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        lower = "[" if low_inclusive else "("
+        upper = "inf)" if high == _INF else f"{high:g}]"
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
+
+
+def _models() -> Registry[Any]:
+    from pfedlora.models import MODELS
+
+    return MODELS
 
 
 def clients_per_round(num_clients: int, fraction: float) -> int:
@@ -520,8 +625,56 @@ def _check_federation(fed: FederationConfig) -> None:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
-    """Build and validate a configuration from nested mappings (as TOML gives)."""
-    return validate(_build(ExperimentConfig, values, ""))
+    """Build and validate a configuration from nested mappings (as TOML gives); a ``[baselines]`` section of
+    earlier versions is read as the algorithms' options it held (:data:`BASELINES_KEYS`)."""
+    return validate(_build(ExperimentConfig, _without_baselines(values), ""))
+
+
+BASELINES_KEYS: dict[str, tuple[str, ...]] = {
+    "shared_arch": ("fml.shared_arch", "fedkd.shared_arch", "fedapen.shared_arch"),
+    "kl_reduction": ("fml.kl_reduction", "fedkd.kl_reduction", "fedapen.kl_reduction"),
+    "fml_alpha": ("fml.alpha",),
+    "fml_beta": ("fml.beta",),
+    "fedkd_energy_start": ("fedkd.energy_start",),
+    "fedkd_energy_end": ("fedkd.energy_end",),
+    "fedgh_server_lr": ("fedgh.server_lr",),
+    "fedgh_server_epochs": ("fedgh.server_epochs",),
+    "fedproto_lambda": ("fedproto.lambda",),
+    "fedapen_holdout_fraction": ("fedapen.holdout_fraction",),
+    "fedapen_lambda_epochs": ("fedapen.lambda_epochs",),
+    "fedapen_lambda_lr": ("fedapen.lambda_lr",),
+}
+"""The keys of the ``[baselines]`` section that earlier versions had (their run directories, commands and
+search axes still say ``baselines.fml_alpha``), each with the algorithms' option keys it now is."""
+
+
+def _without_baselines(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``values`` with a ``[baselines]`` section moved into the algorithms' sections it now belongs to (a
+    key given in both places must agree)."""
+    legacy = values.get("baselines")
+    if legacy is None:
+        return values
+    if not isinstance(legacy, Mapping):
+        raise ConfigError(f"baselines: expected a section (table) of keys, got {legacy!r}")
+    tree = copy.deepcopy({k: v for k, v in values.items() if k != "baselines"})
+    for name, value in legacy.items():
+        if name not in BASELINES_KEYS:
+            raise ConfigError(
+                f"unknown key 'baselines.{name}'; the [baselines] section of earlier versions held "
+                f"{', '.join(BASELINES_KEYS)} (today each algorithm's own section: `pfedlora list`)"
+            )
+        for target in BASELINES_KEYS[name]:
+            section, key = target.split(".")
+            node = tree.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{section}: expected a section (table) of {section}'s options")
+            if key in node and node[key] != value:
+                raise ConfigError(
+                    f"baselines.{name} = {value!r} and {target} = {node[key]!r} disagree; {target} is "
+                    "today's key: give it alone"
+                )
+            node[key] = value
+    return tree
 
 
 EARLIER_BEHAVIOUR: dict[str, Any] = {"train.sgd_kernel": "foreach"}
@@ -593,7 +746,8 @@ def load_run_config(path: str | Path) -> ExperimentConfig:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Nested plain-data form of ``config`` (an ExperimentConfig or one of its sections; tuples as lists),
-    the inverse of :func:`config_from_dict`."""
+    the inverse of :func:`config_from_dict`. Of the algorithms' options, the run's own algorithm's section
+    and any other that differs from its defaults."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
@@ -603,7 +757,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else plain(value)
+        if isinstance(value, OptionSections):
+            for name, options in value.items():
+                if name == config.algorithm or options != type(options)():
+                    out[name] = config_to_dict(options)
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        else:
+            out[option_key(f.name)] = plain(value)
     return out
 
 
@@ -617,10 +778,16 @@ def replace(config: ExperimentConfig, **sections: Any) -> ExperimentConfig:
     return validate(dataclasses.replace(config, **sections))
 
 
+def with_options(config: ExperimentConfig, algorithm: str, **values: Any) -> ExperimentConfig:
+    """A validated copy with some of ``algorithm``'s options replaced."""
+    options = dataclasses.replace(config.options[algorithm], **values)
+    return replace(config, options=config.options.replaced(algorithm, options))
+
+
 __all__ = [
     "PHASE_ORDERS",
     "AdapterConfig",
-    "BaselineConfig",
+    "AlgorithmOptions",
     "DataConfig",
     "ExperimentConfig",
     "FederationConfig",
@@ -632,6 +799,8 @@ __all__ = [
     "flat_config",
     "load_config",
     "load_run_config",
+    "option",
     "run_config_from_dict",
     "validate",
+    "with_options",
 ]

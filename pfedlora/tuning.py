@@ -44,7 +44,7 @@ class Axis:
     @classmethod
     def parse(cls, text: str) -> Axis:
         """``[label:]key=v1,v2,...``, for example ``train.local_epochs=1,2,3`` or
-        ``fedproto:baselines.fedproto_lambda=1,10``."""
+        ``fedproto:fedproto.lambda=1,10``."""
         shared, scoped = split_scoped([text])
         scope, (assignment,) = next(iter(scoped.items())) if scoped else (None, shared)
         key, sep, listed = assignment.partition("=")

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -151,9 +153,12 @@ def test_list_shows_what_is_available():
         "by-source",
         "head",
         "minilm-l6",
+        "fedproto.lambda",
+        "fedkd.energy_start",
     ):
         assert name in result.output
     assert "2.62M" in result.output  # cnn1 on 3×32×32, SPEC §3
+    assert re.search(r"fml\.alpha\s+│ 0\.5\s+│ \[0, 1\]", result.output)  # key, default, range
 
 
 def test_resume_continues_a_run_and_refuses_other_options(tmp_path, tiny_data):

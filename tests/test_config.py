@@ -1,14 +1,19 @@
 import tomllib
+from dataclasses import dataclass
 
 import pytest
 
 from pfedlora.config import (
+    AlgorithmOptions,
     ExperimentConfig,
     config_from_dict,
     config_to_toml,
+    flat_config,
     load_config,
     load_run_config,
+    option,
     run_config_from_dict,
+    with_options,
 )
 from pfedlora.errors import ConfigError
 
@@ -136,3 +141,73 @@ def test_a_run_written_before_a_key_existed_reads_as_what_it_did(tmp_path):
 def test_a_malformed_run_config_is_a_config_error_not_a_crash():
     with pytest.raises(ConfigError):
         run_config_from_dict({"train": 5})
+
+
+def test_each_algorithm_owns_its_options():
+    config = load_config(None, ["fml.alpha=0.3", "fedproto.lambda=2", "fedkd.shared_arch=cnn3"])
+    assert config.options["fml"].alpha == 0.3 and config.options["fml"].beta == 0.5
+    assert config.options["fedproto"].lambda_ == 2.0
+    assert config.options["fedkd"].shared_arch == "cnn3" and config.options["fml"].shared_arch == "cnn5"
+    assert config.algorithm_options == ExperimentConfig().algorithm_options  # pfedlora has none
+    assert with_options(config, "fml", beta=0.1).options["fml"].beta == 0.1
+    text = config_to_toml(config)
+    assert "[fml]\n" in text and "[fedproto]\nlambda = 2.0\n" in text and "[fedapen]" not in text
+    assert config_from_dict(tomllib.loads(text)) == config
+    assert "fedproto.lambda" in flat_config(config)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("fml.gamma=1", "unknown key 'fml.gamma'; allowed keys here: fml.shared_arch, fml.kl_reduction"),
+        ("fml.alpha=1.5", "fml.alpha: 1.5 is out of range; allowed: [0, 1]"),
+        ("fedgh.server_lr=0", "fedgh.server_lr: 0.0 is out of range; allowed: (0, inf)"),
+        ("fedapen.kl_reduction=sum", "fedapen.kl_reduction: unknown value 'sum'; allowed: batchmean, mean"),
+        ("fedkd.shared_arch=cnn9", "fedkd.shared_arch: unknown value 'cnn9'; allowed: cnn1"),
+        ("fedkd.energy_start=0.99", "fedkd.energy_start (0.99) must not exceed fedkd.energy_end (0.98)"),
+        ("fml=3", "fml: expected a section (table) of fml's options"),
+        ("nope=1", "sections of an algorithm's options: fml, fedkd, fedgh"),
+    ],
+)
+def test_bad_options_name_the_key_and_what_is_allowed(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_the_baselines_section_of_earlier_versions_still_reads(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'algorithm = "fedkd"\n[baselines]\nshared_arch = "cnn4"\nkl_reduction = "mean"\nfml_alpha = 0.25\n'
+        "fedkd_energy_start = 0.9\nfedproto_lambda = 1.0\nfedapen_lambda_lr = 0.1\n"
+    )
+    config = load_run_config(path)
+    assert {config.options[name].shared_arch for name in ("fml", "fedkd", "fedapen")} == {"cnn4"}
+    assert config.options["fedapen"].kl_reduction == "mean" and config.options["fml"].alpha == 0.25
+    assert config.options["fedkd"].energy_start == 0.9 and config.options["fedproto"].lambda_ == 1.0
+    assert config.options["fedapen"].lambda_lr == 0.1
+    assert load_config(None, ["baselines.fml_beta=0.2"]).options["fml"].beta == 0.2  # old commands too
+    assert load_config(path).options == config.options
+    with pytest.raises(ConfigError, match=r"baselines.fml_alpha = 0.2 and fml.alpha = 0.3 disagree"):
+        load_config(None, ["baselines.fml_alpha=0.2", "fml.alpha=0.3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'baselines.fml_gamma'; the \[baselines\] section"):
+        load_config(None, ["baselines.fml_gamma=0.2"])
+
+
+def test_an_algorithm_registered_with_options_gets_a_section(monkeypatch):
+    from pfedlora.algorithms import ALGORITHMS
+    from pfedlora.algorithms.standalone import Standalone
+
+    @dataclass(frozen=True)
+    class ToyOptions(AlgorithmOptions):
+        temperature: float = option(1.0, low=0, low_inclusive=False)
+
+    class Toy(Standalone):
+        name = "toy"
+        options_type = ToyOptions
+
+    monkeypatch.setitem(ALGORITHMS._entries, "toy", Toy)
+    config = load_config(None, ["algorithm=toy", "toy.temperature=2"])
+    assert config.algorithm_options == ToyOptions(2.0)
+    with pytest.raises(ConfigError, match=r"toy.temperature: -1.0 is out of range"):
+        load_config(None, ["toy.temperature=-1"])

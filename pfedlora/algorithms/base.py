@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pfedlora.algorithms.state import State, check_schema, combine
-from pfedlora.config import ExperimentConfig
+from pfedlora.config import AlgorithmOptions, ExperimentConfig
 from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import FeatureClassifier, ModelSettings, build_model, check_homogeneous, model_settings
@@ -96,10 +96,18 @@ class Algorithm(ABC, Generic[ClientT]):
     """True where a round's training depends on ``federation.rounds`` (a schedule from first to last round),
     so a run cannot be extended to more rounds with the metrics of a longer run from the start."""
 
+    options_type: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
+    """The algorithm's own options: the fields of its ``[<name>]`` configuration section (none by default)."""
+
     def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
         self.config = config
         self.input_shape = input_shape
         self.num_classes = num_classes
+
+    @property
+    def options(self) -> Any:
+        """This algorithm's options (an instance of :attr:`options_type`) in the run's configuration."""
+        return self.config.options.get(self.name, self.options_type())
 
     @functools.cached_property
     def model_settings(self) -> ModelSettings:

@@ -1,8 +1,8 @@
 """Pieces shared by the baselines that train a private and a shared model side by side (FML, FedKD, FedAPEN).
 
 SPEC §4: every KL term is KL(teacher ‖ student) with the teacher detached, reduced per sample
-(``"batchmean"``) unless ``baselines.kl_reduction`` asks for the per-element mean (``"mean"``). The client
-state of these baselines is a :class:`ModelPair` (private ``local`` model, ``shared`` copy of the small
+(``"batchmean"``) unless the algorithm's ``kl_reduction`` asks for the per-element mean (``"mean"``). The
+client state of these baselines is a :class:`ModelPair` (private ``local`` model, ``shared`` copy of the small
 homogeneous model), and both models step together on every batch (:func:`mutual_sgd`).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -19,11 +20,19 @@ from torch import nn
 
 from pfedlora.algorithms.base import Algorithm, ClientContext
 from pfedlora.algorithms.training import train_on_client_data
-from pfedlora.config import ExperimentConfig, TrainConfig
+from pfedlora.config import ExperimentConfig, SharedModelOptions, TrainConfig, option
 from pfedlora.data import ClientData
 from pfedlora.models import FeatureClassifier, build_model, model_settings
 
 KL_REDUCTIONS: tuple[str, ...] = ("batchmean", "mean")
+
+
+@dataclass(frozen=True)
+class DistillationOptions(SharedModelOptions):
+    """Options of the algorithms that distil between a private and a shared model (FML, FedKD, FedAPEN)."""
+
+    kl_reduction: str = option("batchmean", choices=KL_REDUCTIONS)
+    """Reduction of every KL term: "batchmean" (per-sample mean, SPEC §4) or "mean" (per element)."""
 
 
 def kl_divergence(
@@ -69,10 +78,14 @@ def build_pair(
     num_classes: int,
     generator: torch.Generator,
 ) -> tuple[FeatureClassifier, FeatureClassifier]:
-    """A private model of architecture ``arch`` and a ``baselines.shared_arch`` model, from ``generator``."""
+    """A private model of architecture ``arch`` and a model of the run's algorithm's ``shared_arch``, from
+    ``generator``."""
+    options = config.algorithm_options
+    if not isinstance(options, SharedModelOptions):
+        raise TypeError(f"algorithm {config.algorithm!r} shares no model (its options have no shared_arch)")
     settings = model_settings(config)
     local = build_model(arch, input_shape, num_classes, generator, settings)
-    shared = build_model(config.baselines.shared_arch, input_shape, num_classes, generator, settings)
+    shared = build_model(options.shared_arch, input_shape, num_classes, generator, settings)
     return local, shared
 
 

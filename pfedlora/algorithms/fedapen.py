@@ -4,13 +4,13 @@ Qin, Deng, Zhao, Yan. "FedAPEN: Personalized Cross-silo Federated Learning with 
 Statistical Heterogeneity", KDD 2023, DOI 10.1145/3580305.3599344 (no arXiv version found; the arXiv id
 2310.08681 sometimes quoted for it belongs to a different paper). One of pFedLoRA's baselines (arXiv
 2310.13283). Every client keeps a private model p (its own architecture), a copy of the shared model s
-(``baselines.shared_arch``, cnn5 by default) and a mixing weight λ ∈ [0, 1] (initially 0.5). A fraction
-``baselines.fedapen_holdout_fraction`` of its training data, drawn once and for all from its seed and
+(``fedapen.shared_arch``, cnn5 by default) and a mixing weight λ ∈ [0, 1] (initially 0.5). A fraction
+``fedapen.holdout_fraction`` of its training data, drawn once and for all from its seed and
 ``client_id``, is its adaptability set and is never trained on. Each round a sampled client (SPEC §4):
 
 1. overwrites s with the global one;
-2. fits λ with p and s frozen: ``baselines.fedapen_lambda_epochs`` passes of plain SGD (no momentum or
-   weight decay) with lr ``baselines.fedapen_lambda_lr`` on CE(λ z_p + (1−λ) z_s) over the adaptability
+2. fits λ with p and s frozen: ``fedapen.lambda_epochs`` passes of plain SGD (no momentum or
+   weight decay) with lr ``fedapen.lambda_lr`` on CE(λ z_p + (1−λ) z_s) over the adaptability
    set, λ clamped to [0, 1] after every step;
 3. with λ fixed, trains p and s together for ``train.local_epochs`` on the rest, per batch
    loss_p = CE(z_p) + KL(s ‖ p) + CE(λ z_p + (1−λ) z_s.detach()) and
@@ -32,6 +32,7 @@ from torch import nn
 
 from pfedlora.algorithms.base import ClientContext, Upload, register_algorithm
 from pfedlora.algorithms.distillation import (
+    DistillationOptions,
     ModelPair,
     SharedModelAlgorithm,
     build_pair,
@@ -39,6 +40,7 @@ from pfedlora.algorithms.distillation import (
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
+from pfedlora.config import option
 from pfedlora.data import ClientData
 from pfedlora.models import FeatureClassifier
 from pfedlora.seeding import torch_generator
@@ -78,12 +80,25 @@ def split_holdout(
     return rest, holdout
 
 
+@dataclasses.dataclass(frozen=True)
+class FedAPENOptions(DistillationOptions):
+    """FedAPEN's ``[fedapen]`` section."""
+
+    holdout_fraction: float = option(0.05, low=0, high=0.5, low_inclusive=False)
+    """The share of each client's training data held out, once and for all, as its adaptability set."""
+    lambda_epochs: int = option(5, low=1)
+    """Passes over the adaptability set that fit λ each round."""
+    lambda_lr: float = option(0.01, low=0, low_inclusive=False)
+    """Learning rate of λ's projected SGD."""
+
+
 @register_algorithm
 class FedAPEN(SharedModelAlgorithm[MixedPair]):
     """Mutual learning of the private model and a shared small model, mixed by a learned weight λ."""
 
     name = "fedapen"
     uploads_global_state = True
+    options_type = FedAPENOptions
 
     def create_client(self, arch: str, generator: torch.Generator) -> MixedPair:
         return MixedPair(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))
@@ -91,13 +106,13 @@ class FedAPEN(SharedModelAlgorithm[MixedPair]):
     def split(self, data: ClientData, client_id: int) -> tuple[ClientData, ClientData]:
         """``(rest, adaptability set)`` of client ``client_id``: the same split in every round."""
         generator = torch_generator(self.config.seed, "fedapen-holdout", client_id)
-        return split_holdout(data, self.config.baselines.fedapen_holdout_fraction, generator)
+        return split_holdout(data, self.options.holdout_fraction, generator)
 
     def losses(
         self, client: MixedPair, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_p, loss_s)`` on one batch with λ fixed; each reaches only its own model."""
-        reduction = self.config.baselines.kl_reduction
+        reduction = self.options.kl_reduction
         z_local, z_shared = client.local(x), client.shared(x)  # (B, C) each
         mixing = client.mixing_weight.detach()
         loss_local = (
@@ -126,7 +141,8 @@ class FedAPEN(SharedModelAlgorithm[MixedPair]):
                 z_local, z_shared = client.local(x), client.shared(x)  # (B, C) each
             return F.cross_entropy(client.mix(z_local, z_shared), y)
 
-        baselines, train = self.config.baselines, self.config.train
+        options: FedAPENOptions = self.options
+        train = self.config.train
         plain = dataclasses.replace(train, momentum=0.0, weight_decay=0.0)
         if holdout.num_train > 0:
             train_on_client_data(
@@ -135,8 +151,8 @@ class FedAPEN(SharedModelAlgorithm[MixedPair]):
                 ctx,
                 plain,
                 phase="mixing-weight",
-                epochs=baselines.fedapen_lambda_epochs,
-                lr=baselines.fedapen_lambda_lr,
+                epochs=options.lambda_epochs,
+                lr=options.lambda_lr,
                 loss_fn=loss,
                 data=holdout,
                 after_step=clamp,

@@ -5,7 +5,7 @@ arXiv 2303.13137. Each round a sampled client overwrites its head (fc3, the same
 architecture) with the global header, trains its whole model with cross-entropy, then computes with the
 trained model (eval mode, no gradients) the mean 500-d feature of each class it holds and uploads those
 class means. The server trains the global header with cross-entropy on the (class mean, class) pairs of
-all uploads (``baselines.fedgh_server_epochs`` epochs of plain SGD, lr ``baselines.fedgh_server_lr``, all
+all uploads (``fedgh.server_epochs`` epochs of plain SGD, lr ``fedgh.server_lr``, all
 pairs in one batch per epoch) and broadcasts it. Prediction: the local model with its own head.
 
 Shared (:meth:`FedGH.is_shared`): down, the global header (``fc3.weight``, ``fc3.bias``); up,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,20 @@ from pfedlora.algorithms.prototypes import (
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import run_sgd
-from pfedlora.config import TrainConfig
+from pfedlora.config import AlgorithmOptions, TrainConfig, option
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import FeatureClassifier
+
+
+@dataclass(frozen=True)
+class FedGHOptions(AlgorithmOptions):
+    """FedGH's ``[fedgh]`` section: the server's training of the global header."""
+
+    server_lr: float = option(0.01, low=0, low_inclusive=False)
+    """Learning rate of the server's plain SGD on the (class mean, class) pairs."""
+    server_epochs: int = option(1, low=1)
+    """Passes over all pairs (one batch each) per round."""
+
 
 PLAIN_SGD = TrainConfig(momentum=0.0, weight_decay=0.0, grad_clip=math.inf)
 """The server's optimiser settings: plain SGD (run_sgd takes its lr separately)."""
@@ -45,6 +57,7 @@ class FedGH(LGFedAvg):
     """Global header trained by the server on uploaded class-mean features."""
 
     name = "fedgh"
+    options_type = FedGHOptions
     uploads_global_state = False  # prototypes go up, the header comes down
 
     def is_shared(self, key: str) -> bool:
@@ -87,8 +100,8 @@ class FedGH(LGFedAvg):
             server_state,
             features,
             labels,
-            epochs=self.config.baselines.fedgh_server_epochs,
-            lr=self.config.baselines.fedgh_server_lr,
+            epochs=self.options.server_epochs,
+            lr=self.options.server_lr,
         )
 
 

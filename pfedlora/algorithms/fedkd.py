@@ -2,7 +2,7 @@
 
 Wu, Wu, Lyu, Qi, Huang, Xie. "Communication-efficient federated learning via knowledge distillation",
 Nature Communications 13, 2032 (2022), arXiv 2108.13323. Every client keeps a private "mentor" M (its own
-architecture), a copy of the shared "mentee" S (``baselines.shared_arch``, cnn5 by default) and a private
+architecture), a copy of the shared "mentee" S (``fedkd.shared_arch``, cnn5 by default) and a private
 linear map W (500×500) from S's 500-d representation into M's. Per batch, with task losses CE_M and CE_S,
 hidden features h_M, h_S and the denominator D = CE_M + CE_S (detached), SPEC §4:
 
@@ -16,7 +16,7 @@ MSE(h_M, W h_S) w.r.t. M, S and W.
 
 Communication (SPEC §4). Each 2-D weight (a conv weight first reshaped to (out, in·k·k)) travels as a
 truncated SVD keeping the fewest singular values whose squared sum holds a fraction T of the energy, T
-rising linearly from ``baselines.fedkd_energy_start`` in round 1 to ``fedkd_energy_end`` in round
+rising linearly from ``fedkd.energy_start`` in round 1 to ``fedkd.energy_end`` in round
 ``federation.rounds``. A matrix M ≈ U diag(S) Vᵀ under key ``<param>`` is sent as ``<param>.U`` (m, k),
 ``<param>.S`` (k,) and ``<param>.V`` (n, k); biases and other 1-D tensors, and any matrix whose factors
 would not be smaller than the matrix itself (k·(m+n+1) ≥ m·n), are sent whole under ``<param>``. Shapes do
@@ -35,6 +35,7 @@ Private: the mentor M (``local.*``) and W (``projection.weight``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 
 from pfedlora.algorithms.base import ClientContext, Upload, UploadBound, register_algorithm
 from pfedlora.algorithms.distillation import (
+    DistillationOptions,
     ModelPair,
     SharedModelAlgorithm,
     build_pair,
@@ -49,7 +51,27 @@ from pfedlora.algorithms.distillation import (
     load_shared_,
 )
 from pfedlora.algorithms.state import State, check_dtypes
+from pfedlora.config import option
+from pfedlora.errors import ConfigError
 from pfedlora.models import FeatureClassifier, init_parameters_
+
+
+@dataclass(frozen=True)
+class FedKDOptions(DistillationOptions):
+    """FedKD's ``[fedkd]`` section."""
+
+    energy_start: float = option(0.95, low=0, high=1, low_inclusive=False)
+    """T in round 1: the share of each matrix's squared singular values its factors keep."""
+    energy_end: float = option(0.98, low=0, high=1, low_inclusive=False)
+    """T in the last round (T rises linearly in between)."""
+
+    def check(self) -> None:
+        if self.energy_start > self.energy_end:
+            raise ConfigError(
+                f"fedkd.energy_start ({self.energy_start}) must not exceed fedkd.energy_end "
+                f"({self.energy_end})"
+            )
+
 
 FACTOR_SUFFIXES: tuple[str, ...] = (".U", ".S", ".V")
 """Key suffixes of a factorised matrix: left singular vectors, singular values, right singular vectors."""
@@ -138,6 +160,7 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
     """Adaptive mutual distillation with a shared small mentee sent as truncated SVD factors."""
 
     name = "fedkd"
+    options_type = FedKDOptions
     schedule_spans_rounds = True  # the energy threshold runs from its start to its end value over the rounds
 
     def create_client(self, arch: str, generator: torch.Generator) -> MentorMentee:
@@ -150,16 +173,17 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
 
     def energy(self, server_round: int) -> float:
         """T in ``server_round``: linear from its start value in round 1 to its end value in the last."""
-        baselines, rounds = self.config.baselines, self.config.federation.rounds
+        options: FedKDOptions = self.options
+        rounds = self.config.federation.rounds
         progress = min(max(server_round - 1, 0) / max(rounds - 1, 1), 1.0)
-        start, end = baselines.fedkd_energy_start, baselines.fedkd_energy_end
+        start, end = options.energy_start, options.energy_end
         return start + (end - start) * progress
 
     def losses(
         self, client: MentorMentee, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_M, loss_S)`` on one batch; loss_M reaches only M, loss_S only S and W."""
-        reduction = self.config.baselines.kl_reduction
+        reduction = self.options.kl_reduction
         h_mentor, h_mentee = client.local.features(x), client.shared.features(x)  # (B, 500) each
         z_mentor, z_mentee = client.local.head(h_mentor), client.shared.head(h_mentee)  # (B, C) each
         ce_mentor, ce_mentee = F.cross_entropy(z_mentor, y), F.cross_entropy(z_mentee, y)

@@ -3,7 +3,7 @@
 Tan, Long, Liu, Zhou, Lu, Jiang, Zhang. "FedProto: Federated Prototype Learning across Heterogeneous
 Clients", AAAI 2022, arXiv 2105.00243. Each round a sampled client stores the global prototypes it
 receives, trains its whole model on CE + λ·MSE(feature, global prototype of the label) with
-λ = ``baselines.fedproto_lambda`` (plain CE while no global prototype exists), then computes with the
+λ = ``fedproto.lambda`` (plain CE while no global prototype exists), then computes with the
 trained model (eval mode, no gradients) the mean 500-d feature of each class it holds and uploads those
 with their sample counts. The server's prototype of class c is the count-weighted mean of the uploaded
 prototypes of c; a class no upload of the round holds keeps its previous prototype. A client predicts the
@@ -17,6 +17,7 @@ global prototypes it received).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,17 @@ from pfedlora.algorithms.prototypes import (
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
+from pfedlora.config import AlgorithmOptions, option
 from pfedlora.models import FeatureClassifier, build_model
+
+
+@dataclass(frozen=True)
+class FedProtoOptions(AlgorithmOptions):
+    """FedProto's ``[fedproto]`` section."""
+
+    lambda_: float = option(10.0, low=0)
+    """λ (key ``lambda``): the weight of the MSE between a feature and its class's global prototype."""
+
 
 PROTOTYPES, PRESENT = "prototypes", "present"
 """Server-state keys: every class's global prototype (C, 500) and whether it exists yet (C,), 0/1."""
@@ -99,6 +110,7 @@ class FedProto(Algorithm[PrototypeClient]):
     """Class prototypes shared and averaged; local training pulls features to them."""
 
     name = "fedproto"
+    options_type = FedProtoOptions
 
     def create_client(self, arch: str, generator: torch.Generator) -> PrototypeClient:
         model = build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
@@ -135,7 +147,7 @@ class FedProto(Algorithm[PrototypeClient]):
     def train_local(self, client: PrototypeClient, ctx: ClientContext) -> None:
         """SGD on :func:`prototype_loss` over the whole local model."""
         model, train = client.model, self.config.train
-        lam = self.config.baselines.fedproto_lambda
+        lam = self.options.lambda_
         prototypes, mask = client.global_prototypes, client.prototype_mask
         regularise = bool(mask.any()) and lam > 0
 

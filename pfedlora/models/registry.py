@@ -1,5 +1,5 @@
 """Every architecture a client can run, by name (the ``federation.architectures`` and
-``baselines.shared_arch`` values). A model family joins by registering its members: the CNN family of
+the algorithms' ``shared_arch`` options). A model family joins by registering its members: the CNN family of
 the paper registers cnn1..cnn5 (:mod:`pfedlora.models.cnn`).
 """
 

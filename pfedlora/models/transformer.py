@@ -284,8 +284,8 @@ def tokenizer_for(architectures: Sequence[str], settings: ModelConfig) -> Any:
 
 def text_views(config: ExperimentConfig) -> tuple[str, ...]:
     """The families whose tokenizations a text run's batches hold, in order: the families of the
-    federation's architectures, then that of ``baselines.shared_arch`` and ``adapter.branch_family`` where
-    they add one. Empty where no architecture is a transformer. Language modeling: the one family of the
+    federation's architectures, then that of the algorithm's ``shared_arch`` and ``adapter.branch_family``
+    where they add one. Empty where no architecture is a transformer. Language modeling: the one family of the
     language models (ConfigError for several: no adapter has one shape across their widths)."""
     archs = config.federation.architectures
     if TASKS[config.data.task].generative:
@@ -305,14 +305,24 @@ def text_views(config: ExperimentConfig) -> tuple[str, ...]:
         return ()
     _text_only(archs)
     views = [family_of(arch).name for arch in archs]
-    if is_transformer(config.baselines.shared_arch):
-        views.append(family_of(config.baselines.shared_arch).name)
+    shared = shared_architecture(config)
+    if shared and is_transformer(shared):
+        views.append(family_of(shared).name)
     branch = config.adapter.branch_family
     if branch:
         if branch not in FAMILIES:
             raise ConfigError(f"adapter.branch_family: {branch!r} is unknown; allowed: {', '.join(FAMILIES)}")
         views.append(branch)
     return tuple(dict.fromkeys(views))
+
+
+def shared_architecture(config: ExperimentConfig) -> str:
+    """The architecture of the small model the run's algorithm shares (its ``shared_arch``), or "" where it
+    shares none."""
+    from pfedlora.config import SharedModelOptions
+
+    options = config.algorithm_options
+    return options.shared_arch if isinstance(options, SharedModelOptions) else ""
 
 
 def branch_family(config: ExperimentConfig) -> str:
@@ -323,13 +333,14 @@ def branch_family(config: ExperimentConfig) -> str:
 
 def families_read_by(config: ExperimentConfig, arch: str) -> tuple[str, ...]:
     """The families whose tokenizations a client of architecture ``arch`` reads: its own, that of a shared
-    transformer model (``baselines.shared_arch``) and that of a text branch."""
+    transformer model (the algorithm's ``shared_arch``) and that of a text branch."""
     views = text_views(config)
     if TASKS[config.data.task].generative:  # one family, one view
         return views
     read = [family_of(arch).name] if is_transformer(arch) else []
-    if is_transformer(config.baselines.shared_arch):
-        read.append(family_of(config.baselines.shared_arch).name)
+    shared = shared_architecture(config)
+    if shared and is_transformer(shared):
+        read.append(family_of(shared).name)
     if views and config.algorithm == "pfedlora" and config.adapter.placement == "branch":
         read.append(branch_family(config))
     return tuple(family for family in views if family in read)

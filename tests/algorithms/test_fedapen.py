@@ -67,7 +67,7 @@ def test_upload_is_the_shared_cnn5_and_nothing_private(tiny_dataset, tiny_config
 
 def test_adaptability_set_is_fixed_per_client_and_disjoint_from_training(tiny_dataset, tiny_config):
     federation = build_federation(
-        tiny_config("algorithm=fedapen", "baselines.fedapen_holdout_fraction=0.2"), tiny_dataset
+        tiny_config("algorithm=fedapen", "fedapen.holdout_fraction=0.2"), tiny_dataset
     )
     algorithm, data = federation.algorithm, federation.clients[0]
     rest, holdout = algorithm.split(data, client_id=0)
@@ -84,9 +84,7 @@ def test_adaptability_set_is_fixed_per_client_and_disjoint_from_training(tiny_da
 
 @pytest.mark.parametrize(("private_sign", "direction"), [(1.0, +1), (-1.0, -1)])
 def test_mixing_weight_moves_toward_the_better_model(tiny_dataset, tiny_config, private_sign, direction):
-    federation = build_federation(
-        tiny_config("algorithm=fedapen", "baselines.fedapen_lambda_lr=0.001"), tiny_dataset
-    )
+    federation = build_federation(tiny_config("algorithm=fedapen", "fedapen.lambda_lr=0.001"), tiny_dataset)
     client = _toy_client(private_sign, 0.5)
     federation.algorithm.fit_mixing_weight(client, federation.clients[0], _context(federation))
     moved = client.mixing_weight.item() - 0.5
@@ -97,9 +95,7 @@ def test_mixing_weight_moves_toward_the_better_model(tiny_dataset, tiny_config, 
 # Start at the wrong end: the first step of a huge lr jumps far past the other bound.
 @pytest.mark.parametrize(("private_sign", "start", "bound"), [(1.0, 0.01, 1.0), (-1.0, 0.99, 0.0)])
 def test_mixing_weight_is_clamped_to_the_unit_interval(tiny_dataset, tiny_config, private_sign, start, bound):
-    federation = build_federation(
-        tiny_config("algorithm=fedapen", "baselines.fedapen_lambda_lr=100"), tiny_dataset
-    )
+    federation = build_federation(tiny_config("algorithm=fedapen", "fedapen.lambda_lr=100"), tiny_dataset)
     client = _toy_client(private_sign, start)
     federation.algorithm.fit_mixing_weight(client, federation.clients[0], _context(federation))
     assert client.mixing_weight.item() == bound
@@ -107,9 +103,7 @@ def test_mixing_weight_is_clamped_to_the_unit_interval(tiny_dataset, tiny_config
 
 def test_every_step_starts_from_a_clamped_mixing_weight(tiny_dataset, tiny_config):
     # The first step of a huge lr overshoots 1; the forward passes after it must see λ clamped back.
-    federation = build_federation(
-        tiny_config("algorithm=fedapen", "baselines.fedapen_lambda_lr=100"), tiny_dataset
-    )
+    federation = build_federation(tiny_config("algorithm=fedapen", "fedapen.lambda_lr=100"), tiny_dataset)
     client = _toy_client(1.0, 0.01)
     seen = []
     client.local.register_forward_hook(lambda *_: seen.append(client.mixing_weight.item()))
@@ -122,8 +116,8 @@ def test_models_train_on_the_rest_and_lambda_on_the_adaptability_set(tiny_datase
     config = tiny_config(
         "algorithm=fedapen",
         "train.local_epochs=2",
-        "baselines.fedapen_lambda_epochs=3",
-        "baselines.fedapen_holdout_fraction=0.25",
+        "fedapen.lambda_epochs=3",
+        "fedapen.holdout_fraction=0.25",
     )
     federation = build_federation(config, tiny_dataset)
     meter = FlopMeter()
@@ -136,9 +130,7 @@ def test_models_train_on_the_rest_and_lambda_on_the_adaptability_set(tiny_datase
 
 
 def test_mixing_weight_is_fitted_first_and_then_stays_fixed(tiny_dataset, tiny_config):
-    federation = build_federation(
-        tiny_config("algorithm=fedapen", "baselines.fedapen_lambda_lr=1"), tiny_dataset
-    )
+    federation = build_federation(tiny_config("algorithm=fedapen", "fedapen.lambda_lr=1"), tiny_dataset)
     algorithm, client = federation.algorithm, federation.client_states[2]
     message = dict(federation.server_state)
     reference = copy.deepcopy(client)

@@ -79,9 +79,7 @@ def _hand_sgd_step(weight, bias, features, labels, lr):
 
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_server_trains_the_header_with_plain_sgd_on_all_pairs(tiny_config, epochs):
-    config = tiny_config(
-        "algorithm=fedgh", "baselines.fedgh_server_lr=0.5", f"baselines.fedgh_server_epochs={epochs}"
-    )
+    config = tiny_config("algorithm=fedgh", "fedgh.server_lr=0.5", f"fedgh.server_epochs={epochs}")
     algorithm = FedGH(config, (1, 28, 28), num_classes=3)
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(3, 500, generator=generator) * 0.05, torch.tensor([0.1, -0.2, 0.3])

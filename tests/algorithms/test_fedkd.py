@@ -166,9 +166,7 @@ def test_client_trains_from_the_reconstructed_broadcast_and_uploads_its_update(t
 
 
 def test_upload_rebuilds_to_the_mentee_update_at_full_energy(tiny_dataset, tiny_config):
-    config = tiny_config(
-        "algorithm=fedkd", "baselines.fedkd_energy_start=1.0", "baselines.fedkd_energy_end=1.0"
-    )
+    config = tiny_config("algorithm=fedkd", "fedkd.energy_start=1.0", "fedkd.energy_end=1.0")
     federation = build_federation(config, tiny_dataset)
     algorithm, client = federation.algorithm, federation.client_states[0]
     shapes = {k: v.shape for k, v in federation.server_state.items()}
@@ -194,9 +192,7 @@ def test_broadcast_recompresses_the_global_mentee(tiny_dataset, tiny_config):
 
 
 def test_broadcast_at_full_energy_is_lossless(tiny_dataset, tiny_config):
-    config = tiny_config(
-        "algorithm=fedkd", "baselines.fedkd_energy_start=1.0", "baselines.fedkd_energy_end=1.0"
-    )
+    config = tiny_config("algorithm=fedkd", "fedkd.energy_start=1.0", "fedkd.energy_end=1.0")
     federation = build_federation(config, tiny_dataset)
     state = federation.server_state
     rebuilt = decompress(federation.algorithm.broadcast(state, 0, 1), {k: v.shape for k, v in state.items()})

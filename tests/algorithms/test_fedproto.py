@@ -95,7 +95,7 @@ def test_client_keeps_the_received_prototypes_in_its_state(tiny_dataset, tiny_co
 def test_loss_is_plain_ce_where_no_label_has_a_prototype(tiny_dataset, tiny_config):
     def train(lam, message):
         federation = build_federation(
-            tiny_config("algorithm=fedproto", f"baselines.fedproto_lambda={lam}"), tiny_dataset
+            tiny_config("algorithm=fedproto", f"fedproto.lambda={lam}"), tiny_dataset
         )
         client = federation.client_states[0]
         federation.algorithm.train(client, message, _context(federation))

@@ -59,8 +59,8 @@ def test_one_step_equals_two_separate_optimizers_on_the_two_losses(tiny_dataset,
         "algorithm=fml",
         "train.batch_size=1000",  # one batch holds the client's whole training set
         "train.grad_clip=1e9",  # clipping over the union is the one documented difference
-        f"baselines.fml_alpha={alpha}",
-        f"baselines.fml_beta={beta}",
+        f"fml.alpha={alpha}",
+        f"fml.beta={beta}",
     )
     federation = build_federation(config, tiny_dataset)
     client, message = federation.client_states[0], dict(federation.server_state)
@@ -97,7 +97,7 @@ def test_the_kl_term_couples_the_local_model_to_the_shared_one(tiny_dataset, tin
     for alpha, coupled in ((1.0, False), (0.5, True)):
         locals_after = []
         for seed in (3, 4):
-            config = tiny_config("algorithm=fml", f"baselines.fml_alpha={alpha}", "train.grad_clip=1e9")
+            config = tiny_config("algorithm=fml", f"fml.alpha={alpha}", "train.grad_clip=1e9")
             federation = build_federation(config, tiny_dataset)
             client = federation.client_states[0]
             message = _random_like(federation.server_state, seed)

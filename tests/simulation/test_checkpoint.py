@@ -4,11 +4,14 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 from safetensors.torch import load_file, save_file
 
+from pfedlora.config import load_run_config
 from pfedlora.errors import ConfigError
 from pfedlora.simulation import TIMING_KEYS, read_run, resume_run, run_experiment
 from pfedlora.simulation.checkpoint import CHECKPOINT_DIR, DamagedCheckpointError, file_digest, read_manifest
@@ -211,3 +214,37 @@ def test_fedkd_cannot_be_extended(tmp_path, tiny_dataset, tiny_config):
     run_experiment(tiny_config("algorithm=fedkd", "federation.rounds=2"), tmp_path, dataset=tiny_dataset)
     with pytest.raises(ConfigError, match=r"fedkd's schedule spans federation\.rounds"):
         resume_run(tmp_path, dataset=tiny_dataset, rounds=4)
+
+
+def _as_written_before_options(tree):
+    """A configuration tree as versions before per-algorithm options wrote it: one ``[baselines]`` section."""
+    old = {key: value for key, value in tree.items() if key not in ("fml", "fedkd", "fedgh", "fedproto")}
+    fedapen = old.pop("fedapen")
+    old["baselines"] = {
+        "shared_arch": fedapen["shared_arch"],
+        "kl_reduction": fedapen["kl_reduction"],
+        "fedapen_holdout_fraction": fedapen["holdout_fraction"],
+        "fedapen_lambda_epochs": fedapen["lambda_epochs"],
+        "fedapen_lambda_lr": fedapen["lambda_lr"],
+        "fml_alpha": 0.5,
+        "fedproto_lambda": 10.0,
+    }
+    return old
+
+
+def test_a_run_written_with_a_baselines_section_resumes_to_the_uninterrupted_metrics(
+    tmp_path, tiny_dataset, tiny_config
+):
+    config = tiny_config(*CRASH, "fedapen.lambda_lr=0.05", "fedapen.lambda_epochs=2")
+    run_dir = _interrupted(tmp_path, tiny_dataset, config)
+    tree = tomllib.loads((run_dir / "config.toml").read_text())
+    assert "[baselines]" not in (run_dir / "config.toml").read_text() and "fedapen" in tree
+    (run_dir / "config.toml").write_text(tomli_w.dumps(_as_written_before_options(tree)))
+    manifest_path = run_dir / CHECKPOINT_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"] = _as_written_before_options(manifest["config"])
+    manifest_path.write_text(json.dumps(manifest))
+    resume_run(run_dir, dataset=tiny_dataset)
+    run_experiment(config, tmp_path / "reference", dataset=tiny_dataset)
+    assert _strip(read_run(run_dir)[0]) == _strip(read_run(tmp_path / "reference")[0])
+    assert load_run_config(run_dir / "config.toml").options == config.options
