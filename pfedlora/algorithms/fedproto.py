@@ -16,8 +16,9 @@ global prototypes it received).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +56,12 @@ class PrototypeClient(nn.Module):
     global_prototypes: torch.Tensor  # (C, 500)
     prototype_mask: torch.Tensor  # (C,) bool: which classes have a global prototype
 
-    def __init__(self, model: FeatureClassifier, num_classes: int) -> None:
+    def __init__(self, model: FeatureClassifier, num_classes: int, width: int | None = None) -> None:
         super().__init__()
         self.model = model
         device = next(model.parameters()).device
-        self.register_buffer("global_prototypes", torch.zeros(num_classes, model.feature_dim, device=device))
+        width = model.feature_dim if width is None else width  # the prototypes' width: features by default
+        self.register_buffer("global_prototypes", torch.zeros(num_classes, width, device=device))
         self.register_buffer("prototype_mask", torch.zeros(num_classes, dtype=torch.bool, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,11 +112,20 @@ class FedProto(Algorithm[PrototypeClient]):
     """Class prototypes shared and averaged; local training pulls features to them."""
 
     name = "fedproto"
-    options_type = FedProtoOptions
+    options_type: ClassVar[type[AlgorithmOptions]] = FedProtoOptions  # FD, FedTGP: options of their own
+
+    @property
+    def prototype_dim(self) -> int:
+        """The width of a class's shared vector: the models' feature width."""
+        return self.feature_dim
+
+    def represent(self, model: FeatureClassifier) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What a class's shared vector is the mean of, for a batch: the model's features."""
+        return model.features
 
     def create_client(self, arch: str, generator: torch.Generator) -> PrototypeClient:
         model = build_model(arch, self.input_shape, self.num_classes, generator, self.model_settings)
-        return PrototypeClient(model, self.num_classes)
+        return PrototypeClient(model, self.num_classes, self.prototype_dim)
 
     def is_shared(self, key: str) -> bool:
         """Prototypes (both ways) and their counts (up); no client-state tensor travels as it is."""
@@ -123,7 +134,7 @@ class FedProto(Algorithm[PrototypeClient]):
     def initial_server_state(self, template: PrototypeClient) -> State:
         device = template.global_prototypes.device
         return {
-            PROTOTYPES: torch.zeros(self.num_classes, self.feature_dim, device=device),
+            PROTOTYPES: torch.zeros(self.num_classes, self.prototype_dim, device=device),
             PRESENT: torch.zeros(self.num_classes, device=device),
         }
 
@@ -134,14 +145,19 @@ class FedProto(Algorithm[PrototypeClient]):
 
     def receive(self, client: PrototypeClient, message: State) -> None:
         """The global prototypes replace the client's stored ones."""
-        received = read_prototypes(message, self.num_classes, self.feature_dim, with_counts=False)
+        received = read_prototypes(message, self.num_classes, self.prototype_dim, with_counts=False)
         client.load_prototypes({c: prototype for c, (prototype, _) in received.items()})
 
     def train(self, client: PrototypeClient, message: State, ctx: ClientContext) -> Upload:
         self.receive(client, message)
         self.train_local(client, ctx)
         return prototype_upload(
-            client.model, ctx, self.num_classes, self.config.train.batch_size, with_counts=True
+            client.model,
+            ctx,
+            self.num_classes,
+            self.config.train.batch_size,
+            with_counts=True,
+            represent=self.represent(client.model),
         )
 
     def train_local(self, client: PrototypeClient, ctx: ClientContext) -> None:
@@ -162,11 +178,11 @@ class FedProto(Algorithm[PrototypeClient]):
 
     def check_upload(self, server_state: State, tensors: State) -> None:
         """Prototypes and positive counts of the same classes, in range, float32."""
-        check_prototype_upload(tensors, self.num_classes, self.feature_dim, with_counts=True)
+        check_prototype_upload(tensors, self.num_classes, self.prototype_dim, with_counts=True)
 
     def upload_bound(self, server_state: State) -> UploadBound:
         """A float32 prototype and count of every class."""
-        return UploadBound(2 * self.num_classes, self.num_classes * (self.feature_dim + 1) * 4)
+        return UploadBound(2 * self.num_classes, self.num_classes * (self.prototype_dim + 1) * 4)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""
@@ -174,7 +190,7 @@ class FedProto(Algorithm[PrototypeClient]):
         totals = torch.zeros_like(server_state[PRESENT], dtype=torch.float64)  # (C,)
         for upload in uploads:
             for label, (prototype, count) in read_prototypes(
-                upload.tensors, self.num_classes, self.feature_dim, with_counts=True
+                upload.tensors, self.num_classes, self.prototype_dim, with_counts=True
             ).items():
                 sums[label] += count * prototype.to(torch.float64)
                 totals[label] += count

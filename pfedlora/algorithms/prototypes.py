@@ -8,7 +8,7 @@ it, ``count.<c>`` (a float32 scalar: its number of samples of class ``c``); abse
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from functools import partial
 
 import torch
@@ -30,22 +30,29 @@ def class_feature_means(
     batch_size: int,
     meter: FlopMeter,
     kind: Hashable,
+    represent: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean of ``model.features`` over the client's training data, and per-class counts.
+    """Per-class mean of ``model.features`` (or of ``represent(x)``, e.g. the logits) over the client's
+    training data, and per-class counts.
 
     Runs in eval mode without autograd (the mode is restored after), every forward charged to ``meter``
-    under ``kind``. Returns ``(means, counts)`` of shapes ``(num_classes, 500)`` (float32, zero rows for
-    classes the client lacks) and ``(num_classes,)`` (int64).
+    under ``kind``. Returns ``(means, counts)`` of shapes ``(num_classes, D)`` (float32, zero rows for
+    classes the client lacks; D the representation's width, 500 for the CNNs' features) and
+    ``(num_classes,)`` (int64).
     """
+    represent = represent or model.features
     was_training = model.training
     model.eval()
     device = data.train_indices.device
-    sums = torch.zeros(num_classes, model.feature_dim, dtype=torch.float64, device=device)
+    sums: torch.Tensor | None = None
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> None:
+        nonlocal sums
         with torch.no_grad():
-            features = model.features(x)  # (B, feature_dim)
+            features = represent(x)  # (B, D)
+        if sums is None:
+            sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=device)
         sums.index_add_(0, y, features.to(torch.float64))
         counts.index_add_(0, y, torch.ones_like(y))
 
@@ -54,17 +61,27 @@ def class_feature_means(
             meter.run(kind, len(y), partial(accumulate, x, y))
     finally:
         model.train(was_training)
-    means = sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64)  # (num_classes, 500)
+    if sums is None:  # no training sample
+        width = model.feature_dim if represent == model.features else num_classes
+        sums = torch.zeros(num_classes, width, dtype=torch.float64, device=device)
+    means = sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64)  # (num_classes, D)
     return means.to(torch.float32), counts
 
 
 def prototype_upload(
-    model: FeatureClassifier, ctx: ClientContext, num_classes: int, batch_size: int, *, with_counts: bool
+    model: FeatureClassifier,
+    ctx: ClientContext,
+    num_classes: int,
+    batch_size: int,
+    *,
+    with_counts: bool,
+    represent: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Upload:
-    """The class means of ``model`` over the client's training data as its upload (:func:`prototype_payload`),
-    their forward passes charged to ``ctx.meter`` as the architecture's "prototypes" step."""
+    """The class means of ``model``'s features (or of ``represent``) over the client's training data as its
+    upload (:func:`prototype_payload`), their forward passes charged to ``ctx.meter`` as the architecture's
+    "prototypes" step."""
     means, counts = class_feature_means(
-        model, ctx.data, num_classes, batch_size, ctx.meter, kind=(ctx.arch, "prototypes")
+        model, ctx.data, num_classes, batch_size, ctx.meter, (ctx.arch, "prototypes"), represent
     )
     return Upload(prototype_payload(means, counts, with_counts=with_counts), ctx.data.num_train)
 
