@@ -113,6 +113,8 @@ class FedProto(Algorithm[PrototypeClient]):
 
     name = "fedproto"
     options_type: ClassVar[type[AlgorithmOptions]] = FedProtoOptions  # FD, FedTGP: options of their own
+    sends_counts: ClassVar[bool] = True
+    """Whether a client's prototypes go up with their sample counts."""
 
     @property
     def prototype_dim(self) -> int:
@@ -156,7 +158,7 @@ class FedProto(Algorithm[PrototypeClient]):
             ctx,
             self.num_classes,
             self.config.train.batch_size,
-            with_counts=True,
+            with_counts=self.sends_counts,
             represent=self.represent(client.model),
         )
 
@@ -177,12 +179,14 @@ class FedProto(Algorithm[PrototypeClient]):
         train_on_client_data(client, list(model.parameters()), ctx, train, phase="local", loss_fn=loss)
 
     def check_upload(self, server_state: State, tensors: State) -> None:
-        """Prototypes and positive counts of the same classes, in range, float32."""
-        check_prototype_upload(tensors, self.num_classes, self.prototype_dim, with_counts=True)
+        """Prototypes (and positive counts of the same classes), in range, float32."""
+        check_prototype_upload(tensors, self.num_classes, self.prototype_dim, with_counts=self.sends_counts)
 
     def upload_bound(self, server_state: State) -> UploadBound:
-        """A float32 prototype and count of every class."""
-        return UploadBound(2 * self.num_classes, self.num_classes * (self.prototype_dim + 1) * 4)
+        """A float32 prototype (and count) of every class."""
+        per_class = 2 if self.sends_counts else 1
+        width = self.prototype_dim + (1 if self.sends_counts else 0)
+        return UploadBound(per_class * self.num_classes, self.num_classes * width * 4)
 
     def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""

@@ -61,6 +61,8 @@ def _nodes(config, state_dir, **extra):
         ("algorithm=pfedlora", "adapter.placement=layers", "federation.drop_rate=0.3"),
         ("algorithm=fedapen",),
         ("algorithm=fedproto",),
+        ("algorithm=fd",),
+        ("algorithm=fedtgp", "fedtgp.server_epochs=3"),
         ("algorithm=fedgh", "federation.evaluate=after-download", "federation.eval_sample=2"),
         ("algorithm=lg-fedavg", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.1"),
     ],

@@ -205,7 +205,19 @@ def test_explicit_targets_missing_from_a_depth_are_refused(tiny_checkpoint, tiny
 
 @pytest.mark.parametrize(
     "algorithm",
-    ["pfedlora", "standalone", "lg-fedavg", "fedgh", "fedproto", "fml", "fedkd", "fedapen", "fedit"],
+    [
+        "pfedlora",
+        "standalone",
+        "lg-fedavg",
+        "fedgh",
+        "fedproto",
+        "fml",
+        "fedkd",
+        "fedapen",
+        "fedit",
+        "fd",
+        "fedtgp",
+    ],
 )
 def test_every_method_runs_a_round_on_transformer_clients(tmp_path, tiny_checkpoint, tiny_text, algorithm):
     archs = ["federation.architectures=hf-l2"] if algorithm == "fedit" else []
