@@ -151,6 +151,11 @@ def _summary_cells(s: Summary) -> dict[str, str]:
         ),
         "MB sent": f"{s['bytes_total'] / 1e6:.2f}",
         "train TFLOPs": f"{s['train_flops_total'] / 1e12:.2f}",
+        **(
+            {"server TFLOPs": f"{s['server_flops_total'] / 1e12:.4f}"}
+            if s.get("server_flops_total", 0.0) > 0
+            else {}
+        ),
         "wall s": f"{s['wall_seconds']:.1f}",
         "samples/s": f"{s['train_samples_per_second']:.0f}",
     }

@@ -11,7 +11,7 @@ from pfedlora.algorithms import Upload, create_algorithm, weighted_average
 from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update, epsilon_spent
 from pfedlora.algorithms.state import combine
 from pfedlora.errors import ConfigError
-from pfedlora.simulation import build_federation, run_federation
+from pfedlora.simulation import build_federation, read_run, run_experiment, run_federation
 from pfedlora.simulation.records import privacy_budget
 from pfedlora.simulation.rounds import server_update
 from pfedlora.simulation.screening import Reply
@@ -256,3 +256,17 @@ def test_a_private_run_reports_its_epsilon_per_round_and_in_all(tiny_dataset, ti
     assert privacy_budget(tiny_config(), 3) is None
     clipped_only = privacy_budget(tiny_config("algorithm=lg-fedavg", "privacy.clip_norm=1"), 3)
     assert clipped_only["epsilon"] is None  # no noise: no guarantee
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "trains_on_the_server"), [("fedgh", True), ("fedtgp", True), ("fd", False)]
+)
+def test_training_on_the_server_is_counted_apart_from_the_clients(
+    tmp_path, tiny_dataset, tiny_config, algorithm, trains_on_the_server
+):
+    config = tiny_config(f"algorithm={algorithm}", "federation.rounds=2", "fedtgp.server_epochs=2")
+    run_experiment(config, tmp_path, dataset=tiny_dataset)
+    records, summary = read_run(tmp_path)
+    assert all((r["server_flops"] > 0) == trains_on_the_server for r in records)
+    assert summary["server_flops_total"] == sum(r["server_flops"] for r in records)
+    assert summary["train_flops_total"] == sum(r["train_flops"] for r in records)  # the clients' alone

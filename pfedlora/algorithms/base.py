@@ -210,9 +210,16 @@ class Algorithm(ABC, Generic[ClientT]):
         """What the server sends to ``client_id`` in ``server_round`` (by default the whole global state)."""
         return server_state
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """The new global state: by default the uploads combined by :meth:`combine` (FedAvg's
-        sample-weighted mean unless ``federation.aggregator`` says otherwise)."""
+        sample-weighted mean unless ``federation.aggregator`` says otherwise). Training on the server
+        charges its steps to ``meter`` (the round's server FLOPs, kept apart from the clients')."""
         if not uploads:
             return server_state
         return self.combine([u.tensors for u in uploads], [u.num_examples for u in uploads])

@@ -50,6 +50,7 @@ from pfedlora.algorithms.lora_aggregation import (
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
+from pfedlora.metrics import FlopMeter
 from pfedlora.models._init import kaiming_uniform_
 from pfedlora.models.causal_lm import (
     DEFAULT_TARGETS,
@@ -253,7 +254,13 @@ class FederatedLoRA(Algorithm[LanguageModelClient]):
             ]
         return out
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """The method's rule (``LORA_RULES[rule]``) on every module: the global factors it returns."""
         if not uploads:
             return server_state
@@ -370,7 +377,13 @@ class FlexLoRA(FederatedLoRA):
             out[key_of(module, "B")] = best.B.to(delta.dtype)
         return out
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """ΔW = Σ w_k B_k A_k per module (the rule's sum, before its per-client truncation)."""
         if not uploads:
             return server_state
@@ -402,7 +415,13 @@ class FLoRA(FederatedLoRA):
                 b.zero_()
         return super().train(client, message, ctx)
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """ΔW += scaling · Σ w_k B_k A_k per module (the rule's stacked product, exact)."""
         if not uploads:
             return server_state

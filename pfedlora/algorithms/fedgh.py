@@ -82,7 +82,13 @@ class FedGH(LGFedAvg):
         """A float32 prototype of every class."""
         return UploadBound(self.num_classes, self.num_classes * self.feature_dim * 4)
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """The global header after SGD on CE over every uploaded (class mean, class) pair."""
         pairs = [
             (prototype, label)
@@ -102,6 +108,7 @@ class FedGH(LGFedAvg):
             labels,
             epochs=self.options.server_epochs,
             lr=self.options.server_lr,
+            meter=meter or FlopMeter(),
         )
 
 
@@ -112,11 +119,13 @@ def train_header(
     *,
     epochs: int,
     lr: float,
+    meter: FlopMeter,
 ) -> State:
-    """``epochs`` full-batch steps of plain SGD (no momentum, weight decay or clipping) on CE.
+    """``epochs`` full-batch steps of plain SGD (no momentum, weight decay or clipping) on CE, charged to the
+    server's ``meter``.
 
     ``header`` holds the head's weight (C, feature_dim) and bias (C,) (``fc3.weight``, ``fc3.bias`` for the
-    CNNs); a new state is returned. Server-side FLOPs are not client FLOPs, so the meter here is a throwaway.
+    CNNs); a new state is returned.
     """
     (weight_key,) = [key for key in header if key.endswith(".weight")]
     (bias_key,) = [key for key in header if key.endswith(".bias")]
@@ -129,7 +138,7 @@ def train_header(
         lambda x, y: F.cross_entropy(F.linear(x, weight, bias), y),
         PLAIN_SGD,
         lr,
-        FlopMeter(),
+        meter,
         kind="server-header",
     )
     return {weight_key: weight.detach(), bias_key: bias.detach()}

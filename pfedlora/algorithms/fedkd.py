@@ -53,6 +53,7 @@ from pfedlora.algorithms.distillation import (
 from pfedlora.algorithms.state import State, check_dtypes
 from pfedlora.config import option
 from pfedlora.errors import ConfigError
+from pfedlora.metrics import FlopMeter
 from pfedlora.models import FeatureClassifier, init_parameters_
 
 
@@ -230,7 +231,13 @@ class FedKD(SharedModelAlgorithm[MentorMentee]):
         whole = super().upload_bound(server_state)
         return UploadBound(3 * whole.tensors, 3 * whole.bytes)
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """S plus the sample-weighted mean of the reconstructed updates."""
         if not uploads:
             return server_state

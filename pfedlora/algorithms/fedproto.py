@@ -35,6 +35,7 @@ from pfedlora.algorithms.prototypes import (
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import AlgorithmOptions, option
+from pfedlora.metrics import FlopMeter
 from pfedlora.models import FeatureClassifier, build_model
 
 
@@ -188,7 +189,13 @@ class FedProto(Algorithm[PrototypeClient]):
         width = self.prototype_dim + (1 if self.sends_counts else 0)
         return UploadBound(per_class * self.num_classes, self.num_classes * width * 4)
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """Per class, the count-weighted mean of the uploaded prototypes; other classes keep theirs."""
         sums = torch.zeros_like(server_state[PROTOTYPES], dtype=torch.float64)  # (C, 500)
         totals = torch.zeros_like(server_state[PRESENT], dtype=torch.float64)  # (C,)

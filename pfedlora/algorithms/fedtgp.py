@@ -135,7 +135,13 @@ class FedTGP(FedProto):
             generated = generate([server_state[key] for key in GENERATOR_KEYS])  # (C, D)
         return {f"{PROTOTYPE_PREFIX}{c}": generated[c].clone() for c in present}
 
-    def aggregate(self, server_state: State, uploads: Sequence[Upload], server_round: int) -> State:
+    def aggregate(
+        self,
+        server_state: State,
+        uploads: Sequence[Upload],
+        server_round: int,
+        meter: FlopMeter | None = None,
+    ) -> State:
         """The generator trained on the round's client prototypes with the adaptive margin."""
         pairs = [
             (prototype, label)
@@ -173,8 +179,9 @@ class FedTGP(FedProto):
             lambda x, y: margin_loss(x, y, generate(parameters), margin),
             PLAIN_SGD,
             options.server_lr,
-            FlopMeter(),  # server-side FLOPs are not client FLOPs
+            meter or FlopMeter(),
             kind="server-prototypes",
+            cost_key=lambda x: None,  # the generator runs on every class whatever the batch size
         )
         state = {key: p.detach() for key, p in zip(GENERATOR_KEYS, parameters, strict=True)}
         seen = torch.zeros_like(server_state[PRESENT])

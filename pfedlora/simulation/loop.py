@@ -153,6 +153,7 @@ def run_round(server: ServerSide, clients: ClientPool, server_round: int, channe
         "train_flops": sum(c["train_flops"] for c in per_client),
         "train_samples": sum(result.train_samples for result in results.values()),
         "clients": per_client,
+        "server_flops": outcome.server_flops,
     }
 
 

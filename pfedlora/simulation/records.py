@@ -48,6 +48,8 @@ class RoundResult(TypedDict):
     train_flops: float
     train_samples: int
     clients: list[ClientCost]
+    server_flops: NotRequired[float]
+    """Training on the server in this round (absent in runs written before it was counted)."""
 
 
 class RoundRecord(RoundResult):
@@ -122,6 +124,8 @@ class Summary(TypedDict):
     bytes_up_total: int
     bytes_total: int
     train_flops_total: float
+    server_flops_total: float
+    """Training on the server (FedGH's header, FedTGP's prototypes), apart from the clients' FLOPs."""
     train_samples_total: int
     target_accuracy: float
     target_round: int | None
@@ -272,6 +276,7 @@ def summarize_records(
         "bytes_up_total": sum(r["bytes_up"] for r in records),
         "bytes_total": records[-1]["cumulative_bytes"],
         "train_flops_total": records[-1]["cumulative_train_flops"],
+        "server_flops_total": sum(r.get("server_flops", 0.0) for r in records),
         "train_samples_total": train_samples,
         "target_accuracy": target["target_accuracy"],
         "target_round": target["target_round"],

@@ -19,6 +19,7 @@ from torch import nn
 from pfedlora.algorithms import AnyAlgorithm, ClientContext, State, Upload
 from pfedlora.algorithms.privacy import add_gaussian_noise, clip_update
 from pfedlora.config import ExperimentConfig
+from pfedlora.metrics import FlopMeter
 from pfedlora.seeding import numpy_generator, torch_generator
 from pfedlora.simulation.screening import Refusal, Reply, screen_uploads
 
@@ -49,6 +50,8 @@ class RoundOutcome:
     server_state: State
     aggregated: list[int]
     refused: list[Refusal]
+    server_flops: float = 0.0
+    """What training on the server cost (FedGH's header, FedTGP's prototypes; 0 for plain averaging)."""
 
 
 def cap_weights(uploads: Sequence[Upload], cap: float, server_round: int) -> list[Upload]:
@@ -84,8 +87,9 @@ def server_update(
     privacy = config.privacy
     if privacy.enabled:  # equal weights: each client's influence is bounded by the clipping norm alone
         uploads = [Upload(upload.tensors, 1) for upload in uploads]
-    new_state = algorithm.aggregate(server_state, uploads, server_round)
+    meter = FlopMeter()
+    new_state = algorithm.aggregate(server_state, uploads, server_round, meter)
     if privacy.enabled and privacy.noise_multiplier > 0:
         std = privacy.noise_multiplier * privacy.clip_norm / len(uploads)
         new_state = add_gaussian_noise(new_state, std, torch_generator(config.seed, "privacy", server_round))
-    return RoundOutcome(new_state, [reply.client_id for reply in valid], refused)
+    return RoundOutcome(new_state, [reply.client_id for reply in valid], refused, meter.total)

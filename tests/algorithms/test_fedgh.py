@@ -89,7 +89,10 @@ def test_server_trains_the_header_with_plain_sgd_on_all_pairs(tiny_config, epoch
         Upload({"prototype.1": means[2], "prototype.2": means[3]}, num_examples=99),  # size is ignored
     ]
     before = weight.clone()
-    new = algorithm.aggregate({"fc3.weight": weight, "fc3.bias": bias}, uploads, server_round=1)
+    meter = FlopMeter()
+    new = algorithm.aggregate({"fc3.weight": weight, "fc3.bias": bias}, uploads, server_round=1, meter=meter)
+    # per epoch the forward (P, 500) @ (500, C) and the weight's gradient, 2·P·500·C FLOPs each
+    assert meter.total == epochs * 2 * (2 * 4 * 500 * 3)
 
     expected_w, expected_b = weight, bias
     for _ in range(epochs):
