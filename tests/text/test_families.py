@@ -178,7 +178,19 @@ def test_phases_freeze_exactly_and_the_branch_phase_never_touches_the_private_mo
 
 @pytest.mark.parametrize(
     "algorithm",
-    ["pfedlora", "standalone", "lg-fedavg", "fedgh", "fedproto", "fml", "fedkd", "fedapen", "fd", "fedtgp"],
+    [
+        "pfedlora",
+        "standalone",
+        "lg-fedavg",
+        "fedgh",
+        "fedproto",
+        "fml",
+        "fedkd",
+        "fedapen",
+        "fd",
+        "fedtgp",
+        "fedgen",
+    ],
 )
 def test_every_method_runs_a_round_on_a_mixed_federation(
     tmp_path, tiny_checkpoint, tiny_llama_family, algorithm
