@@ -190,6 +190,7 @@ def test_phases_freeze_exactly_and_the_branch_phase_never_touches_the_private_mo
         "fd",
         "fedtgp",
         "fedgen",
+        "fedssa",
     ],
 )
 def test_every_method_runs_a_round_on_a_mixed_federation(

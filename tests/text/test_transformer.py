@@ -218,6 +218,7 @@ def test_explicit_targets_missing_from_a_depth_are_refused(tiny_checkpoint, tiny
         "fd",
         "fedtgp",
         "fedgen",
+        "fedssa",
     ],
 )
 def test_every_method_runs_a_round_on_transformer_clients(tmp_path, tiny_checkpoint, tiny_text, algorithm):
