@@ -191,13 +191,19 @@ def test_phases_freeze_exactly_and_the_branch_phase_never_touches_the_private_mo
         "fedtgp",
         "fedgen",
         "fedssa",
+        "pfedafm",
     ],
 )
 def test_every_method_runs_a_round_on_a_mixed_federation(
     tmp_path, tiny_checkpoint, tiny_llama_family, algorithm
 ):
     assert algorithm in ALGORITHMS
-    config = _config(tiny_checkpoint, f"algorithm={algorithm}", "baselines.shared_arch=tinyllama-l1")
+    config = _config(
+        tiny_checkpoint,
+        f"algorithm={algorithm}",
+        "baselines.shared_arch=tinyllama-l1",
+        "pfedafm.shared_arch=tinyllama-l1",
+    )
     run_experiment(config, tmp_path / "run", dataset=_dataset(config), workers=0)
     (record,), summary = read_run(tmp_path / "run")
     assert record["aggregated"] == [0, 1, 2, 3] and not record["refused"]
