@@ -192,6 +192,7 @@ def test_phases_freeze_exactly_and_the_branch_phase_never_touches_the_private_mo
         "fedgen",
         "fedssa",
         "pfedafm",
+        "fedmrl",
     ],
 )
 def test_every_method_runs_a_round_on_a_mixed_federation(
@@ -203,6 +204,7 @@ def test_every_method_runs_a_round_on_a_mixed_federation(
         f"algorithm={algorithm}",
         "baselines.shared_arch=tinyllama-l1",
         "pfedafm.shared_arch=tinyllama-l1",
+        "fedmrl.shared_arch=tinyllama-l1",
     )
     run_experiment(config, tmp_path / "run", dataset=_dataset(config), workers=0)
     (record,), summary = read_run(tmp_path / "run")

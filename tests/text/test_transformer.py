@@ -220,6 +220,7 @@ def test_explicit_targets_missing_from_a_depth_are_refused(tiny_checkpoint, tiny
         "fedgen",
         "fedssa",
         "pfedafm",
+        "fedmrl",
     ],
 )
 def test_every_method_runs_a_round_on_transformer_clients(tmp_path, tiny_checkpoint, tiny_text, algorithm):
@@ -230,6 +231,7 @@ def test_every_method_runs_a_round_on_transformer_clients(tmp_path, tiny_checkpo
         *archs,
         "baselines.shared_arch=hf-l1",  # the key of earlier versions: FML's, FedKD's and FedAPEN's
         "pfedafm.shared_arch=hf-l1",
+        "fedmrl.shared_arch=hf-l1",
         "federation.rounds=1",
         "federation.sample_fraction=1.0",
         "data.partition=by-source",
