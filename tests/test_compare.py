@@ -270,3 +270,16 @@ def test_with_one_seed_no_lead_is_called(tmp_path, tiny_data):
     write_comparison(run_comparison(variants, tmp_path), tmp_path)
     text = (tmp_path / "comparison.md").read_text()
     assert "no spread across seeds to call a lead by" in text and ": a lead." not in text
+
+
+def test_each_variant_takes_its_own_algorithms_options():
+    variants = plan_variants(
+        ["fedtgp", "fd"],
+        ["branch"],
+        None,
+        ["fedtgp:fedtgp.margin_cap=3", "fd:fd.regulariser=mse", "fd.lambda=2"],
+    )
+    fedtgp, fd = (v.config for v in variants)
+    assert fedtgp.algorithm_options.margin_cap == 3.0 and fd.algorithm_options.regulariser == "mse"
+    assert fd.algorithm_options.lambda_ == 2.0 and fedtgp.options["fd"].lambda_ == 2.0  # shared: both
+    assert fd.options["fedtgp"].margin_cap == 100.0  # scoped: fedtgp's variant alone

@@ -11,6 +11,7 @@ TINY = (*TINY_OVERRIDES, "data.validation_fraction=0.2")
 def test_axis_parsing():
     assert Axis.parse("train.lr=0.01, 0.03") == Axis("train.lr", ("0.01", "0.03"))
     assert Axis.parse("fml:baselines.fml_alpha=0.5") == Axis("baselines.fml_alpha", ("0.5",), "fml")
+    assert Axis.parse("fedtgp:fedtgp.margin_cap=1,10") == Axis("fedtgp.margin_cap", ("1", "10"), "fedtgp")
     for bad in ("train.lr", "train.lr=", "=1,2"):
         with pytest.raises(ConfigError, match="not of the form"):
             Axis.parse(bad)
