@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfedlora.algorithms.base import Algorithm, ClientContext, Upload, register_algorithm
-from pfedlora.algorithms.distillation import SHARED_PREFIX, ModelPair, build_pair
+from pfedlora.algorithms.distillation import SHARED_PREFIX, ModelPair, PairT, build_pair
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import train_on_client_data
 from pfedlora.config import AlgorithmOptions, SharedModelOptions
@@ -70,17 +70,12 @@ class MixedFeatures(ModelPair):
         return logits
 
 
-@register_algorithm
-class PFedAFM(Algorithm[MixedFeatures]):
-    """A shared small extractor mixed into private features by learned per-feature weights; FedAvg of it."""
+class SharedExtractorAlgorithm(Algorithm[PairT]):
+    """Base of pFedAFM and pFedMoE: the shared small model's feature extractor is what travels (its header,
+    never used, stays behind); the server takes the sample-weighted mean."""
 
-    name = "pfedafm"
     uploads_global_state = True
     received = "extractor"
-    options_type: ClassVar[type[AlgorithmOptions]] = PFedAFMOptions
-
-    def create_client(self, arch: str, generator: torch.Generator) -> MixedFeatures:
-        return MixedFeatures(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))
 
     @property
     def shared_head_prefix(self) -> str:
@@ -88,6 +83,21 @@ class PFedAFM(Algorithm[MixedFeatures]):
 
     def is_shared(self, key: str) -> bool:
         return key.startswith(SHARED_PREFIX) and not key.startswith(self.shared_head_prefix)
+
+    def extractor_parameters(self, client: PairT) -> list[nn.Parameter]:
+        """The parameters of the client's copy of the shared extractor."""
+        return [p for name, p in client.shared.named_parameters() if self.is_shared(f"{SHARED_PREFIX}{name}")]
+
+
+@register_algorithm
+class PFedAFM(SharedExtractorAlgorithm[MixedFeatures]):
+    """A shared small extractor mixed into private features by learned per-feature weights; FedAvg of it."""
+
+    name = "pfedafm"
+    options_type: ClassVar[type[AlgorithmOptions]] = PFedAFMOptions
+
+    def create_client(self, arch: str, generator: torch.Generator) -> MixedFeatures:
+        return MixedFeatures(*build_pair(self.config, arch, self.input_shape, self.num_classes, generator))
 
     def train(self, client: MixedFeatures, message: State, ctx: ClientContext) -> Upload:
         self.receive(client, message)
@@ -105,9 +115,7 @@ class PFedAFM(Algorithm[MixedFeatures]):
             phase="local",
             after_step=clamp,
         )
-        extractor = [
-            p for name, p in client.shared.named_parameters() if self.is_shared(f"{SHARED_PREFIX}{name}")
-        ]
+        extractor = self.extractor_parameters(client)
 
         def extractor_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(client.local.head(client.shared.features(x)), y)

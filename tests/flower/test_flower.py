@@ -68,6 +68,7 @@ def _nodes(config, state_dir, **extra):
         ("algorithm=pfedes",),
         ("algorithm=pfedafm",),
         ("algorithm=fedmrl",),
+        ("algorithm=pfedmoe",),
         ("algorithm=fedgh", "federation.evaluate=after-download", "federation.eval_sample=2"),
         ("algorithm=lg-fedavg", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.1"),
     ],
