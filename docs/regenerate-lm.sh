@@ -5,7 +5,8 @@
 #
 #   bash docs/regenerate-lm.sh [target ...]   # targets: kjv fortunes kjv-seeds fortunes-seeds figures
 #
-# About 25 minutes a corpus at seed 0 and 30 for the seeds, on a 2-core CPU; reruns reuse finished runs.
+# On 2 cores: about 25 minutes a corpus at seed 0 with AMX (Intel Xeon), 60 to 90 without (AMD EPYC); the
+# seeds twice that. Reruns reuse finished runs.
 # Needs `make setup-text`. The methods that train one adapter in one phase get pFedLoRA's two phases' steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
