@@ -454,7 +454,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[field_name] = _coerce(key, value, tp)
     if sections:
-        kwargs["options"] = OptionSections({n: options.get(n) or c() for n, c in sections.items()})
+        given = {name: options[name] if name in options else kind() for name, kind in sections.items()}
+        kwargs["options"] = OptionSections(given)
     return cls(**kwargs)
 
 
