@@ -29,7 +29,7 @@ from pfedlora.algorithms.prototypes import (
     PROTOTYPE_PREFIX,
     check_prototype_upload,
     prototype_upload,
-    read_prototypes,
+    uploaded_prototypes,
 )
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import run_sgd
@@ -90,21 +90,13 @@ class FedGH(LGFedAvg):
         meter: FlopMeter | None = None,
     ) -> State:
         """The global header after SGD on CE over every uploaded (class mean, class) pair."""
-        pairs = [
-            (prototype, label)
-            for upload in uploads
-            for label, (prototype, _) in read_prototypes(
-                upload.tensors, self.num_classes, self.feature_dim, with_counts=False
-            ).items()
-        ]
-        if not pairs:
+        uploaded = uploaded_prototypes(uploads, self.num_classes, self.feature_dim)
+        if uploaded is None:
             return server_state
-        dtype = server_state[f"{self.head_prefix}weight"].dtype
-        features = torch.stack([p for p, _ in pairs]).to(dtype)  # (P, feature_dim)
-        labels = torch.tensor([c for _, c in pairs], device=features.device)  # (P,)
+        features, labels = uploaded  # (P, feature_dim), (P,)
         return train_header(
             server_state,
-            features,
+            features.to(server_state[f"{self.head_prefix}weight"].dtype),
             labels,
             epochs=self.options.server_epochs,
             lr=self.options.server_lr,

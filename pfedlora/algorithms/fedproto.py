@@ -161,6 +161,7 @@ class FedProto(Algorithm[PrototypeClient]):
             self.config.train.batch_size,
             with_counts=self.sends_counts,
             represent=self.represent(client.model),
+            width=self.prototype_dim,
         )
 
     def train_local(self, client: PrototypeClient, ctx: ClientContext) -> None:

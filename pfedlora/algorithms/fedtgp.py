@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from pfedlora.algorithms.base import Upload, register_algorithm
 from pfedlora.algorithms.fedproto import PRESENT, FedProto, FedProtoOptions, PrototypeClient
-from pfedlora.algorithms.prototypes import PROTOTYPE_PREFIX, read_prototypes
+from pfedlora.algorithms.prototypes import PROTOTYPE_PREFIX, uploaded_prototypes
 from pfedlora.algorithms.state import State
 from pfedlora.algorithms.training import run_sgd
 from pfedlora.config import AlgorithmOptions, TrainConfig, option
@@ -143,25 +143,15 @@ class FedTGP(FedProto):
         meter: FlopMeter | None = None,
     ) -> State:
         """The generator trained on the round's client prototypes with the adaptive margin."""
-        pairs = [
-            (prototype, label)
-            for upload in uploads
-            for label, (prototype, _) in read_prototypes(
-                upload.tensors, self.num_classes, self.prototype_dim, with_counts=False
-            ).items()
-        ]
-        if not pairs:
+        uploaded = uploaded_prototypes(uploads, self.num_classes, self.prototype_dim)
+        if uploaded is None:
             return server_state
-        by_class: dict[int, list[torch.Tensor]] = {}
-        for prototype, label in pairs:
-            by_class.setdefault(label, []).append(prototype)
+        features, labels = uploaded  # (P, D), (P,)
+        classes = labels.unique().tolist()
         options: FedTGPOptions = self.options
-        margin = adaptive_margin(
-            {c: torch.stack(group).mean(0) for c, group in by_class.items()}, options.margin_cap
-        )
+        margin = adaptive_margin({c: features[labels == c].mean(0) for c in classes}, options.margin_cap)
         parameters = [torch.nn.Parameter(server_state[key].detach().clone()) for key in GENERATOR_KEYS]
-        features = torch.stack([p for p, _ in pairs]).to(parameters[0].dtype)  # (P, D)
-        labels = torch.tensor([c for _, c in pairs], device=features.device)  # (P,)
+        features = features.to(parameters[0].dtype)
         shuffle = torch_generator(self.config.seed, "fedtgp-server", server_round)
 
         def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,6 +175,6 @@ class FedTGP(FedProto):
         )
         state = {key: p.detach() for key, p in zip(GENERATOR_KEYS, parameters, strict=True)}
         seen = torch.zeros_like(server_state[PRESENT])
-        seen[sorted(by_class)] = 1.0
+        seen[classes] = 1.0
         state[PRESENT] = torch.maximum(server_state[PRESENT], seen)
         return state

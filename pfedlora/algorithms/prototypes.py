@@ -8,7 +8,7 @@ it, ``count.<c>`` (a float32 scalar: its number of samples of class ``c``); abse
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -31,9 +31,10 @@ def class_feature_means(
     meter: FlopMeter,
     kind: Hashable,
     represent: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean of ``model.features`` (or of ``represent(x)``, e.g. the logits) over the client's
-    training data, and per-class counts.
+    """Per-class mean of ``model.features`` (or of ``represent(x)``, e.g. the logits, ``width`` wide) over
+    the client's training data, and per-class counts.
 
     Runs in eval mode without autograd (the mode is restored after), every forward charged to ``meter``
     under ``kind``. Returns ``(means, counts)`` of shapes ``(num_classes, D)`` (float32, zero rows for
@@ -41,18 +42,16 @@ def class_feature_means(
     ``(num_classes,)`` (int64).
     """
     represent = represent or model.features
+    width = model.feature_dim if width is None else width
     was_training = model.training
     model.eval()
     device = data.train_indices.device
-    sums: torch.Tensor | None = None
+    sums = torch.zeros(num_classes, width, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
     def accumulate(x: torch.Tensor, y: torch.Tensor) -> None:
-        nonlocal sums
         with torch.no_grad():
             features = represent(x)  # (B, D)
-        if sums is None:
-            sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=device)
         sums.index_add_(0, y, features.to(torch.float64))
         counts.index_add_(0, y, torch.ones_like(y))
 
@@ -61,9 +60,6 @@ def class_feature_means(
             meter.run(kind, len(y), partial(accumulate, x, y))
     finally:
         model.train(was_training)
-    if sums is None:  # no training sample
-        width = model.feature_dim if represent == model.features else num_classes
-        sums = torch.zeros(num_classes, width, dtype=torch.float64, device=device)
     means = sums / counts.clamp_min(1).unsqueeze(1).to(torch.float64)  # (num_classes, D)
     return means.to(torch.float32), counts
 
@@ -76,12 +72,13 @@ def prototype_upload(
     *,
     with_counts: bool,
     represent: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    width: int | None = None,
 ) -> Upload:
-    """The class means of ``model``'s features (or of ``represent``) over the client's training data as its
-    upload (:func:`prototype_payload`), their forward passes charged to ``ctx.meter`` as the architecture's
-    "prototypes" step."""
+    """The class means of ``model``'s features (or of ``represent``, ``width`` wide) over the client's
+    training data as its upload (:func:`prototype_payload`), their forward passes charged to ``ctx.meter``
+    as the architecture's "prototypes" step."""
     means, counts = class_feature_means(
-        model, ctx.data, num_classes, batch_size, ctx.meter, (ctx.arch, "prototypes"), represent
+        model, ctx.data, num_classes, batch_size, ctx.meter, (ctx.arch, "prototypes"), represent, width
     )
     return Upload(prototype_payload(means, counts, with_counts=with_counts), ctx.data.num_train)
 
@@ -136,3 +133,21 @@ def read_prototypes(
             f"prototypes and counts name different classes: {sorted(prototypes)} vs {sorted(counts)}"
         )
     return {c: (prototypes[c], counts.get(c, 1.0)) for c in sorted(prototypes)}
+
+
+def uploaded_prototypes(
+    uploads: Sequence[Upload], num_classes: int, feature_dim: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every prototype of count-free ``uploads`` stacked, (P, feature_dim), with its class, (P,); None
+    where the uploads hold none."""
+    pairs = [
+        (prototype, label)
+        for upload in uploads
+        for label, (prototype, _) in read_prototypes(
+            upload.tensors, num_classes, feature_dim, with_counts=False
+        ).items()
+    ]
+    if not pairs:
+        return None
+    features = torch.stack([p for p, _ in pairs])  # (P, feature_dim)
+    return features, torch.tensor([c for _, c in pairs], device=features.device)
