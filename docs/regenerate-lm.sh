@@ -13,19 +13,26 @@ cd "$(dirname "$0")/.."
 PFEDLORA=${PFEDLORA:-.venv/bin/pfedlora}
 export HF_HUB_OFFLINE=1
 ALL=pfedlora,standalone,zero-shot,fedit,ffa-lora,fedsa-lora,hetlora,flexlora,flora
-FAIR=()
-for method in standalone fedit ffa-lora fedsa-lora hetlora flexlora flora; do
-  FAIR+=(--set "$method:train.local_steps=12")
-done
+ONE_PHASE=" standalone fedit ffa-lora fedsa-lora hetlora flexlora flora "
+fair() {  # methods (comma-separated): pFedLoRA's two phases' steps for each one-phase method among them
+  FAIR=()
+  local method
+  for method in ${1//,/ }; do
+    [[ $ONE_PHASE == *" $method "* ]] && FAIR+=(--set "$method:train.local_steps=12")
+  done
+  return 0
+}
 # The three methods closest to the best at seed 0 (see results-lm.md), with pFedLoRA and training alone.
 KJV_CLOSEST=${KJV_CLOSEST:-pfedlora,standalone,flexlora,fedit,hetlora}
 FORTUNES_CLOSEST=${FORTUNES_CLOSEST:-pfedlora,standalone,flexlora,fedit,hetlora}
 
 every_method() {  # corpus: every method, seed 0
+  fair "$ALL"
   "$PFEDLORA" compare -q --config "examples/$1-lm.toml" -a "$ALL" "${FAIR[@]}" --seeds 0 \
     --jobs 2 --workers 1 --out "runs/lm-$1"
 }
 closest() {  # corpus, methods: seeds 0-2 (seed 0 is reused)
+  fair "$2"
   "$PFEDLORA" compare -q --config "examples/$1-lm.toml" -a "$2" "${FAIR[@]}" --seeds 0,1,2 \
     --jobs 2 --workers 1 --out "runs/lm-$1"
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pfedlora.algorithms import pfedlora, standalone, lg_fedavg, fml, fedkd, fedgh  # noqa: F401
 from pfedlora.algorithms import fedapen, fedproto, fedavg, fedit, zero_shot, federated_lora  # noqa: F401
 from pfedlora.algorithms import fd, fedtgp, fedgen, fedssa, pfedes, pfedafm, pfedmoe, fedmrl  # noqa: F401
+from pfedlora.algorithms import fedl2g  # noqa: F401
 
 # isort: on
 from pfedlora.algorithms.base import (

@@ -84,10 +84,15 @@ def prototype_upload(
 
 
 def check_prototype_upload(
-    tensors: Mapping[str, torch.Tensor], num_classes: int, feature_dim: int, *, with_counts: bool
+    tensors: Mapping[str, torch.Tensor],
+    num_classes: int,
+    feature_dim: int,
+    *,
+    with_counts: bool,
+    prefix: str = PROTOTYPE_PREFIX,
 ) -> None:
     """Raise ValueError unless ``tensors`` is a valid float32 payload for :func:`read_prototypes`."""
-    read_prototypes(tensors, num_classes, feature_dim, with_counts=with_counts)
+    read_prototypes(tensors, num_classes, feature_dim, with_counts=with_counts, prefix=prefix)
     check_dtypes(tensors, torch.float32)
 
 
@@ -104,9 +109,16 @@ def prototype_payload(
 
 
 def read_prototypes(
-    tensors: Mapping[str, torch.Tensor], num_classes: int, feature_dim: int, *, with_counts: bool
+    tensors: Mapping[str, torch.Tensor],
+    num_classes: int,
+    feature_dim: int,
+    *,
+    with_counts: bool,
+    prefix: str = PROTOTYPE_PREFIX,
 ) -> dict[int, tuple[torch.Tensor, float]]:
     """Class -> (prototype (feature_dim,), count) from a payload; count is 1.0 when ``with_counts`` is off.
+    ``prefix`` names the per-class vectors (``prototype.`` unless the vectors are something else, e.g.
+    FedL2G's gradient rows).
 
     Raises ValueError on any key outside the scheme, a class out of range, a wrong shape, a prototype
     without its count (or the reverse) or a non-positive count.
@@ -114,13 +126,13 @@ def read_prototypes(
     prototypes: dict[int, torch.Tensor] = {}
     counts: dict[int, float] = {}
     for key, value in tensors.items():
-        prefix, _, label = key.rpartition(".")
-        prefix += "."
-        if prefix not in (PROTOTYPE_PREFIX, COUNT_PREFIX) or (prefix == COUNT_PREFIX and not with_counts):
-            raise ValueError(f"unexpected tensor {key!r} in a prototype payload")
+        kind, _, label = key.rpartition(".")
+        kind += "."
+        if kind not in (prefix, COUNT_PREFIX) or (kind == COUNT_PREFIX and not with_counts):
+            raise ValueError(f"unexpected tensor {key!r} in a payload of {prefix}<class> vectors")
         if not label.isdecimal() or not 0 <= int(label) < num_classes:
             raise ValueError(f"tensor {key!r} names no class in 0..{num_classes - 1}")
-        if prefix == PROTOTYPE_PREFIX:
+        if kind == prefix:
             if tuple(value.shape) != (feature_dim,):
                 raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected ({feature_dim},)")
             prototypes[int(label)] = value

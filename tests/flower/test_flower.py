@@ -69,6 +69,8 @@ def _nodes(config, state_dir, **extra):
         ("algorithm=pfedafm",),
         ("algorithm=fedmrl",),
         ("algorithm=pfedmoe",),
+        ("algorithm=fedl2g-feat",),
+        ("algorithm=fedl2g-logit", "fedl2g-logit.warm_up_rounds=1"),
         ("algorithm=fedgh", "federation.evaluate=after-download", "federation.eval_sample=2"),
         ("algorithm=lg-fedavg", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.1"),
     ],

@@ -193,6 +193,8 @@ def test_phases_freeze_exactly_and_the_branch_phase_never_touches_the_private_mo
         "fedssa",
         "pfedafm",
         "fedmrl",
+        "fedl2g-feat",
+        "fedl2g-logit",
     ],
 )
 def test_every_method_runs_a_round_on_a_mixed_federation(

@@ -221,6 +221,8 @@ def test_explicit_targets_missing_from_a_depth_are_refused(tiny_checkpoint, tiny
         "fedssa",
         "pfedafm",
         "fedmrl",
+        "fedl2g-feat",
+        "fedl2g-logit",
     ],
 )
 def test_every_method_runs_a_round_on_transformer_clients(tmp_path, tiny_checkpoint, tiny_text, algorithm):
