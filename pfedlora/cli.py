@@ -281,7 +281,14 @@ def run(
             progress.stop()
             raise _fail(error, f"continue with `pfedlora run --resume {shlex.quote(str(out_dir))}`") from None
     console.print(_summary_table([(str(out_dir), summary)], title=f"{cfg.algorithm} on {cfg.data.dataset}"))
-    console.print(f"results written to [bold]{escape(str(out_dir))}[/]")
+    from pfedlora.plots import evaluation_note, plot_runs
+    from pfedlora.simulation import read_run
+
+    records, _ = read_run(out_dir)
+    plots = plot_runs([(cfg.algorithm, records)], out_dir, evaluation_note([summary]))
+    console.print(
+        f"results written to [bold]{escape(str(out_dir))}[/] (plots: {', '.join(p.name for p in plots)})"
+    )
 
 
 def _show_accuracy(progress: Progress, task: TaskID, record: RoundRecord) -> None:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 import tomllib
 import typing
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -44,16 +45,23 @@ class DataConfig:
     """Which dataset, where it lives, and how it is split among clients."""
 
     dataset: str = "fashion-mnist"
+    """The dataset (``pfedlora list``): images (Fashion-MNIST, CIFAR) or text (the KJV, Debian's fortunes)."""
     task: str = "classification"
     """What the clients learn (``pfedlora.tasks.TASKS``): "classification", or "language-modeling" (each
     client's own text, scored by its perplexity; text datasets and ``<family>-r<k>`` architectures)."""
     data_dir: str = ""
-    """Extra directory searched first; empty means the default lookup (see README)."""
+    """Extra directory searched first (also ``--data-dir``); empty means the default lookup."""
     download: bool = True
+    """Download the official archive (checksum-verified) when the data is nowhere local."""
     partition: str = "pathological"
+    """How the data is split among clients: "pathological" (k classes each, the paper's), "dirichlet",
+    "iid", or "by-source" (each client a seeded set of whole sources, e.g. books; text)."""
     classes_per_client: int = 5
+    """k of the pathological partition."""
     dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet partition (smaller: more skewed)."""
     min_train_samples: int = 10
+    """The fewest training samples a client may get (Dirichlet and by-source partitions)."""
     validation_fraction: float = 0.0
     """Share of each client's training data held out; when > 0 clients are evaluated on it, not on test."""
     max_eval_samples: int = 0
@@ -67,9 +75,13 @@ class FederationConfig:
     """Clients, their architectures, the sampling and the schedule."""
 
     num_clients: int = 100
+    """N, the clients in the federation."""
     sample_fraction: float = 0.1
+    """C, the fraction of clients sampled each round."""
     rounds: int = 80
+    """T, the communication rounds."""
     eval_every: int = 10
+    """Clients are evaluated every this many rounds, and after the last."""
     architectures: tuple[str, ...] = ("cnn1", "cnn2", "cnn3", "cnn4", "cnn5")
     """Client i gets architectures[i mod len(architectures)] (the paper: cnn{(i mod 5)+1})."""
     target_accuracy: float = 0.8
@@ -110,11 +122,17 @@ class TrainConfig:
     """Local optimisation (SGD), shared by every algorithm."""
 
     batch_size: int = 64
+    """Samples per minibatch."""
     lr: float = 0.01
+    """SGD learning rate of the local phase (and of the adapter phase unless ``adapter.lr``)."""
     momentum: float = 0.9
+    """SGD momentum (a fresh optimizer each phase: momentum never carries across rounds or phases)."""
     weight_decay: float = 1e-3
+    """SGD weight decay."""
     grad_clip: float = 50.0
+    """The most the gradients' total norm may be at a step (clipped beyond)."""
     local_epochs: int = 1
+    """Epochs of the local phase (of all of a round's training where an algorithm has one phase)."""
     local_steps: int = 0
     """When > 0, every private training phase runs exactly this many minibatch steps instead of
     ``local_epochs`` passes (passes repeat as needed): the cost of a round no longer grows with a client's
@@ -162,7 +180,10 @@ class AdapterConfig:
     """pFedLoRA's homogeneous low-rank adapter (SPEC §2.1)."""
 
     placement: str = "branch"
+    """Where the adapter sits: "branch" (a low-rank side network whose logits are added), "layers" (LoRA
+    on layers of the local model) or "head" (LoRA on the head alone)."""
     rank: int = 8
+    """r, the adapter's rank."""
     alpha: float = 0.0
     """LoRA alpha; 0 means the default 2·rank."""
     lr: float = 0.0
@@ -170,7 +191,9 @@ class AdapterConfig:
     targets: tuple[str, ...] = ()
     """Layers to adapt (placement "layers"); empty means every layer homogeneous across the federation."""
     epochs: int = 1
+    """Epochs of the adapter phase."""
     phase_order: str = "local-first"
+    """Which phase of a round comes first: "local-first" (the paper's) or "adapter-first"."""
     branch_family: str = ""
     """Text clients, placement "branch": the model family whose tokenizer and frozen token embeddings the
     shared branch reads ("" : the family of the first transformer architecture)."""
@@ -282,8 +305,11 @@ class ExperimentConfig:
     """One experiment: the algorithm, its seed and every section."""
 
     algorithm: str = "pfedlora"
+    """pFedLoRA or another algorithm (``pfedlora list``)."""
     seed: int = 0
+    """Seeds the partition, model initialisation, client sampling and batch order (never the global RNG)."""
     device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -390,8 +416,23 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
 
 def _describe_type(tp: Any) -> str:
     if get_origin(tp) is tuple:
-        return f"a list of {_describe_type(get_args(tp)[0])}s"
+        member = get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(member, str(member))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _bound(value: float) -> str:
+    """A range's end in words: ``inf``, an integer, ``2^63 - 1`` (the largest seed) or a number."""
+    if value == _INF:
+        return "inf"
+    if value == 2**63 - 1:
+        return "2^63 - 1"
+    return f"{value:g}"
+
+
+def _describe_range(low: float, high: float, low_inclusive: bool) -> str:
+    """``[low, high]``, with ``(`` where ``low`` is excluded and ``inf)`` where there is no upper end."""
+    return f"{'[' if low_inclusive else '('}{_bound(low)}, {_bound(high)}{')' if high == _INF else ']'}"
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -483,9 +524,49 @@ def allowed_values(declared: dataclasses.Field) -> str:
     if meta.get("models"):
         return "a model name (see models)"
     if "range" in meta:
-        low, high, low_inclusive = meta["range"]
-        return f"{'[' if low_inclusive else '('}{low:g}, {'inf)' if high == _INF else f'{high:g}]'}"
+        return _describe_range(*meta["range"])
     return "any"
+
+
+def _compact_names(names: Sequence[str]) -> str:
+    """``names`` joined by commas, each run of three or more numbered names written as its ends
+    (``cnn1 … cnn5``, ``smollm2-l1 … smollm2-l30``)."""
+    groups: dict[str, list[int]] = {}
+    order: list[str] = []
+    for name in names:
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        prefix = match.group(1) if match else name
+        if prefix not in groups:
+            groups[prefix] = []
+            order.append(prefix)
+        if match:
+            groups[prefix].append(int(match.group(2)))
+    parts: list[str] = []
+    for prefix in order:
+        numbers = groups[prefix]
+        if not numbers:
+            parts.append(prefix)
+        elif len(numbers) >= 3 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+            parts.append(f"{prefix}{numbers[0]} … {prefix}{numbers[-1]}")
+        else:
+            parts.extend(f"{prefix}{n}" for n in numbers)
+    return ", ".join(parts)
+
+
+def key_allowed_values(key: str) -> str:
+    """What the configuration key ``key`` of a section (``train.lr``, ``data.partition``) allows, in words:
+    its choices, the names registered for it, its range, or its type (for the configuration reference)."""
+    registry = _registries().get(key)
+    if registry is not None:
+        return _compact_names(list(registry))
+    if key in _CHOICES:
+        return ", ".join(_CHOICES[key])
+    section, _, name = key.rpartition(".")
+    cls = typing.get_type_hints(ExperimentConfig)[section] if section else ExperimentConfig
+    kind = _describe_type(typing.get_type_hints(cls)[name])
+    if key in _RANGES:
+        return f"{kind} in {_describe_range(*_RANGES[key])}"
+    return kind
 
 
 def _option_fields(config: ExperimentConfig) -> Iterator[tuple[str, Any, dataclasses.Field]]:

@@ -1,6 +1,7 @@
 """PNG plots of finished runs: mean accuracy (for language modeling: mean perplexity) per round, against
-cumulative megabytes sent, and against cumulative client training FLOPs. A method run with several seeds is
-one line (the mean over seeds) in a band of ± one standard deviation across seeds."""
+cumulative megabytes sent, and against cumulative client training FLOPs (both on log axes: methods' bytes
+span orders of magnitude; a method that sends nothing is marked at the axis's left edge). A method run with
+several seeds is one line (the mean over seeds) in a band of ± one standard deviation across seeds."""
 
 from __future__ import annotations
 
@@ -40,23 +41,39 @@ def _plot(
     path: Path,
     note: str,
     headline: Headline = ACCURACY,
+    log_x: bool = False,
 ) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for label, runs in groups:
-        curves = [_curve(records, x_key, scale, headline) for records in runs]
+    curves_of = [[_curve(records, x_key, scale, headline) for records in runs] for _, runs in groups]
+    positive = [x for curves in curves_of for xs, _ in curves for x in xs if x > 0]
+    log_x = log_x and bool(positive)
+    floor = min(positive) / 10 if log_x else 0.0  # where a log axis draws x = 0 (nothing sent)
+    for (label, runs), curves in zip(groups, curves_of, strict=True):
         length = min(len(xs) for xs, _ in curves)  # the same evaluated rounds for every seed
         xs = np.mean([xs[:length] for xs, _ in curves], axis=0)
         ys = np.array([ys[:length] for _, ys in curves])
         mean = ys.mean(axis=0)
+        name = label if len(runs) == 1 else f"{label} (n={len(runs)})"
+        at_zero = log_x and bool(length) and bool((xs <= 0).all())
+        if log_x:
+            xs = np.where(xs > 0, xs, floor)
         line = ax.plot(
-            xs, mean, marker="o", markersize=3, label=label if len(runs) == 1 else f"{label} (n={len(runs)})"
+            xs,
+            mean,
+            marker=">" if at_zero else "o",
+            markersize=6 if at_zero else 3,
+            linestyle="none" if at_zero else "-",
+            label=f"{name} (at 0, drawn at the left edge)" if at_zero else name,
         )
         if len(runs) > 1:
             spread = ys.std(axis=0, ddof=1)  # as the tables: the sample standard deviation
             ax.fill_between(
                 xs, mean - spread, mean + spread, color=line[0].get_color(), alpha=0.2, linewidth=0
             )
-    ax.set_xlabel(xlabel)
+    if log_x:
+        ax.set_xscale("log")
+        ax.axvline(floor, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(f"{xlabel}, log scale" if log_x else xlabel)
     ax.set_ylabel(
         "mean accuracy over clients (%)"
         if headline is ACCURACY
@@ -112,6 +129,7 @@ def plot_groups(
             out / f"{name}_vs_megabytes.png",
             note,
             headline,
+            log_x=True,
         ),
         _plot(
             groups,
@@ -122,5 +140,6 @@ def plot_groups(
             out / f"{name}_vs_tflops.png",
             note,
             headline,
+            log_x=True,
         ),
     ]

@@ -33,7 +33,11 @@ def test_run_writes_results_and_prints_the_table(tmp_path, tiny_data):
         "config.toml",
         "metrics.jsonl",
         "summary.json",
+        "accuracy_per_round.png",  # a single run ends with its own plots, as report writes them
+        "accuracy_vs_megabytes.png",
+        "accuracy_vs_tflops.png",
     }
+    assert (out / "accuracy_per_round.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_workers_option_trains_in_worker_processes_with_the_same_results(tmp_path, tiny_data):

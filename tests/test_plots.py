@@ -1,0 +1,51 @@
+import matplotlib.pyplot as plt
+import pytest
+
+from pfedlora import plots
+
+
+def _records(bytes_per_round, flops_per_round, accuracies):
+    return [
+        {
+            "round": r,
+            "cumulative_bytes": bytes_per_round * r,
+            "cumulative_train_flops": flops_per_round * r,
+            "mean_accuracy": accuracy,
+        }
+        for r, accuracy in enumerate(accuracies, start=1)
+    ]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plots draw, kept open to be inspected."""
+    kept, close = [], plt.close
+    monkeypatch.setattr(plots.plt, "close", kept.append)
+    yield kept
+    for figure in kept:
+        close(figure)
+
+
+def test_bytes_and_flops_are_on_log_axes_and_what_sends_nothing_is_marked_at_the_left_edge(tmp_path, figures):
+    runs = [
+        ("pfedlora", _records(2e6, 1e12, [0.5, 0.6, 0.7])),
+        ("fedapen", _records(2e9, 2e12, [0.4, 0.6, 0.8])),  # three orders of magnitude more bytes
+        ("standalone", _records(0, 1e12, [0.3, 0.4, 0.5])),
+    ]
+    paths = plots.plot_runs(runs, tmp_path)
+    assert [p.name for p in paths] == [
+        "accuracy_per_round.png",
+        "accuracy_vs_megabytes.png",
+        "accuracy_vs_tflops.png",
+    ]
+    per_round, megabytes, tflops = (figure.axes[0] for figure in figures)
+    assert per_round.get_xscale() == "linear"
+    assert megabytes.get_xscale() == "log" and tflops.get_xscale() == "log"
+    lines = {line.get_label(): line for line in megabytes.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"pfedlora", "fedapen", "standalone (at 0, drawn at the left edge)"}
+    assert list(lines["pfedlora"].get_xdata()) == pytest.approx([2, 4, 6])  # MB
+    edge = list(lines["standalone (at 0, drawn at the left edge)"].get_xdata())
+    assert edge == pytest.approx([0.2] * 3)  # a tenth of the smallest positive x: visible, left of all
+    assert megabytes.get_xlim()[0] < 0.2 < 2
+    assert "log scale" in megabytes.get_xlabel()
+    assert {line.get_label() for line in tflops.get_lines()} >= {"pfedlora", "fedapen", "standalone"}
