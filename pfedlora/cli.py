@@ -8,6 +8,7 @@ Library errors (:class:`~pfedlora.errors.PfedloraError`) become one line on stde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shlex
@@ -185,6 +186,14 @@ WorkersOption = Annotated[
         show_default=False,
     ),
 ]
+LogOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--log",
+        help="Also stream every round to this tracker (repeatable): tensorboard, into RUN_DIR/tensorboard "
+        "(needs pip install 'pfedlora[tensorboard]'; then tensorboard --logdir runs/).",
+    ),
+]
 
 
 @app.command()
@@ -230,6 +239,7 @@ def run(
         ),
     ] = False,
     workers: WorkersOption = None,
+    log: LogOption = None,
 ) -> None:
     """Run one experiment (by default pFedLoRA on Fashion-MNIST) and write its results directory.
 
@@ -239,8 +249,11 @@ def run(
     from pfedlora.config import load_config, load_run_config
     from pfedlora.simulation import resume_run, run_experiment
     from pfedlora.simulation.results import CONFIG_FILE, default_run_dir
+    from pfedlora.tracking import TRACKERS, tracking
 
     try:
+        for name in log or []:
+            TRACKERS.get(name)
         if resume is not None:
             if config is not None or overrides or out is not None or data_dir is not None:
                 raise ConfigError("--resume takes the run's own configuration: give no --config/--set/--out")
@@ -256,17 +269,19 @@ def run(
         raise _fail(error) from None
     out_dir = resume if resume is not None else out if out is not None else default_run_dir(cfg)
     progress = _round_progress(quiet)
-    with progress:
+    with progress, contextlib.ExitStack() as stack:
         total = rounds if rounds is not None else cfg.federation.rounds
         task = progress.add_task(
             f"{cfg.algorithm} on {cfg.data.dataset}: setting up", total=total, figure="mean acc –"
         )
 
         def on_round(record: RoundRecord) -> None:
+            trackers.log_round(record)
             _show_accuracy(progress, task, record)
             progress.update(task, advance=1, description=f"{cfg.algorithm} on {cfg.data.dataset}: round")
 
         try:
+            trackers = stack.enter_context(tracking(log or [], Path(out_dir), cfg))
             if resume is not None:
                 summary = resume_run(
                     resume,
@@ -463,6 +478,7 @@ def compare(
     quiet: QuietOption = False,
     jobs: JobsOption = 1,
     workers: WorkersOption = None,
+    log: LogOption = None,
 ) -> None:
     """Run several algorithms on the same data, partition and seed; write a table (Markdown, CSV) and plots.
 
@@ -478,7 +494,11 @@ def compare(
         write_comparison,
     )
 
+    from pfedlora.tracking import TRACKERS
+
     try:
+        for name in log or []:
+            TRACKERS.get(name)
         variants = plan_variants(_split(algorithms), _split(placements), config, overrides or ())
         if seeds:
             variants = with_seeds(variants, _seeds(seeds))
@@ -488,7 +508,9 @@ def compare(
         raise _fail(error) from None
     results = _run_variants(
         quiet,
-        lambda on_start, on_round: run_comparison(variants, out, on_start, on_round, jobs, workers),
+        lambda on_start, on_round: run_comparison(
+            variants, out, on_start, on_round, jobs, workers, log=log or ()
+        ),
     )
     if target is not None:
         results = retarget(results, target)

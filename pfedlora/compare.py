@@ -58,6 +58,7 @@ from pfedlora.stopping import (
     signal_of,
     stop_on_signals,
 )
+from pfedlora.tracking import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def run_comparison(
     jobs: int = 1,
     workers: int | None = None,
     dataset: Dataset | None = None,
+    log: Sequence[str] = (),
 ) -> list[Result]:
     """Run (or resume) every variant into ``out_dir/<label>``; returns (label, records, summary) per variant.
 
@@ -155,14 +157,15 @@ def run_comparison(
     not oversubscribed; since results do not depend on the number of workers, they are those of one run
     after another with workers. ``dataset``, if given, serves every variant instead of the one it names.
     ``out_dir`` is locked for this process while the comparison runs (a second one there is refused), and
-    each variant's run directory for the process that runs it.
+    each variant's run directory for the process that runs it. ``log`` names trackers
+    (:data:`~pfedlora.tracking.TRACKERS`) that every variant's rounds also go to.
     """
     if jobs < 1:
         raise ConfigError(f"jobs: {jobs} is out of range; allowed: 1 or more")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with directory_lock(out):
-        return _compare(variants, out, on_start, on_round, jobs, workers, dataset)
+        return _compare(variants, out, on_start, on_round, jobs, workers, dataset, tuple(log))
 
 
 def _compare(
@@ -173,6 +176,7 @@ def _compare(
     jobs: int,
     workers: int | None,
     dataset: Dataset | None,
+    log: tuple[str, ...],
 ) -> list[Result]:
     """:func:`run_comparison` once this process holds the lock of ``out``."""
     datasets: dict[DatasetKey, Dataset] = {}
@@ -206,12 +210,12 @@ def _compare(
                 on_start(variant, False)
             tell = partial(on_round, variant.label) if on_round is not None else None
             try:
-                _run_variant(variant, out / variant.label, _dataset_of(variant, datasets), workers, tell)
+                _run_variant(variant, out / variant.label, _dataset_of(variant, datasets), workers, tell, log)
             except RunStopped as stop:
                 raise ComparisonStopped(stop.signum, [(variant.label, stop)], out, len(variants)) from None
     else:
         per_job = workers if workers is not None else max(1, usable_cores() // jobs)
-        _run_in_parallel(pending, out, datasets, jobs, per_job, on_start, on_round, len(variants))
+        _run_in_parallel(pending, out, datasets, jobs, per_job, on_start, on_round, len(variants), log)
     results = []
     for variant in variants:
         records, summary = read_run(out / variant.label)
@@ -246,18 +250,27 @@ def _run_variant(
     dataset: Dataset,
     workers: int | None,
     on_round: RoundCallback | None,
+    log: tuple[str, ...] = (),
 ) -> None:
-    """Run the variant into ``run_dir``, or resume it there from its last checkpoint."""
-    if (run_dir / CONFIG_FILE).is_file():
-        logger.warning(
-            "%s: resuming the unfinished run in %s from its last checkpoint", variant.label, run_dir
-        )
-        resume_run(run_dir, on_round=on_round, dataset=dataset, workers=workers)
-        return
-    if run_dir.exists():
-        with directory_lock(run_dir):
-            shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
-    run_experiment(variant.config, run_dir, on_round=on_round, dataset=dataset, workers=workers)
+    """Run the variant into ``run_dir``, or resume it there from its last checkpoint; its rounds also go to
+    the trackers ``log``."""
+    with tracking(list(log), run_dir, variant.config) as trackers:
+
+        def tell(record: RoundRecord) -> None:
+            trackers.log_round(record)
+            if on_round is not None:
+                on_round(record)
+
+        if (run_dir / CONFIG_FILE).is_file():
+            logger.warning(
+                "%s: resuming the unfinished run in %s from its last checkpoint", variant.label, run_dir
+            )
+            resume_run(run_dir, on_round=tell, dataset=dataset, workers=workers)
+            return
+        if run_dir.exists():
+            with directory_lock(run_dir):
+                shutil.rmtree(run_dir)  # created but never configured: nothing in it is worth keeping
+        run_experiment(variant.config, run_dir, on_round=tell, dataset=dataset, workers=workers)
 
 
 def _run_in_parallel(
@@ -269,6 +282,7 @@ def _run_in_parallel(
     on_start: Callable[[Variant, bool], None] | None,
     on_round: VariantRound | None,
     total: int,
+    log: tuple[str, ...] = (),
 ) -> None:
     """Run ``variants`` ``jobs`` at a time, each in a process of its own; the first failure stops them all,
     and so does a stop of this process (:class:`ComparisonStopped`, naming where each running job stood;
@@ -293,7 +307,7 @@ def _run_in_parallel(
                 dataset = _dataset_of(variant, datasets).share_memory()
                 process = context.Process(
                     target=_job,
-                    args=(variant, out / variant.label, dataset, workers, events),
+                    args=(variant, out / variant.label, dataset, workers, events, log),
                     name=f"pfedlora-job-{variant.label}",
                 )
                 process.start()
@@ -362,7 +376,9 @@ def _variant_dirs(out_dir: Path) -> list[str]:
     return [str(config.parent.relative_to(out_dir)) for config in sorted(out_dir.rglob(CONFIG_FILE))]
 
 
-def _job(variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events: Any) -> None:
+def _job(
+    variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events: Any, log: tuple[str, ...] = ()
+) -> None:
     """One variant in a process of its own; reports its rounds and its end on ``events``. The comparison
     stops it with SIGTERM (Ctrl-C is the comparison's to handle), which stops its run, quietly."""
     leave_stops_to_parent((signal.SIGINT,))
@@ -374,6 +390,7 @@ def _job(variant: Variant, run_dir: Path, dataset: Dataset, workers: int, events
                 dataset,
                 workers,
                 lambda record: events.put(("round", variant.label, record)),
+                log,
             )
         events.put(("done", variant.label, None))
     except KeyboardInterrupt:

@@ -1,0 +1,142 @@
+"""Every round's figures streamed to an experiment tracker, beside ``metrics.jsonl`` (off by default).
+
+``pfedlora run --log tensorboard`` (and ``compare --log tensorboard``: one run per variant) writes TensorBoard
+event files into ``RUN_DIR/tensorboard``, so ``tensorboard --logdir runs/`` shows every run side by side. A
+round's step is its number; the scalars are those of :func:`round_scalars`, and the resolved configuration
+goes in as hyperparameters. A resumed run first replays the rounds it keeps: its writer starts with a purge
+at step 1, so TensorBoard drops what the interrupted process had written and each curve holds each round
+once. A tracker joins :data:`TRACKERS` by registering a factory ``(run_dir, config) -> Tracker``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pfedlora.config import ExperimentConfig, flat_config
+from pfedlora.errors import ConfigError
+from pfedlora.registry import Registry
+from pfedlora.simulation.records import RoundRecord
+
+TENSORBOARD_DIR = "tensorboard"
+"""Where a run directory keeps its TensorBoard event files."""
+
+
+class Tracker(ABC):
+    """Receives every round's record as the run goes; closed when the run ends, however it ends."""
+
+    @abstractmethod
+    def log_round(self, record: RoundRecord) -> None:
+        """Record one round (rounds come in order; a resumed run replays the rounds it keeps first)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release what the tracker holds."""
+
+
+TrackerFactory = Callable[[Path, ExperimentConfig], Tracker]
+TRACKERS: Registry[TrackerFactory] = Registry("--log")  # "--log: unknown value 'x'; allowed: tensorboard"
+"""Every tracker, by the name ``--log`` takes."""
+
+
+def round_scalars(record: RoundRecord) -> dict[str, float]:
+    """The figures of one round by tag: evaluation (mean and weighted accuracy, or the task's perplexity),
+    costs (bytes, client FLOPs, server FLOPs, cumulative ones), time and refused updates."""
+    scalars: dict[str, float] = {
+        "cost/megabytes_down": record["bytes_down"] / 1e6,
+        "cost/megabytes_up": record["bytes_up"] / 1e6,
+        "cost/cumulative_megabytes": record["cumulative_bytes"] / 1e6,
+        "cost/client_tflops": record["train_flops"] / 1e12,
+        "cost/cumulative_client_tflops": record["cumulative_train_flops"] / 1e12,
+        "cost/server_tflops": record.get("server_flops", 0.0) / 1e12,
+        "time/round_seconds": record["round_seconds"],
+        "clients/aggregated": float(len(record["aggregated"])),
+        "clients/refused": float(len(record["refused"])),
+        "clients/dropped": float(len(record["dropped"])),
+    }
+    for key in ("mean_accuracy", "weighted_accuracy", "std_accuracy", "mean_perplexity", "median_perplexity"):
+        if key in record:
+            scalars[f"eval/{key}"] = float(record[key])
+    if record.get("privacy_epsilon") is not None:
+        scalars["privacy/epsilon"] = float(record["privacy_epsilon"])  # type: ignore[arg-type]
+    return scalars
+
+
+def hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved configuration as flat hyperparameters (lists written out as text)."""
+    return {
+        key: value if isinstance(value, bool | int | float | str) else str(list(value))
+        for key, value in flat_config(config).items()
+    }
+
+
+class TensorBoardTracker(Tracker):
+    """Scalars per round and the configuration as hyperparameters, in ``RUN_DIR/tensorboard``."""
+
+    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+        except ImportError:
+            raise ConfigError(
+                "--log tensorboard needs the tensorboard package: pip install 'pfedlora[tensorboard]'"
+            ) from None
+        folder = Path(run_dir) / TENSORBOARD_DIR
+        resumed = folder.is_dir()
+        self.writer = SummaryWriter(str(folder), purge_step=1 if resumed else None)
+        if not resumed:
+            headline = (
+                "eval/mean_perplexity" if config.data.task == "language-modeling" else "eval/mean_accuracy"
+            )
+            experiment, session_start, _ = hparams(hyperparameters(config), {headline: 0.0})
+            file_writer = self.writer.file_writer
+            assert file_writer is not None  # made by SummaryWriter's constructor
+            for summary in (experiment, session_start):
+                file_writer.add_summary(summary)
+
+    def log_round(self, record: RoundRecord) -> None:
+        for tag, value in round_scalars(record).items():
+            self.writer.add_scalar(tag, value, record["round"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+TRACKERS.add("tensorboard", TensorBoardTracker)
+
+
+class Trackers:
+    """The trackers ``names`` (each in :data:`TRACKERS`) of the run in ``run_dir``, opened at the first round
+    they receive (the run directory exists by then) and closed by :meth:`close`."""
+
+    def __init__(self, names: list[str], run_dir: Path, config: ExperimentConfig) -> None:
+        for name in names:
+            TRACKERS.get(name)  # an unknown name is refused before the run starts
+        self.names, self.run_dir, self.config = names, Path(run_dir), config
+        self.opened: list[Tracker] | None = None
+
+    def log_round(self, record: RoundRecord) -> None:
+        if self.opened is None:
+            self.opened = []
+            for name in self.names:
+                self.opened.append(TRACKERS[name](self.run_dir, self.config))
+        for tracker in self.opened:
+            tracker.log_round(record)
+
+    def close(self) -> None:
+        for tracker in self.opened or ():
+            tracker.close()
+
+
+@contextmanager
+def tracking(names: list[str], run_dir: Path, config: ExperimentConfig) -> Iterator[Trackers]:
+    """:class:`Trackers` for the run in ``run_dir``, closed at the end of the block however it ends."""
+    trackers = Trackers(names, run_dir, config)
+    try:
+        yield trackers
+    finally:
+        trackers.close()

@@ -1,0 +1,74 @@
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from pfedlora.cli import app
+from pfedlora.simulation import federation, read_run
+from pfedlora.tracking import TENSORBOARD_DIR, round_scalars
+
+runner = CliRunner()
+TINY = [
+    "--set", "federation.num_clients=4",
+    "--set", "federation.rounds=2",
+    "--set", "federation.eval_every=1",
+    "--set", "federation.checkpoint_every=1",
+    "--set", "data.classes_per_client=2",
+    "--set", "train.batch_size=32",
+]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_data(monkeypatch, tiny_dataset):
+    monkeypatch.setattr(federation, "load_dataset", lambda *args, **kwargs: tiny_dataset)
+
+
+def _events(run_dir):
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    events.Reload()
+    return events
+
+
+def _curve(events, tag):
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_a_run_streams_every_round_and_its_configuration_to_tensorboard(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-q", *TINY, "--log", "tensorboard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records, _ = read_run(out)
+    events = _events(out)
+    for tag in round_scalars(records[0]):
+        expected = [(r["round"], pytest.approx(round_scalars(r)[tag], rel=1e-6)) for r in records]
+        assert _curve(events, tag) == expected, tag
+    assert "eval/mean_accuracy" in events.Tags()["scalars"]
+    hparams = events.PluginTagToContent("hparams")
+    assert b"train.lr" in hparams["_hparams_/experiment"]  # the resolved configuration
+    assert b"pfedlora" in hparams["_hparams_/session_start_info"]
+
+
+def test_a_resumed_run_continues_its_curves_without_duplicate_steps(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", "-q", *TINY, "--log", "tensorboard", "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["run", "-q", "--resume", str(out), "--rounds", "4", "--log", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    records, _ = read_run(out)
+    curve = _curve(_events(out), "cost/cumulative_megabytes")
+    assert [step for step, _ in curve] == [1, 2, 3, 4]
+    assert [value for _, value in curve] == pytest.approx([r["cumulative_bytes"] / 1e6 for r in records])
+
+
+def test_an_unknown_tracker_is_one_line_exit_2_and_no_run(tmp_path, tiny_data):
+    result = runner.invoke(app, ["run", *TINY, "--log", "wandb", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "--log: unknown value 'wandb'; allowed: tensorboard" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_streams_each_variant_into_its_own_run(tmp_path, tiny_data):
+    out = tmp_path / "cmp"
+    args = ["compare", "-q", "-a", "pfedlora,standalone", *TINY, "--log", "tensorboard", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for variant in ("pfedlora-branch", "standalone"):
+        assert [s for s, _ in _curve(_events(out / variant), "eval/mean_accuracy")] == [1, 2]
