@@ -493,7 +493,6 @@ def compare(
         with_seeds,
         write_comparison,
     )
-
     from pfedlora.tracking import TRACKERS
 
     try:
