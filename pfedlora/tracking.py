@@ -1,15 +1,18 @@
-"""Every round's figures streamed to an experiment tracker, beside ``metrics.jsonl`` (off by default).
+"""Every round's figures streamed to experiment trackers, beside ``metrics.jsonl`` (off by default).
 
 ``pfedlora run --log tensorboard`` (and ``compare --log tensorboard``: one run per variant) writes TensorBoard
 event files into ``RUN_DIR/tensorboard``, so ``tensorboard --logdir runs/`` shows every run side by side. A
 round's step is its number; the scalars are those of :func:`round_scalars`, and the resolved configuration
 goes in as hyperparameters. A resumed run first replays the rounds it keeps: its writer starts with a purge
 at step 1, so TensorBoard drops what the interrupted process had written and each curve holds each round
-once. A tracker joins :data:`TRACKERS` by registering a factory ``(run_dir, config) -> Tracker``.
+once. ``--log mlflow`` logs the same figures to MLflow (:class:`MLflowTracker`). A tracker joins
+:data:`TRACKERS` by registering a factory ``(run_dir, config) -> Tracker``.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ from pfedlora.config import ExperimentConfig, flat_config
 from pfedlora.errors import ConfigError
 from pfedlora.registry import Registry
 from pfedlora.simulation.records import RoundRecord
+from pfedlora.simulation.results import SUMMARY_FILE
 
 TENSORBOARD_DIR = "tensorboard"
 """Where a run directory keeps its TensorBoard event files."""
@@ -107,6 +111,60 @@ class TensorBoardTracker(Tracker):
 
 
 TRACKERS.add("tensorboard", TensorBoardTracker)
+
+MLFLOW_RUN_FILE = "mlflow-run-id"
+"""The run directory's note of its MLflow run, so that a resume continues that run."""
+
+
+class MLflowTracker(Tracker):
+    """Metrics per round and the configuration as parameters, in one MLflow run per run directory, on the
+    tracking server MLflow is configured for (``MLFLOW_TRACKING_URI``; the experiment ``pfedlora`` unless
+    ``MLFLOW_EXPERIMENT_NAME`` says otherwise). A resume continues the same run from the round after the
+    last it logged."""
+
+    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError("--log mlflow needs MLflow: pip install 'pfedlora[mlflow]'") from None
+        self.client, self.run_dir = MlflowClient(), Path(run_dir)
+        note = self.run_dir / MLFLOW_RUN_FILE
+        self.logged = 0  # the last round the MLflow run holds
+        if note.is_file():
+            self.run_id = note.read_text().strip()
+            history = self.client.get_metric_history(self.run_id, "cost/cumulative_megabytes")
+            self.logged = max((m.step for m in history), default=0)
+            return
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "pfedlora")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        run = self.client.create_run(
+            experiment_id, run_name=self.run_dir.name, tags={"pfedlora.run_dir": str(self.run_dir.resolve())}
+        )
+        self.run_id = run.info.run_id
+        note.write_text(self.run_id + "\n")
+        from mlflow.entities import Param
+
+        params = [Param(key, str(value)) for key, value in hyperparameters(config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def log_round(self, record: RoundRecord) -> None:
+        if record["round"] <= self.logged:
+            return  # a resume replays the rounds it keeps: MLflow holds them already
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(tag, value, stamp, record["round"]) for tag, value in round_scalars(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        self.logged = record["round"]
+
+    def close(self) -> None:
+        finished = (self.run_dir / SUMMARY_FILE).is_file()
+        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
+
+
+TRACKERS.add("mlflow", MLflowTracker)
 
 
 class Trackers:

@@ -61,7 +61,7 @@ def test_a_resumed_run_continues_its_curves_without_duplicate_steps(tmp_path, ti
 def test_an_unknown_tracker_is_one_line_exit_2_and_no_run(tmp_path, tiny_data):
     result = runner.invoke(app, ["run", *TINY, "--log", "wandb", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "--log: unknown value 'wandb'; allowed: tensorboard" in result.output
+    assert "--log: unknown value 'wandb'; allowed: tensorboard, mlflow" in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -72,3 +72,31 @@ def test_compare_streams_each_variant_into_its_own_run(tmp_path, tiny_data):
     assert result.exit_code == 0, result.output
     for variant in ("pfedlora-branch", "standalone"):
         assert [s for s, _ in _curve(_events(out / variant), "eval/mean_accuracy")] == [1, 2]
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A local MLflow tracking store (MLflow's file store, allowed for the test) and a client reading it."""
+    import mlflow  # the test extra installs MLflow's client
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return mlflow.tracking.MlflowClient(tracking_uri=uri)
+
+
+def test_a_run_and_its_resume_make_one_mlflow_run_with_each_round_once(tmp_path, tiny_data, mlflow_store):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", "-q", *TINY, "--log", "mlflow", "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["run", "-q", "--resume", str(out), "--rounds", "3", "--log", "mlflow"])
+    assert result.exit_code == 0, result.output
+    (experiment,) = [e for e in mlflow_store.search_experiments() if e.name == "pfedlora"]
+    (run,) = mlflow_store.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["algorithm"] == "pfedlora"
+    records, _ = read_run(out)
+    history = mlflow_store.get_metric_history(run.info.run_id, "cost/cumulative_megabytes")
+    assert [(m.step, m.value) for m in history] == [
+        (r["round"], pytest.approx(r["cumulative_bytes"] / 1e6)) for r in records
+    ]
+    accuracy = mlflow_store.get_metric_history(run.info.run_id, "eval/mean_accuracy")
+    assert [m.step for m in accuracy] == [1, 2, 3]
