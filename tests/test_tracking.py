@@ -78,6 +78,7 @@ def test_compare_streams_each_variant_into_its_own_run(tmp_path, tiny_data):
 def mlflow_store(tmp_path, monkeypatch):
     """A local MLflow tracking store (MLflow's file store, allowed for the test) and a client reading it."""
     import mlflow  # the test extra installs MLflow's client
+
     uri = (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
