@@ -10,6 +10,7 @@ import torch
 
 from pfedlora.config import ExperimentConfig, load_config
 from pfedlora.data import Dataset
+from pfedlora.simulation import federation
 
 # Runs train their clients in this process unless a test asks for worker processes (spawning them costs
 # seconds a run, and tests compare runs with in-process references).
@@ -71,3 +72,9 @@ def tiny_config() -> Callable[..., ExperimentConfig]:
         return load_config(None, [*TINY_OVERRIDES, *overrides])
 
     return build
+
+
+@pytest.fixture
+def tiny_data(monkeypatch, tiny_dataset):
+    """Every run of the CLI (or ``run_experiment``) in this test loads ``tiny_dataset``."""
+    monkeypatch.setattr(federation, "load_dataset", lambda *args, **kwargs: tiny_dataset)

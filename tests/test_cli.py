@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from pfedlora.cli import app
 from pfedlora.data import datasets
-from pfedlora.simulation import TIMING_KEYS, federation, read_run
+from pfedlora.simulation import TIMING_KEYS, read_run
 
 runner = CliRunner()
 
@@ -16,11 +16,6 @@ TINY = [
     "--set", "data.classes_per_client=2",
     "--set", "train.batch_size=32",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def tiny_data(monkeypatch, tiny_dataset):
-    monkeypatch.setattr(federation, "load_dataset", lambda *args, **kwargs: tiny_dataset)
 
 
 def test_run_writes_results_and_prints_the_table(tmp_path, tiny_data):

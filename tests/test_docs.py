@@ -32,6 +32,10 @@ def _env() -> dict[str, str]:
     }
 
 
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
 def blocks(page: Path) -> list[tuple[str, str]]:
     """The page's fenced blocks that run: (language, code) for ``bash`` and ``python``, in order."""
     return [(lang, code) for lang, code in FENCE.findall(page.read_text()) if lang in ("bash", "python")]
@@ -39,14 +43,7 @@ def blocks(page: Path) -> list[tuple[str, str]]:
 
 def test_the_site_builds_strictly_with_the_generated_references(tmp_path):
     site = tmp_path / "site"
-    built = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    built = _run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], ROOT)
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     assert "WARNING" not in built.stderr, built.stderr[-4000:]
     reference = (site / "reference" / "configuration" / "index.html").read_text()
@@ -71,24 +68,10 @@ def test_every_snippet_of_the_page_runs_as_written(tmp_path, page):
     python = "\n\n".join(code for lang, code in runnable if lang == "python")
     for lang, code in runnable:
         if lang == "bash":
-            result = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", code],
-                cwd=tmp_path,
-                env=_env(),
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            result = _run(["bash", "-euo", "pipefail", "-c", code], tmp_path)
             assert result.returncode == 0, f"{code}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
     if python:
-        result = subprocess.run(
-            [sys.executable, "-c", python],
-            cwd=tmp_path,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = _run([sys.executable, "-c", python], tmp_path)
         assert result.returncode == 0, f"{result.stdout[-2000:]}{result.stderr[-3000:]}"
 
 

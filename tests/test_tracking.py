@@ -3,7 +3,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from pfedlora.cli import app
-from pfedlora.simulation import federation, read_run
+from pfedlora.simulation import read_run
 from pfedlora.tracking import TENSORBOARD_DIR, round_scalars
 
 runner = CliRunner()
@@ -15,11 +15,6 @@ TINY = [
     "--set", "data.classes_per_client=2",
     "--set", "train.batch_size=32",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def tiny_data(monkeypatch, tiny_dataset):
-    monkeypatch.setattr(federation, "load_dataset", lambda *args, **kwargs: tiny_dataset)
 
 
 def _events(run_dir):
