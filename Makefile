@@ -75,7 +75,7 @@ setup-docs: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[docs]'
 
 docs: setup-docs
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: setup-docs
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
