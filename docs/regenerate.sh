@@ -12,6 +12,8 @@
 #   bash docs/regenerate.sh seeds-n100-c10-k2     # three seeds, longer, in another setting (also
 #                                                 # seeds-n50-c20-k2, seeds-n50-c20-k5,
 #                                                 # seeds-n10-c100-k5, seeds-n10-c100-k2; SEED_SETTINGS)
+#   bash docs/regenerate.sh search-new   # section 6: the learning-rate search of the methods added since
+#   bash docs/regenerate.sh new          # section 6: their 60-round comparison at N=100, C=10%, 5 classes
 #   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
 #                                        # Dirichlet (section "A thousand clients")
 #
@@ -157,7 +159,27 @@ scale() {
   done
 }
 
-if [[ $# -eq 1 && $1 == seeds ]]; then
+# The methods added after sections 1-5 (docs/results.md, section 6): a shorter search (the learning rate at
+# 3 epochs, 15 rounds), then the 60-round comparison of section 2 at the chosen values, seed 0.
+NEW_METHODS=fd,fedtgp,fedgen,fedssa,pfedes,pfedafm,pfedmoe,fedmrl,fedl2g-feat,fedl2g-logit
+search_new() {
+  "$PFEDLORA" tune -q -a "$NEW_METHODS" -x train.lr=0.01,0.03 --set train.local_epochs=3 \
+    --set federation.rounds=15 --set data.validation_fraction=0.1 "${KERNEL[@]}" --out runs/tune-new-n100-c10-k5
+}
+new() {
+  local sets=() method
+  for method in ${NEW_METHODS//,/ }; do
+    sets+=(--set "$method:train.local_epochs=3" --set "$method:train.lr=0.03")
+  done
+  "$PFEDLORA" compare -q -a "$NEW_METHODS" "${sets[@]}" --set federation.rounds=60 \
+    --set federation.eval_every=5 "${KERNEL[@]}" --target 0.8 --out runs/compare-n100-c10-k5-new
+}
+
+if [[ $# -eq 1 && $1 == search-new ]]; then
+  search_new
+elif [[ $# -eq 1 && $1 == new ]]; then
+  new
+elif [[ $# -eq 1 && $1 == seeds ]]; then
   seeds
 elif [[ $# -eq 1 && $1 == seeds-after-download ]]; then
   seeds_after_download
