@@ -250,11 +250,10 @@ def run(
     from pfedlora.config import load_config, load_run_config
     from pfedlora.simulation import resume_run, run_experiment
     from pfedlora.simulation.results import CONFIG_FILE, default_run_dir
-    from pfedlora.tracking import TRACKERS, tracking
+    from pfedlora.tracking import check_trackers, tracking
 
     try:
-        for name in log or []:
-            TRACKERS.get(name)
+        check_trackers(log or [])
         if resume is not None:
             if config is not None or overrides or out is not None or data_dir is not None:
                 raise ConfigError("--resume takes the run's own configuration: give no --config/--set/--out")
@@ -494,11 +493,10 @@ def compare(
         with_seeds,
         write_comparison,
     )
-    from pfedlora.tracking import TRACKERS
+    from pfedlora.tracking import check_trackers
 
     try:
-        for name in log or []:
-            TRACKERS.get(name)
+        check_trackers(log or [])
         variants = plan_variants(_split(algorithms), _split(placements), config, overrides or ())
         if seeds:
             variants = with_seeds(variants, _seeds(seeds))

@@ -11,13 +11,14 @@ once. ``--log mlflow`` logs the same figures to MLflow (:class:`MLflowTracker`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pfedlora.config import ExperimentConfig, flat_config
 from pfedlora.errors import ConfigError
@@ -31,6 +32,9 @@ TENSORBOARD_DIR = "tensorboard"
 
 class Tracker(ABC):
     """Receives every round's record as the run goes; closed when the run ends, however it ends."""
+
+    requires: ClassVar[tuple[str, str]] = ("", "")
+    """The module the tracker imports and the extra that installs it (checked before a run starts)."""
 
     @abstractmethod
     def log_round(self, record: RoundRecord) -> None:
@@ -80,6 +84,8 @@ def hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
 class TensorBoardTracker(Tracker):
     """Scalars per round and the configuration as hyperparameters, in ``RUN_DIR/tensorboard``."""
 
+    requires = ("tensorboard", "tensorboard")
+
     def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -121,6 +127,8 @@ class MLflowTracker(Tracker):
     tracking server MLflow is configured for (``MLFLOW_TRACKING_URI``; the experiment ``pfedlora`` unless
     ``MLFLOW_EXPERIMENT_NAME`` says otherwise). A resume continues the same run from the round after the
     last it logged."""
+
+    requires = ("mlflow", "mlflow")
 
     def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
         try:
@@ -167,13 +175,22 @@ class MLflowTracker(Tracker):
 TRACKERS.add("mlflow", MLflowTracker)
 
 
+def check_trackers(names: Sequence[str]) -> None:
+    """Refuse (ConfigError, one line) a name not in :data:`TRACKERS`, or a tracker whose package is missing,
+    before anything runs."""
+    for name in names:
+        factory = TRACKERS.get(name)
+        module, extra = getattr(factory, "requires", ("", ""))
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--log {name} needs the {module} package: pip install 'pfedlora[{extra}]'")
+
+
 class Trackers:
     """The trackers ``names`` (each in :data:`TRACKERS`) of the run in ``run_dir``, opened at the first round
     they receive (the run directory exists by then) and closed by :meth:`close`."""
 
     def __init__(self, names: list[str], run_dir: Path, config: ExperimentConfig) -> None:
-        for name in names:
-            TRACKERS.get(name)  # an unknown name is refused before the run starts
+        check_trackers(names)
         self.names, self.run_dir, self.config = names, Path(run_dir), config
         self.opened: list[Tracker] | None = None
 

@@ -2,6 +2,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
+from pfedlora import tracking
 from pfedlora.cli import app
 from pfedlora.simulation import read_run
 from pfedlora.tracking import TENSORBOARD_DIR, round_scalars
@@ -57,6 +58,17 @@ def test_an_unknown_tracker_is_one_line_exit_2_and_no_run(tmp_path, tiny_data):
     result = runner.invoke(app, ["run", *TINY, "--log", "wandb", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "--log: unknown value 'wandb'; allowed: tensorboard, mlflow" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_the_run(tmp_path, tiny_data, monkeypatch):
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(
+        tracking.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name)
+    )
+    result = runner.invoke(app, ["run", *TINY, "--log", "mlflow", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "--log mlflow needs the mlflow package: pip install 'pfedlora[mlflow]'" in result.output
     assert not (tmp_path / "run").exists()
 
 
