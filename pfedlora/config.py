@@ -655,9 +655,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
 def _check_range(key: str, value: float, low: float, high: float, low_inclusive: bool) -> None:
     too_low = value < low if low_inclusive else value <= low
     if too_low or value > high:
-        lower = "[" if low_inclusive else "("
-        upper = "inf)" if high == _INF else f"{high:g}]"
-        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {lower}{low:g}, {upper}")
+        allowed = _describe_range(low, high, low_inclusive)
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {allowed}")
 
 
 def _models() -> Registry[Any]:
