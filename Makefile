@@ -15,7 +15,7 @@ setup: $(BIN)/.installed $(FASHION_MNIST)
 setup-test: $(BIN)/.installed-test $(FASHION_MNIST) $(KJV) $(FORTUNES)
 setup-text: $(BIN)/.installed-text $(KJV)
 
-# The library alone for `make run`; the test extra (pytest, ruff, mypy, Flower) for `make test`.
+# The library alone for `make run`; the test extra (pytest, pytest-xdist, ruff, mypy, Flower) for `make test`.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
@@ -64,8 +64,9 @@ lint: setup-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The suite in one process per core (pytest-xdist); tests/conftest.py divides the cores' threads among them.
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto
 
 bench: setup
 	$(BIN)/python bench/engine.py

@@ -16,6 +16,13 @@ from pfedlora.simulation import federation
 # seconds a run, and tests compare runs with in-process references).
 os.environ.setdefault("PFEDLORA_WORKERS", "0")
 
+# Under pytest-xdist the cores are divided between the test processes, and the processes they start inherit
+# their share (two processes that each take every core slow each other down many times over).
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    _threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 
 def make_tiny_dataset(
     num_train: int = 400, num_test: int = 200, num_classes: int = 4, seed: int = 0
