@@ -14,6 +14,7 @@
 #                                                 # seeds-n10-c100-k5, seeds-n10-c100-k2; SEED_SETTINGS)
 #   bash docs/regenerate.sh search-new   # section 6: the learning-rate search of the methods added since
 #   bash docs/regenerate.sh new          # section 6: their 60-round comparison at N=100, C=10%, 5 classes
+#   bash docs/regenerate.sh seeds-new    # section 6: seeds 0-2 of those within two points of the leader
 #   bash docs/regenerate.sh scale        # pFedLoRA-branch, standalone, LG-FedAvg, FedAPEN at N=1,000, C=1%,
 #                                        # Dirichlet (section "A thousand clients")
 #
@@ -166,19 +167,43 @@ search_new() {
   "$PFEDLORA" tune -q -a "$NEW_METHODS" -x train.lr=0.01,0.03 --set train.local_epochs=3 \
     --set federation.rounds=15 --set data.validation_fraction=0.1 "${KERNEL[@]}" --out runs/tune-new-n100-c10-k5
 }
-new() {
-  local sets=() method
-  for method in ${NEW_METHODS//,/ }; do
-    sets+=(--set "$method:train.local_epochs=3" --set "$method:train.lr=0.03")
+new_tuned() {  # the chosen values (3 epochs, lr 0.03) of the methods named (comma-separated)
+  local method
+  for method in ${1//,/ }; do
+    printf '%s\n' --set "$method:train.local_epochs=3" --set "$method:train.lr=0.03"
   done
-  "$PFEDLORA" compare -q -a "$NEW_METHODS" "${sets[@]}" --set federation.rounds=60 \
+}
+new() {
+  mapfile -t tuned < <(new_tuned "$NEW_METHODS")
+  "$PFEDLORA" compare -q -a "$NEW_METHODS" "${tuned[@]}" --set federation.rounds=60 \
     --set federation.eval_every=5 "${KERNEL[@]}" --target 0.8 --out runs/compare-n100-c10-k5-new
+  for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
+    cp "runs/compare-n100-c10-k5-new/$plot.png" "docs/figures/new-n100-c10-k5-${plot//_/-}.png"
+  done
+}
+# Seeds 0-2 for the new methods within two points of the leader at seed 0 (pFedMoE; seed 0 is the run of
+# `new`, copied in when it has finished there).
+NEW_CLOSEST=${NEW_CLOSEST:-pfedmoe}
+seeds_new() {
+  local method
+  for method in ${NEW_CLOSEST//,/ }; do
+    if [[ -f runs/compare-n100-c10-k5-new/$method/summary.json && ! -e runs/seeds-n100-c10-k5-new/$method/seed-0 ]]; then
+      mkdir -p "runs/seeds-n100-c10-k5-new/$method"
+      cp -r "runs/compare-n100-c10-k5-new/$method" "runs/seeds-n100-c10-k5-new/$method/seed-0"
+    fi
+  done
+  mapfile -t tuned < <(new_tuned "$NEW_CLOSEST")
+  "$PFEDLORA" compare -q -a "$NEW_CLOSEST" "${tuned[@]}" --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" \
+    --set federation.rounds=60 --set federation.eval_every=5 "${KERNEL[@]}" --target 0.8 \
+    --out runs/seeds-n100-c10-k5-new
 }
 
 if [[ $# -eq 1 && $1 == search-new ]]; then
   search_new
 elif [[ $# -eq 1 && $1 == new ]]; then
   new
+elif [[ $# -eq 1 && $1 == seeds-new ]]; then
+  seeds_new
 elif [[ $# -eq 1 && $1 == seeds ]]; then
   seeds
 elif [[ $# -eq 1 && $1 == seeds-after-download ]]; then
@@ -197,7 +222,8 @@ elif [[ $# -eq 0 ]]; then
 else
   for name in "$@"; do
     [[ -v "SETTINGS[$name]" ]] || {
-      echo "unknown setting $name; known: ${!SETTINGS[*]}; or one of: seeds seeds-after-download" \
+      echo "unknown setting $name; known: ${!SETTINGS[*]}; or one of: search-new new seeds-new seeds" \
+        "seeds-after-download" \
         "seeds-100-rounds" \
         "$(printf 'seeds-%s ' "${!SEED_SETTINGS[@]}")scale" >&2
       exit 2
