@@ -181,15 +181,15 @@ new() {
     cp "runs/compare-n100-c10-k5-new/$plot.png" "docs/figures/new-n100-c10-k5-${plot//_/-}.png"
   done
 }
-# Seeds 0-2 for the new methods within two points of the leader at seed 0 (pFedMoE; seed 0 is the run of
-# `new`, copied in when it has finished there).
-NEW_CLOSEST=${NEW_CLOSEST:-pfedmoe}
+# Seeds 0-2 for the new methods within two points of the leader at seed 0 (FedMRL, pFedMoE; seed 0 is the
+# run of `new`, copied in when it has finished there).
+NEW_CLOSEST=${NEW_CLOSEST:-pfedmoe,fedmrl}
 seeds_new() {
   local method
   for method in ${NEW_CLOSEST//,/ }; do
-    if [[ -f runs/compare-n100-c10-k5-new/$method/summary.json && ! -e runs/seeds-n100-c10-k5-new/$method/seed-0 ]]; then
-      mkdir -p "runs/seeds-n100-c10-k5-new/$method"
-      cp -r "runs/compare-n100-c10-k5-new/$method" "runs/seeds-n100-c10-k5-new/$method/seed-0"
+    local one=runs/compare-n100-c10-k5-new/$method seeds=runs/seeds-n100-c10-k5-new/$method
+    if [[ -f $one/summary.json && ! -e $seeds/seed-0 ]]; then
+      mkdir -p "$seeds" && cp -r "$one" "$seeds/seed-0"
     fi
   done
   mapfile -t tuned < <(new_tuned "$NEW_CLOSEST")
