@@ -3,7 +3,7 @@
 # tuned comparison at all six settings, and copies the tables' figures into docs/figures.
 #
 #   bash docs/regenerate.sh            # everything, one setting after another (hours on a 2-core CPU)
-#   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only
+#   bash docs/regenerate.sh n10-c100-k2  # one setting's comparison only (JOBS=2: two runs at once)
 #   bash docs/regenerate.sh seeds        # every method (pFedLoRA: both placements) at N=100, C=10%,
 #                                        # 5 classes, seeds 0, 1, 2 (section "Three seeds"); JOBS=2 runs
 #                                        # two at once; SEEDS=0,1 runs (or tables) fewer seeds
@@ -19,8 +19,9 @@
 #                                        # Dirichlet (section "A thousand clients")
 #
 # Every step reuses what already finished under runs/, so an interrupted run of this script resumes.
-# To use more cores, run the same compare command with `-a ALGO` subsets side by side (one thread each:
-# OMP_NUM_THREADS=1) into the same --out, then once more with every algorithm to write the table.
+# To use more cores, add `--jobs 2` (or more) to a compare command: its runs go side by side, each with its
+# share of the cores. A comparison directory has one writer at a time (a second compare there is refused);
+# runs made elsewhere with the same settings can be copied into it, and a compare there reuses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PFEDLORA=${PFEDLORA:-pfedlora}
@@ -68,7 +69,7 @@ comparison() {
     --set federation.num_clients="$clients" --set federation.sample_fraction="$fraction" \
     --set data.classes_per_client="$classes" --set federation.rounds="$rounds" \
     --set federation.eval_every="$every" "${TUNED[@]}" "${KERNEL[@]}" --target "$target" \
-    --out "runs/compare-$name"
+    --jobs "${JOBS:-1}" --out "runs/compare-$name"
   for plot in accuracy_per_round accuracy_vs_megabytes accuracy_vs_tflops; do
     cp "runs/compare-$name/$plot.png" "docs/figures/$name-${plot//_/-}.png"
   done

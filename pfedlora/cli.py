@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import shlex
 import sys
@@ -647,6 +648,12 @@ def generate(
     console.print(f"[bold]zero-shot base:[/] {escape(prompt)}{escape(result.base)}")
 
 
+def _summary_paragraph(obj: object) -> str:
+    """The first paragraph of ``obj``'s docstring on one line (a summary may wrap in the source)."""
+    doc = inspect.cleandoc(getattr(obj, "__doc__", None) or "")
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 @app.command("list")
 def list_available() -> None:
     """Show the algorithms and their options, models, tasks, datasets, partitions and adapter placements."""
@@ -662,7 +669,7 @@ def list_available() -> None:
 
     table = Table(title="algorithms", show_header=False)
     for name, cls in ALGORITHMS.items():
-        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+        table.add_row(name, escape(_summary_paragraph(cls)))
     console.print(table)
     title = "algorithms' own options (--set <algorithm>.<key>=<value>, or a [<algorithm>] section)"
     table = Table(title=title)

@@ -158,6 +158,9 @@ def test_list_shows_what_is_available():
         assert name in result.output
     assert "2.62M" in result.output  # cnn1 on 3×32×32, SPEC §3
     assert re.search(r"fml\.alpha\s+│ 0\.5\s+│ \[0, 1\]", result.output)  # key, default, range
+    # an algorithm's summary is its docstring's whole first paragraph, though it wraps in the source
+    words = " ".join(re.sub(r"[│┃]", " ", result.output).split())
+    assert "epochs a round (a language model: its private adapter)." in words
 
 
 def test_resume_continues_a_run_and_refuses_other_options(tmp_path, tiny_data):
