@@ -48,6 +48,7 @@ def _plot(
     positive = [x for curves in curves_of for xs, _ in curves for x in xs if x > 0]
     log_x = log_x and bool(positive)
     floor = min(positive) / 10 if log_x else 0.0  # where a log axis draws x = 0 (nothing sent)
+    drawn_at_floor = False
     for (label, runs), curves in zip(groups, curves_of, strict=True):
         length = min(len(xs) for xs, _ in curves)  # the same evaluated rounds for every seed
         xs = np.mean([xs[:length] for xs, _ in curves], axis=0)
@@ -56,6 +57,7 @@ def _plot(
         name = label if len(runs) == 1 else f"{label} (n={len(runs)})"
         at_zero = log_x and bool(length) and bool((xs <= 0).all())
         if log_x:
+            drawn_at_floor |= bool((xs <= 0).any())
             xs = np.where(xs > 0, xs, floor)
         line = ax.plot(
             xs,
@@ -72,7 +74,8 @@ def _plot(
             )
     if log_x:
         ax.set_xscale("log")
-        ax.axvline(floor, color="grey", linewidth=0.8, linestyle=":")
+        if drawn_at_floor:  # the left edge, where what is at 0 is drawn
+            ax.axvline(floor, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel(f"{xlabel}, log scale" if log_x else xlabel)
     ax.set_ylabel(
         "mean accuracy over clients (%)"

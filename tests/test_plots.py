@@ -49,3 +49,15 @@ def test_bytes_and_flops_are_on_log_axes_and_what_sends_nothing_is_marked_at_the
     assert megabytes.get_xlim()[0] < 0.2 < 2
     assert "log scale" in megabytes.get_xlabel()
     assert {line.get_label() for line in tflops.get_lines()} >= {"pfedlora", "fedapen", "standalone"}
+
+
+def test_the_left_edge_is_marked_only_where_something_is_drawn_there(tmp_path, figures):
+    def edge_lines(axes):
+        return [line for line in axes.get_lines() if line.get_linestyle() == ":"]
+
+    sending = [("pfedlora", _records(2e6, 1e12, [0.5, 0.6])), ("fedapen", _records(2e9, 2e12, [0.4, 0.6]))]
+    plots.plot_runs(sending, tmp_path / "sending")
+    plots.plot_runs([*sending, ("standalone", _records(0, 1e12, [0.3, 0.4]))], tmp_path / "with-zero")
+    megabytes_sending, megabytes_with_zero = figures[1].axes[0], figures[4].axes[0]
+    assert edge_lines(megabytes_sending) == []
+    assert len(edge_lines(megabytes_with_zero)) == 1
