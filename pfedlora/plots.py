@@ -43,7 +43,7 @@ def _plot(
     headline: Headline = ACCURACY,
     log_x: bool = False,
 ) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
     curves_of = [[_curve(records, x_key, scale, headline) for records in runs] for _, runs in groups]
     positive = [x for curves in curves_of for xs, _ in curves for x in xs if x > 0]
     log_x = log_x and bool(positive)
@@ -84,7 +84,7 @@ def _plot(
     )
     ax.set_title(f"{title}\n{note}" if note else title, fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, never over, a curve
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
