@@ -61,3 +61,13 @@ def test_the_left_edge_is_marked_only_where_something_is_drawn_there(tmp_path, f
     megabytes_sending, megabytes_with_zero = figures[1].axes[0], figures[4].axes[0]
     assert edge_lines(megabytes_sending) == []
     assert len(edge_lines(megabytes_with_zero)) == 1
+
+
+def test_the_legend_sits_beside_the_axes_not_over_the_curves(tmp_path, figures):
+    plots.plot_runs([(f"method-{i}", _records(2e6 * 10**i, 1e12, [0.4, 0.6])) for i in range(9)], tmp_path)
+    for figure in figures:
+        figure.canvas.draw()
+        axes = figure.axes[0]
+        legend = axes.get_legend().get_window_extent()
+        assert legend.x0 >= axes.get_window_extent().x1  # right of the plotting area
+        assert legend.x1 <= figure.bbox.x1  # and still inside the saved figure
