@@ -650,8 +650,7 @@ def generate(
 
 def _summary_paragraph(obj: object) -> str:
     """The first paragraph of ``obj``'s docstring on one line (a summary may wrap in the source)."""
-    doc = inspect.cleandoc(getattr(obj, "__doc__", None) or "")
-    return " ".join(doc.split("\n\n")[0].split())
+    return " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
 
 
 @app.command("list")
