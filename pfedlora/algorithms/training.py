@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
@@ -15,11 +16,23 @@ from pfedlora.data import ClientData
 from pfedlora.metrics import FlopMeter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 def autocast(train: TrainConfig, device: torch.device) -> AbstractContextManager[object]:
     """bfloat16 autocast on ``device`` when ``train.precision`` is "bf16"; otherwise a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+
+
+def warn_if_bf16_is_slow(train: TrainConfig, device: torch.device) -> None:
+    """Warn where bf16 is asked of a CPU without AMX tiles: its bf16 matrix products are no faster than
+    fp32 there (a 2-core Intel Xeon without AMX: 81 GFLOP/s a core in bf16, 136 in fp32; with AMX, 1,365)."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)()
+    if train.precision == "bf16" and device.type == "cpu" and not has_amx:
+        logger.warning(
+            "train.precision = bf16 on a CPU without AMX tiles: its bf16 matrix products are no faster than "
+            "fp32 here, often slower; for speed on this machine, train.precision = fp32"
+        )
 
 
 def sgd(parameters: Sequence[nn.Parameter], lr: float, train: TrainConfig) -> torch.optim.SGD:
@@ -80,6 +93,7 @@ def run_sgd(
     after_step: Callable[[], None] | None = None,
     steps: int = 0,
     cost_key: Callable[[torch.Tensor], Hashable] | None = None,
+    cost_items: Callable[[torch.Tensor], int] | None = None,
 ) -> None:
     """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``, or, when
     ``steps`` > 0, exactly ``steps`` steps (as many passes as that takes, the last one cut short).
@@ -87,8 +101,12 @@ def run_sgd(
     A fresh optimizer serves each call, so momentum never carries stale directions across rounds or
     phases. ``batches`` is called once per pass; every step is charged to ``meter`` under ``kind``.
     ``after_step`` runs after every optimizer step (e.g. a projection onto a constraint set). Where a step's
-    FLOPs are not proportional to its samples (a language model's head runs on its real tokens),
-    ``cost_key(x)`` and the batch size are added to ``kind``, so that each distinct pair is counted once.
+    FLOPs are not proportional to its samples, either they are affine in a count of items for a batch shape
+    (a language model's head runs on its real tokens): ``cost_items(x)``, charged from the line through the
+    counted steps of each shape (:meth:`~pfedlora.metrics.FlopMeter.run`), a counted step's forward and
+    backward running once more under the counter before the step itself, so ``loss_fn`` must draw no random
+    numbers there; or ``cost_key(x)`` and the batch size are added to ``kind``, so that each distinct pair
+    is counted once.
     """
     if epochs == 0 or not parameters:
         return
@@ -97,26 +115,39 @@ def run_sgd(
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(train, device):
-            loss = loss_fn(x, y)
-        loss.backward()
+        forward_backward(x, y)
         clip_gradients(parameters, train.grad_clip)
         optimizer.step()
         if after_step is not None:
             after_step()
 
-    def charged(x: torch.Tensor) -> Hashable:
-        return kind if cost_key is None else (kind, len(x), cost_key(x))
+    def forward_backward(x: torch.Tensor, y: torch.Tensor) -> None:
+        # What a step counts, without its update; the step's zero_grad clears these gradients.
+        with autocast(train, device):
+            loss = loss_fn(x, y)
+        loss.backward()
+
+    def charged(x: torch.Tensor, y: torch.Tensor) -> None:
+        if cost_items is not None:
+            meter.run(
+                (kind, tuple(x.shape)),
+                len(y),
+                partial(step, x, y),
+                items=cost_items(x),
+                probe=partial(forward_backward, x, y),
+            )
+        else:
+            meter.run(kind if cost_key is None else (kind, len(x), cost_key(x)), len(y), partial(step, x, y))
 
     if steps <= 0:
         for _ in range(epochs):
             for x, y in batches():
-                meter.run(charged(x), len(y), partial(step, x, y))
+                charged(x, y)
         return
     done = 0
     while done < steps:
         for x, y in batches():
-            meter.run(charged(x), len(y), partial(step, x, y))
+            charged(x, y)
             done += 1
             if done == steps:
                 return
@@ -164,5 +195,5 @@ def train_on_client_data(
             kind=(ctx.arch, phase),
             after_step=after_step,
             steps=train.local_steps,
-            cost_key=ctx.task.scored_items if ctx.task.generative else None,
+            cost_items=ctx.task.scored_items if ctx.task.generative else None,
         )

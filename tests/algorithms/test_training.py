@@ -1,13 +1,14 @@
 """The local SGD loop: the multi-tensor optimizer, precision and the memory layout."""
 
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.training import clip_gradients, run_sgd, sgd
-from pfedlora.config import TrainConfig
+from pfedlora.algorithms.training import clip_gradients, run_sgd, sgd, warn_if_bf16_is_slow
+from pfedlora.config import TrainConfig, load_config
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import build_model
 from pfedlora.seeding import torch_generator
@@ -93,3 +94,20 @@ def test_precision_decides_whether_the_forward_pass_runs_under_bf16_autocast(pre
     after = model.state_dict()
     assert all(after[k].dtype == torch.float32 for k in after)  # weights and updates stay fp32
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize(
+    ("precision", "amx", "device", "warned"),
+    [
+        ("bf16", False, "cpu", True),
+        ("bf16", True, "cpu", False),
+        ("fp32", False, "cpu", False),
+        ("bf16", False, "cuda", False),
+    ],
+)
+def test_bf16_on_a_cpu_without_amx_is_warned_of(monkeypatch, caplog, precision, amx, device, warned):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    train = load_config(None, [f"train.precision={precision}"]).train
+    with caplog.at_level(logging.WARNING, logger="pfedlora.algorithms.training"):
+        warn_if_bf16_is_slow(train, torch.device(device))
+    assert ("without AMX tiles" in caplog.text) is warned

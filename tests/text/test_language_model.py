@@ -147,6 +147,57 @@ def test_each_phase_trains_its_own_adapter_alone(causal_llama):
     assert all(torch.equal(after[k], v) for k, v in base_before.items())  # the base never trains
 
 
+class _EveryStepCounted(FlopMeter):
+    """Counts every step under the FLOP counter: the reference the meter's charges must equal."""
+
+    def run(self, kind, num_samples, step, items=None, probe=None):
+        result, flops = self._counted(step, probe)
+        self.total += flops
+        self.samples += num_samples
+        return result
+
+
+def test_a_language_model_is_charged_what_counting_every_step_gives_with_few_steps_counted(causal_llama):
+    config = _config(causal_llama, "train.batch_size=2", "train.local_steps=12")
+    algorithm = create_algorithm(config, (2, LENGTH), 3)
+    data = whole_client_data(_dataset(config))
+    totals, counted = [], []
+    for meter in (FlopMeter(), _EveryStepCounted()):
+        client = algorithm.create_client("hf-r2", torch_generator(0, "c"))
+        ctx = ClientContext(0, "hf-r2", 1, data, torch_generator(0, "t"), meter, LANGUAGE_MODELING)
+        algorithm.train_local_phase(client, ctx)
+        algorithm.train_adapter_phase(client, ctx)
+        totals.append(meter.total)
+        counted.append(meter.counted_steps)
+    assert totals[0] == totals[1]
+    assert counted == [2 * 3, 2 * 12]  # per phase: two counts give the line, a third checks it
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_which_steps_are_counted_changes_no_result(causal_llama, precision):
+    # The FLOP counter's dispatch rounds a backward differently: a process that counts a step (its first of
+    # a kind) must train as one that counts none, so that results do not depend on the worker a client meets.
+    overrides = ("train.batch_size=2", "train.local_steps=6", f"train.precision={precision}")
+    config = _config(causal_llama, *overrides)
+    algorithm = create_algorithm(config, (2, LENGTH), 3)
+    data = whole_client_data(_dataset(config))
+
+    def trained(meter):
+        client = algorithm.create_client("hf-r2", torch_generator(0, "c"))
+        ctx = ClientContext(0, "hf-r2", 1, data, torch_generator(0, "t"), meter, LANGUAGE_MODELING)
+        algorithm.train_local_phase(client, ctx)
+        algorithm.train_adapter_phase(client, ctx)
+        return client.state_dict()
+
+    warm = FlopMeter()
+    trained(warm)  # every step of this client's kinds and token counts is now charged without counting
+    counted_before = warm.counted_steps
+    uncounted = trained(warm)
+    assert warm.counted_steps == counted_before
+    counted = trained(FlopMeter())
+    assert all(torch.equal(counted[k], uncounted[k]) for k in counted)
+
+
 def test_both_adapters_load_with_peft_onto_the_base_and_predict_as_the_client(causal_llama, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
