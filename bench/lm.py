@@ -17,6 +17,8 @@ PyTorch's counter; the matmul rates are measured here (1024 x 1024 x 1024 in fp3
   and the language-model head over every position, padding included (the obvious loss).
 - ``+ head on real tokens``: the head and the loss over the positions whose next token is real.
 - ``+ bf16 base``: the frozen weights kept in bfloat16 (bf16 only), so that no matmul casts them.
+- ``+ packed``: the real tokens alone run through the decoder, packed into one row (each sample's positions
+  from 0, no token attending across samples): no work on padding. pfedlora's default.
 
     python bench/lm.py [--steps 4] [--batch 8] [--length 64] [--rank 8] [--repeats 2] [--device cpu]
     python bench/lm.py --smoke      # a tiny random Llama: does it run?
@@ -109,10 +111,18 @@ def _targets(model: torch.nn.Module) -> list[str]:
 
 
 def pfedlora_step(
-    checkpoint: str, rank: int, bf16: bool, device: str, lr: float, *, real_tokens: bool, bf16_base: bool
+    checkpoint: str,
+    rank: int,
+    bf16: bool,
+    device: str,
+    lr: float,
+    *,
+    real_tokens: bool,
+    bf16_base: bool,
+    packed: bool = False,
 ) -> Step:
     """A client's private-adapter phase, one step: the frozen base in bf16 or fp32, the head over the real
-    next tokens or every position."""
+    next tokens or every position, the decoder over the padded batch or its real tokens packed."""
     settings = ModelSettings.of(load_config(None, [f"model.checkpoint={checkpoint}"]).model)
     client = build_language_model(
         f"hf-r{rank}",
@@ -120,6 +130,8 @@ def pfedlora_step(
         torch_generator(0, "bench-lm"),
         base_dtype=torch.bfloat16 if bf16_base else torch.float32,
     ).to(device)
+    if not packed:
+        client.packed_tokens = 0
     parameters = client.local_parameters()
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9)
     dummy = torch.zeros(0)
@@ -197,6 +209,9 @@ def main() -> None:
                 variants["+ bf16 base"] = pfedlora_step(
                     checkpoint, args.rank, bf16, args.device, 1e-3, real_tokens=True, bf16_base=True
                 )
+            variants["+ packed"] = pfedlora_step(
+                checkpoint, args.rank, bf16, args.device, 1e-3, real_tokens=True, bf16_base=bf16, packed=True
+            )
             first = {name: step(data[0]) for name, step in variants.items()}  # warm-up, and B = 0 everywhere
             flops = {name: flops_of(step, data[0]) for name, step in variants.items()}
             best = dict.fromkeys(variants, float("inf"))

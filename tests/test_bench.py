@@ -16,7 +16,7 @@ SCRIPTS = {
     "adapter_diagnosis.py": ["the run's own last mean accuracy", "local model alone", "accuracy by class"],
     "scale.py": ["s / round", "store: disk", "N=40 against N=10"],
     "text.py": ["samples/s on one core, fp32", "adapter, head", "local, trainable 1"],
-    "lm.py": ["training tokens/s, bf16", "obvious", "+ bf16 base", "% of matmul"],
+    "lm.py": ["training tokens/s, bf16", "obvious", "+ bf16 base", "+ packed", "% of matmul"],
 }
 
 

@@ -101,12 +101,12 @@ def run_sgd(
     A fresh optimizer serves each call, so momentum never carries stale directions across rounds or
     phases. ``batches`` is called once per pass; every step is charged to ``meter`` under ``kind``.
     ``after_step`` runs after every optimizer step (e.g. a projection onto a constraint set). Where a step's
-    FLOPs are not proportional to its samples, either they are affine in a count of items for a batch shape
-    (a language model's head runs on its real tokens): ``cost_items(x)``, charged from the line through the
-    counted steps of each shape (:meth:`~pfedlora.metrics.FlopMeter.run`), a counted step's forward and
-    backward running once more under the counter before the step itself, so ``loss_fn`` must draw no random
-    numbers there; or ``cost_key(x)`` and the batch size are added to ``kind``, so that each distinct pair
-    is counted once.
+    FLOPs are not proportional to its samples, either they are a polynomial of degree at most 2 in a count
+    of items for a batch shape and ``cost_key(x)`` (a language model's real tokens): ``cost_items(x)``,
+    charged from the parabola through the counted steps of each (:meth:`~pfedlora.metrics.FlopMeter.run`), a
+    counted step's forward and backward running once more under the counter before the step itself, so
+    ``loss_fn`` must draw no random numbers there; or, without ``cost_items``, ``cost_key(x)`` and the batch
+    size are added to ``kind``, so that each distinct pair is counted once.
     """
     if epochs == 0 or not parameters:
         return
@@ -130,7 +130,7 @@ def run_sgd(
     def charged(x: torch.Tensor, y: torch.Tensor) -> None:
         if cost_items is not None:
             meter.run(
-                (kind, tuple(x.shape)),
+                (kind, tuple(x.shape), None if cost_key is None else cost_key(x)),
                 len(y),
                 partial(step, x, y),
                 items=cost_items(x),
@@ -196,4 +196,5 @@ def train_on_client_data(
             after_step=after_step,
             steps=train.local_steps,
             cost_items=ctx.task.scored_items if ctx.task.generative else None,
+            cost_key=getattr(client, "cost_group", None) if ctx.task.generative else None,
         )

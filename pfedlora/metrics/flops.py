@@ -6,11 +6,12 @@ charged that per-sample figure times their batch size. Convolutions and matrix p
 batch size, so this equals counting every step. Frozen parameters get no weight gradient, so a step that
 trains only an adapter is charged less than one that trains the whole model.
 
-A language model's step is not linear in its samples: the model runs on the padded batch, its head on the
-real tokens alone. For the same batch shape its FLOPs are ``fixed + per_item · items`` (items: the real
-tokens), so steps with two distinct counts are counted, a third checks that the line through them holds
-exactly, and every later step is charged from the line (:meth:`FlopMeter.run` with ``items``). Where the
-check fails, every distinct count is counted once, as before.
+A language model's step is not linear in its samples: its head runs on the real tokens alone, and its
+decoder on the real tokens packed into one row (whose attention is quadratic in the row's length) or on
+the padded batch. For one batch shape its FLOPs are a polynomial of degree at most 2 in the real tokens, so
+steps with three distinct counts are counted, a fourth checks that the parabola through them holds exactly,
+and every later step is charged from it (:meth:`FlopMeter.run` with ``items``). Where the check fails,
+every distinct count is counted once.
 
 The counter's dispatch can change the rounding of a backward pass (in bf16 by up to 3e-3 in a gradient of
 SmolLM2's), so a step whose result must not depend on whether it was counted gives a ``probe``: the same
@@ -31,27 +32,36 @@ T = TypeVar("T")
 
 
 @dataclass
-class _AffineCost:
-    """The FLOPs counted for one kind of step at distinct item counts, and whether they lie on one line."""
+class _QuadraticCost:
+    """The FLOPs counted for one kind of step at distinct item counts, and whether they lie on one parabola
+    (a line is one too)."""
 
     counted: dict[int, int] = field(default_factory=dict)
-    affine: bool | None = None
-    """None until three distinct counts are measured; then whether the third lay on the first two's line."""
+    exact: bool | None = None
+    """None until four distinct counts are measured; then whether the fourth lay on the first three's
+    parabola."""
 
-    def line(self, items: int) -> Fraction:
-        """The FLOPs at ``items`` on the line through the first two counts."""
-        (n1, f1), (n2, f2) = list(self.counted.items())[:2]
-        return f1 + Fraction(f2 - f1, n2 - n1) * (items - n1)
+    def fitted(self, items: int) -> Fraction:
+        """The FLOPs at ``items`` on the parabola through the first three counts (Lagrange's form, exact)."""
+        points = list(self.counted.items())[:3]
+        total = Fraction(0)
+        for i, (n_i, f_i) in enumerate(points):
+            weight = Fraction(f_i)
+            for j, (n_j, _) in enumerate(points):
+                if j != i:
+                    weight *= Fraction(items - n_j, n_i - n_j)
+            total += weight
+        return total
 
     def known(self, items: int) -> Fraction | None:
         """The FLOPs of a step with ``items`` if no count is needed, else None."""
         if items in self.counted:
             return Fraction(self.counted[items])
-        return self.line(items) if self.affine else None
+        return self.fitted(items) if self.exact else None
 
     def add(self, items: int, flops: int) -> None:
-        if len(self.counted) == 2 and self.affine is None:
-            self.affine = self.line(items) == flops
+        if len(self.counted) == 3 and self.exact is None:
+            self.exact = self.fitted(items) == flops
         self.counted[items] = flops
 
 
@@ -60,7 +70,7 @@ class FlopMeter:
     """Runs training steps, charging each its FLOPs; ``total`` is what was charged since the last reset."""
 
     per_sample: dict[Hashable, float] = field(default_factory=dict)
-    affine: dict[Hashable, _AffineCost] = field(default_factory=dict)
+    polynomial: dict[Hashable, _QuadraticCost] = field(default_factory=dict)
     total: float = 0.0
     samples: int = 0
     """Samples processed by all steps ever run (never reset)."""
@@ -76,9 +86,9 @@ class FlopMeter:
         probe: Callable[[], object] | None = None,
     ) -> T:
         """Run ``step`` (which processes ``num_samples`` samples) and charge its FLOPs. With ``items``, the
-        step's FLOPs are taken to be affine in ``items`` for this ``kind`` (see the module docstring); a
-        kind then names one batch shape. With ``probe``, a step is never run under the counter: the probe is
-        counted in its place."""
+        step's FLOPs are taken to be a polynomial of degree at most 2 in ``items`` for this ``kind`` (see
+        the module docstring); a kind then names one batch shape. With ``probe``, a step is never run under
+        the counter: the probe is counted in its place."""
         if items is None:
             if kind in self.per_sample:
                 result = step()
@@ -87,7 +97,7 @@ class FlopMeter:
                 self.per_sample[kind] = flops / max(num_samples, 1)
             charge = self.per_sample[kind] * num_samples
         else:
-            cost = self.affine.setdefault(kind, _AffineCost())
+            cost = self.polynomial.setdefault(kind, _QuadraticCost())
             known = cost.known(items)
             if known is None:
                 result, flops = self._counted(step, probe)

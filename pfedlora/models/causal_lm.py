@@ -297,6 +297,33 @@ class MergedUpdates(nn.Module):
         return delta
 
 
+PACKED_TOKENS = 2048
+"""By default, the most real tokens a batch may hold to run packed in one row (eager attention is quadratic
+in a row's length); a larger batch runs padded."""
+
+_PACKS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def packs_sequences(model: nn.Module) -> bool:
+    """Whether ``model`` keeps sequences packed into one row apart (no token attends across a restart of
+    ``position_ids``, as transformers' causal masks do when given no attention mask): checked once per
+    model on two short samples against the same samples padded."""
+    if model not in _PACKS:
+        decoder = getattr(model, str(model.base_model_prefix))
+        device = next(model.parameters()).device
+        ids = torch.arange(3, 11, device=device).reshape(2, 4)  # two samples of 4 tokens
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], device=ids.device)
+        real = mask.bool()
+        with torch.no_grad(), adapters_on(model, []):
+            padded = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+            packed = decoder(
+                input_ids=ids[real][None], position_ids=(mask.cumsum(1) - 1)[real][None], use_cache=False
+            ).last_hidden_state[0]
+        tolerance = 1e-3 if padded.dtype == torch.float32 else 5e-2
+        _PACKS[model] = bool(torch.allclose(packed.float(), padded.float(), rtol=tolerance, atol=tolerance))
+    return _PACKS[model]
+
+
 class LanguageModelClient(nn.Module):
     """A client's causal LM: the process's frozen model with the client's private adapter (ω) and, where the
     algorithm shares one, the shared adapter (θ). ``forward(x)`` gives next-token logits (B, L, V) of a text
@@ -335,6 +362,8 @@ class LanguageModelClient(nn.Module):
             else None
         )
         self.merged = MergedUpdates(layers) if merged else None
+        self.packed_tokens = PACKED_TOKENS
+        """The most real tokens a batch may hold to run packed (0: every batch runs padded)."""
 
     def base(self) -> nn.Module:
         """The frozen model (the process's one, on this client's device)."""
@@ -354,7 +383,13 @@ class LanguageModelClient(nn.Module):
     def next_token_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of the positions whose next token is real (T, V) and those tokens (T,): the language
         model head runs on these alone, not on padding (the mean of their cross-entropy is the task's loss,
-        :func:`~pfedlora.tasks.next_token_targets`)."""
+        :func:`~pfedlora.tasks.next_token_targets`).
+
+        Where the batch is right-padded, holds at most ``packed_tokens`` real tokens and the model attends
+        within packed sequences (:func:`packs_sequences`), the decoder runs on the real tokens alone, packed
+        into one row with each sample's positions starting at 0, so that no padding is computed: the same
+        logits as the padded batch (up to rounding) for the real tokens' share of the decoder's work.
+        """
         ids, mask = x[:, 0].long(), x[:, 1].long()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)  # (B, L-1)
         keep = targets != IGNORE
@@ -363,10 +398,35 @@ class LanguageModelClient(nn.Module):
             if getattr(model.config, "final_logit_softcapping", None):  # a head with more than a matmul
                 return self(x)[:, :-1][keep], targets[keep]
             decoder = getattr(model, str(model.base_model_prefix))
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
             head: nn.Module = getattr(model, "get_output_embeddings")()  # noqa: B009 (untyped in torch)
-            logits: torch.Tensor = head(hidden[:, :-1][keep])  # (T, V)
+            real = mask.bool()
+            if self.runs_packed(x):
+                positions = mask.cumsum(dim=1) - 1  # each sample's own positions, from 0
+                hidden = decoder(
+                    input_ids=ids[real][None], position_ids=positions[real][None], use_cache=False
+                ).last_hidden_state[0]  # (N, H): the real tokens, sample after sample
+                before_real = torch.zeros_like(real)
+                before_real[:, :-1] = (
+                    keep  # a real token whose next token is real: all but each sample's last
+                )
+                logits: torch.Tensor = head(
+                    hidden[before_real[real]]
+                )  # (T, V), in the order of targets[keep]
+            else:
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+                logits = head(hidden[:, :-1][keep])  # (T, V)
         return logits, targets[keep]
+
+    def runs_packed(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`next_token_logits` runs the batch ``x`` packed into one row."""
+        mask = x[:, 1]
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        return right_padded and int(mask.sum()) <= self.packed_tokens and packs_sequences(self.base())
+
+    def cost_group(self, x: torch.Tensor) -> tuple[bool, int]:
+        """What, besides its shape and real tokens, sets the FLOPs of a step on ``x``: whether it runs packed,
+        and how many of its samples hold a token."""
+        return self.runs_packed(x), int((x[:, 1].sum(dim=1) > 0).sum())
 
     def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
         return None

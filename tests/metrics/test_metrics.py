@@ -73,31 +73,33 @@ def test_flop_meter_counts_first_step_and_scales_by_samples():
     assert meter.total == 0
 
 
-def test_flop_meter_charges_affine_steps_from_the_line_through_two_counts_checked_on_a_third():
+def test_flop_meter_charges_quadratic_steps_from_the_parabola_through_three_counts_checked_on_a_fourth():
     head, body = torch.nn.Linear(10, 20, bias=False), torch.nn.Linear(8, 8, bias=False)
 
-    def step(items):  # a fixed part and a part linear in the items, as a language model's head on its tokens
-        return lambda: (body(torch.zeros(3, 8)), head(torch.zeros(items, 10)))
+    def step(items):  # fixed, linear and quadratic parts, as a language model's on its packed real tokens
+        row = torch.zeros(items, 8)
+        return lambda: (body(torch.zeros(3, 8)), head(torch.zeros(items, 10)), row @ row.T)
 
-    meter, sizes = FlopMeter(), [5, 7, 5, 9, 3, 11, 7]
+    meter, sizes = FlopMeter(), [5, 7, 5, 9, 3, 11, 7, 20]
     for items in sizes:
         meter.run("lm", 3, step(items), items=items)
-    assert meter.total == sum(2 * 3 * 8 * 8 + 2 * items * 10 * 20 for items in sizes)  # as if each counted
-    assert meter.counted_steps == 3  # 5 and 7 give the line, 9 confirms it; 3, 11 and 7 are charged from it
+    exact = [2 * 3 * 8 * 8 + 2 * items * 10 * 20 + 2 * items * 8 * items for items in sizes]
+    assert meter.total == sum(exact)  # as if every step were counted
+    assert meter.counted_steps == 4  # 5, 7 and 9 give the parabola, 3 confirms it; 11, 7 and 20 are charged
     assert meter.samples == 3 * len(sizes)
 
 
-def test_flop_meter_counts_every_distinct_size_where_the_steps_are_not_affine():
+def test_flop_meter_counts_every_distinct_size_where_the_steps_are_not_quadratic():
     layer = torch.nn.Linear(4, 4, bias=False)
 
     def step(n):  # (n x n) @ (n x n): cubic in n
         return lambda: torch.zeros(n, n) @ torch.zeros(n, n) + layer(torch.zeros(1, 4)).sum()
 
-    meter, sizes = FlopMeter(), [2, 3, 4, 5, 3, 5]
+    meter, sizes = FlopMeter(), [2, 3, 4, 5, 3, 6, 5]
     for n in sizes:
         meter.run("cubic", 1, step(n), items=n)
     assert meter.total == sum(2 * n**3 + 2 * 4 * 4 for n in sizes)
-    assert meter.counted_steps == 4  # 4 is off the line through 2 and 3: every new size is counted
+    assert meter.counted_steps == 5  # 5 is off the parabola through 2, 3 and 4: every new size is counted
 
 
 def test_frozen_weights_cost_less_in_backward():

@@ -4,6 +4,7 @@ the bad inputs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -17,7 +18,7 @@ from pfedlora.cli import app
 from pfedlora.data.text import tokenize_corpus
 from pfedlora.errors import ConfigError
 from pfedlora.metrics import FlopMeter
-from pfedlora.models import family_tokenizer
+from pfedlora.models import causal_lm, family_tokenizer
 from pfedlora.models.causal_lm import LanguageModelClient, build_language_model, frozen_causal_lm
 from pfedlora.seeding import torch_generator
 from pfedlora.simulation import read_run, run_experiment
@@ -147,6 +148,43 @@ def test_each_phase_trains_its_own_adapter_alone(causal_llama):
     assert all(torch.equal(after[k], v) for k, v in base_before.items())  # the base never trains
 
 
+def test_a_batch_runs_packed_in_one_row_with_the_logits_of_the_padded_batch(causal_llama):
+    config = _config(causal_llama)
+    client = build_language_model(
+        "hf-r2", create_algorithm(config, (2, LENGTH), 3).model_settings, torch_generator(0, "c")
+    )
+    with torch.no_grad():  # nonzero B: the adapters take part
+        for p in client.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x = _batch(config)
+    assert (x[:, 1] == 0).any() and client.runs_packed(x)
+    with torch.no_grad():
+        packed, targets = client.next_token_logits(x)
+        client.packed_tokens = 0  # too many real tokens to pack: padded
+        assert not client.runs_packed(x)
+        padded, padded_targets = client.next_token_logits(x)
+    assert torch.equal(targets, padded_targets)
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_attends_across_packed_samples_runs_padded(causal_llama, monkeypatch):
+    base = frozen_causal_lm(str(causal_llama))
+    decoder = base.model
+    monkeypatch.setattr(  # a decoder that ignores position_ids: packed samples would see each other
+        decoder, "forward", functools.partial(_without_positions, type(decoder).forward.__get__(decoder))
+    )
+    monkeypatch.delitem(causal_lm._PACKS, base, raising=False)
+    try:
+        assert not causal_lm.packs_sequences(base)
+    finally:
+        causal_lm._PACKS.pop(base, None)
+
+
+def _without_positions(forward, **kwargs):
+    kwargs.pop("position_ids", None)
+    return forward(**kwargs)
+
+
 class _EveryStepCounted(FlopMeter):
     """Counts every step under the FLOP counter: the reference the meter's charges must equal."""
 
@@ -170,7 +208,7 @@ def test_a_language_model_is_charged_what_counting_every_step_gives_with_few_ste
         totals.append(meter.total)
         counted.append(meter.counted_steps)
     assert totals[0] == totals[1]
-    assert counted == [2 * 3, 2 * 12]  # per phase: two counts give the line, a third checks it
+    assert counted == [2 * 4, 2 * 12]  # per phase: three counts give the parabola, a fourth checks it
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
