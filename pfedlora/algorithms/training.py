@@ -26,7 +26,8 @@ def autocast(train: TrainConfig, device: torch.device) -> AbstractContextManager
 
 def warn_if_bf16_is_slow(train: TrainConfig, device: torch.device) -> None:
     """Warn where bf16 is asked of a CPU without AMX tiles: its bf16 matrix products are no faster than
-    fp32 there (a 2-core Intel Xeon without AMX: 81 GFLOP/s a core in bf16, 136 in fp32; with AMX, 1,365)."""
+    fp32 there (one core of an Intel Xeon without AMX: about 80 GFLOP/s in bf16 against 140 in fp32; with
+    AMX, 1,365 in bf16)."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)()
     if train.precision == "bf16" and device.type == "cpu" and not has_amx:
         logger.warning(

@@ -111,12 +111,15 @@ class FlopMeter:
 
     def _counted(self, step: Callable[[], T], probe: Callable[[], object] | None = None) -> tuple[T, int]:
         """``step``'s result and its FLOPs: counted on the step itself, or on ``probe`` before the step."""
-        with FlopCounterMode(display=False) as counter:
-            result = step() if probe is None else probe()
-        self.counted_steps += 1
-        if probe is not None:
+        if probe is None:
+            with FlopCounterMode(display=False) as counter:
+                result = step()
+        else:
+            with FlopCounterMode(display=False) as counter:
+                probe()
             result = step()
-        return result, int(counter.get_total_flops())  # type: ignore[return-value]
+        self.counted_steps += 1
+        return result, int(counter.get_total_flops())
 
     def reset(self) -> float:
         """Return the FLOPs charged so far and start again from zero (per-sample figures are kept)."""

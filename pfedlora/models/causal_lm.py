@@ -407,13 +407,10 @@ class LanguageModelClient(nn.Module):
                 hidden = decoder(
                     input_ids=ids[real][None], position_ids=positions[real][None], use_cache=False
                 ).last_hidden_state[0]  # (N, H): the real tokens, sample after sample
+                # The real tokens followed by a real one (all but each sample's last), as targets[keep] orders
                 before_real = torch.zeros_like(real)
-                before_real[:, :-1] = (
-                    keep  # a real token whose next token is real: all but each sample's last
-                )
-                logits: torch.Tensor = head(
-                    hidden[before_real[real]]
-                )  # (T, V), in the order of targets[keep]
+                before_real[:, :-1] = keep
+                logits: torch.Tensor = head(hidden[before_real[real]])  # (T, V)
             else:
                 hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
                 logits = head(hidden[:, :-1][keep])  # (T, V)
