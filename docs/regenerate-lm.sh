@@ -3,7 +3,7 @@
 # book (examples/kjv-lm.toml) and of Debian's fortunes by category (examples/fortunes-lm.toml), seed 0; the
 # closest methods (and pFedLoRA and training alone) at seeds 1 and 2; copies the figures into docs/figures.
 #
-#   bash docs/regenerate-lm.sh [target ...]   # targets: kjv fortunes kjv-seeds fortunes-seeds figures
+#   bash docs/regenerate-lm.sh [target ...]   # targets: kjv fortunes kjv-seeds fortunes-seeds steps figures
 #
 # On 2 cores: about 25 minutes a corpus at seed 0 with AMX (Intel Xeon), 60 to 90 without (AMD EPYC); the
 # seeds twice that. Reruns reuse finished runs.
@@ -39,6 +39,10 @@ closest() {  # corpus, methods: seeds 0-2 (seed 0 is reused)
 kjv() { every_method kjv; }
 fortunes() { every_method fortunes; }
 kjv-seeds() { closest kjv "$KJV_CLOSEST"; }
+steps() {  # KJV, seed 0: pFedLoRA at 12 steps per phase against training alone at 24 (the same passes)
+  "$PFEDLORA" compare -q --config examples/kjv-lm.toml -a pfedlora,standalone --set train.local_steps=12 \
+    --set standalone:train.local_steps=24 --seeds 0 --jobs 2 --workers 1 --out runs/lm-kjv-steps
+}
 fortunes-seeds() { closest fortunes "$FORTUNES_CLOSEST"; }
 figures() {  # every method at seed 0, then the closest at seeds 0-2 (finished runs are only read)
   mkdir -p docs/figures
@@ -54,5 +58,5 @@ figures() {  # every method at seed 0, then the closest at seeds 0-2 (finished r
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(kjv fortunes kjv-seeds fortunes-seeds figures)
+[ ${#targets[@]} -gt 0 ] || targets=(kjv fortunes kjv-seeds fortunes-seeds steps figures)
 for target in "${targets[@]}"; do "$target"; done
