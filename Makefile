@@ -72,11 +72,12 @@ bench: setup
 	$(BIN)/python bench/engine.py
 
 # The documentation site (docs/, mkdocs.yml): built strictly into site/, or served at http://127.0.0.1:8000.
-setup-docs: $(BIN)/.installed
+# The build runs the tutorial notebooks, which train on Fashion-MNIST.
+setup-docs: $(BIN)/.installed $(FASHION_MNIST)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[docs]'
 
 docs: setup-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-docs-serve: setup-docs
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+docs-serve: setup-docs  # live reload while editing; the tutorials are shown without running them
+	PFEDLORA_DOCS_EXECUTE=false NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve

@@ -34,7 +34,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
-import pooch
+import platformdirs
 import torch
 
 from pfedlora.data.corpora import FortunesSource, KjvSource, TextCorpus
@@ -44,7 +44,7 @@ from pfedlora.registry import Registry
 logger = logging.getLogger(__name__)
 
 # Lookup roots after the explicit directory and $PFEDLORA_DATA; read at call time, so tests can patch them.
-CACHE_DIR: Path = Path(pooch.os_cache("pfedlora"))
+CACHE_DIR: Path = platformdirs.user_cache_path("pfedlora")  # pooch's os_cache, without importing pooch
 SYSTEM_DATA_DIR: Path = Path("/usr/share/datasets")
 ENV_VAR = "PFEDLORA_DATA"
 
@@ -535,6 +535,8 @@ class FashionMnistSource:
 
     def download(self, target: Path) -> Path:
         folder = target / FASHION_MNIST_DIR
+        import pooch  # imported for downloads only: it imports tqdm.auto, which warns in a notebook
+
         for fname, md5 in FASHION_MNIST_GZ_MD5.items():
             url = FASHION_MNIST_URL + fname
             pooch.retrieve(url, known_hash=f"md5:{md5}", fname=fname, path=folder, progressbar=_progressbar())
@@ -594,6 +596,8 @@ class CifarSource:
     def download(self, target: Path) -> Path:
         layout = self.layout
         md5 = _cifar_checksums(layout.variant)[layout.archive]
+        import pooch
+
         fetched = pooch.retrieve(
             layout.url, known_hash=f"md5:{md5}", fname=layout.archive, path=target, progressbar=_progressbar()
         )

@@ -22,13 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pooch
+import platformdirs
 
 from pfedlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-GGUF_CACHE: Path = Path(pooch.os_cache("pfedlora")) / "models"
+GGUF_CACHE: Path = platformdirs.user_cache_path("pfedlora") / "models"
 """Where converted GGUF checkpoints go (read at call time, so tests can point it elsewhere)."""
 CONVERSION_NOTE = "pfedlora-conversion.json"
 LLM_EXTRA = "pip install 'pfedlora[llm]'"
