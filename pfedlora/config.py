@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 PHASE_ORDERS: tuple[str, ...] = ("local-first", "adapter-first")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 """``federation.aggregator`` values (:func:`pfedlora.algorithms.state.combine` implements them)."""
 EVALUATION_PROTOCOLS: tuple[str, ...] = ("after-training", "after-download")
@@ -143,7 +143,9 @@ class TrainConfig:
     drop_last: bool = False
     """Drop each epoch's last, smaller batch (never a client's only one)."""
     precision: str = "fp32"
-    """"fp32", or "bf16": forward passes and losses under bfloat16 autocast (weights, updates stay fp32)."""
+    """"fp32"; "bf16": forward passes and losses under bfloat16 autocast (weights, updates stay fp32; a
+    frozen pretrained language model is kept in bf16); "auto": bf16 where it is faster than fp32 (a CUDA GPU
+    with bf16, a CPU with AMX tiles), else fp32, decided by each process on its own device."""
     channels_last: bool = True
     """Images and convolution weights in the channels-last memory format (faster pooling and convolutions on
     CPU); false keeps PyTorch's default (NCHW) layout."""

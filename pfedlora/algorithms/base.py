@@ -22,6 +22,7 @@ from torch import nn
 from pfedlora.algorithms.state import State, check_schema, combine
 from pfedlora.config import AlgorithmOptions, ExperimentConfig
 from pfedlora.data import ClientData
+from pfedlora.hardware import resolve_device, runs_in_bf16
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import FeatureClassifier, ModelSettings, build_model, check_homogeneous, model_settings
 from pfedlora.registry import Registry
@@ -131,7 +132,8 @@ class Algorithm(ABC, Generic[ClientT]):
     @property
     def base_dtype(self) -> torch.dtype:
         """The dtype a frozen pretrained language model is kept in: bfloat16 where training runs in bf16."""
-        return torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
+        bf16 = runs_in_bf16(self.config.train.precision, resolve_device(self.config.device))
+        return torch.bfloat16 if bf16 else torch.float32
 
     def language_model(self, arch: str, generator: torch.Generator, **options: Any) -> LanguageModelClient:
         """A fresh language-model client of ``arch`` with the run's model settings, LoRA targets

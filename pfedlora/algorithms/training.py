@@ -13,6 +13,7 @@ from torch import nn
 from pfedlora.algorithms.base import ClientContext
 from pfedlora.config import TrainConfig
 from pfedlora.data import ClientData
+from pfedlora.hardware import bf16_is_fast, runs_in_bf16
 from pfedlora.metrics import FlopMeter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -20,19 +21,21 @@ logger = logging.getLogger(__name__)
 
 
 def autocast(train: TrainConfig, device: torch.device) -> AbstractContextManager[object]:
-    """bfloat16 autocast on ``device`` when ``train.precision`` is "bf16"; otherwise a no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+    """bfloat16 autocast on ``device`` where ``train.precision`` means bf16 there
+    (:func:`~pfedlora.hardware.runs_in_bf16`); otherwise a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=runs_in_bf16(train.precision, device))
 
 
-def warn_if_bf16_is_slow(train: TrainConfig, device: torch.device) -> None:
-    """Warn where bf16 is asked of a CPU without AMX tiles: its bf16 matrix products are no faster than
-    fp32 there (one core of an Intel Xeon without AMX: about 80 GFLOP/s in bf16 against 140 in fp32; with
-    AMX, 1,365 in bf16)."""
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)()
-    if train.precision == "bf16" and device.type == "cpu" and not has_amx:
+def log_precision(train: TrainConfig, device: torch.device) -> None:
+    """Say what "auto" chose on ``device``, and warn where "bf16" is asked of a CPU without AMX tiles: its
+    bf16 matrix products are no faster than fp32 there (:func:`~pfedlora.hardware.bf16_is_fast`)."""
+    if train.precision == "auto":
+        chosen = "bf16" if runs_in_bf16(train.precision, device) else "fp32"
+        logger.info("train.precision = auto: %s on %s", chosen, device.type)
+    elif train.precision == "bf16" and device.type == "cpu" and not bf16_is_fast(device):
         logger.warning(
             "train.precision = bf16 on a CPU without AMX tiles: its bf16 matrix products are no faster than "
-            "fp32 here, often slower; for speed on this machine, train.precision = fp32"
+            "fp32 here, often slower; for speed on this machine, train.precision = fp32 or auto"
         )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pfedlora.algorithms import ALGORITHMS, create_algorithm
-from pfedlora.algorithms.training import warn_if_bf16_is_slow
+from pfedlora.algorithms.training import log_precision
 from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, DiskWriteError
@@ -94,7 +94,7 @@ def open_run(
     states beyond the memory budget spill into ``run_dir``'s ``clients/`` folder (a temporary folder when
     None), emptied when the block starts and removed when it ends.
     """
-    warn_if_bf16_is_slow(config.train, resolve_device(config.device))
+    log_precision(config.train, resolve_device(config.device))
     if dataset is None:
         dataset = load_run_dataset(config)
     workers = default_workers(config) if workers is None else workers

@@ -28,15 +28,9 @@ from pfedlora.data import (
 )
 from pfedlora.data.corpora import TextCorpus
 from pfedlora.data.text import tokenize_corpus
+from pfedlora.hardware import resolve_device
 from pfedlora.seeding import numpy_generator, torch_generator
 from pfedlora.simulation.store import ClientStore
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedlora.algorithms.training import clip_gradients, run_sgd, sgd, warn_if_bf16_is_slow
+from pfedlora.algorithms.training import autocast, clip_gradients, log_precision, run_sgd, sgd
 from pfedlora.config import TrainConfig, load_config
+from pfedlora.hardware import runs_in_bf16
 from pfedlora.metrics import FlopMeter
 from pfedlora.models import build_model
 from pfedlora.seeding import torch_generator
@@ -103,11 +104,27 @@ def test_precision_decides_whether_the_forward_pass_runs_under_bf16_autocast(pre
         ("bf16", True, "cpu", False),
         ("fp32", False, "cpu", False),
         ("bf16", False, "cuda", False),
+        ("auto", False, "cpu", False),
     ],
 )
 def test_bf16_on_a_cpu_without_amx_is_warned_of(monkeypatch, caplog, precision, amx, device, warned):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     train = load_config(None, [f"train.precision={precision}"]).train
     with caplog.at_level(logging.WARNING, logger="pfedlora.algorithms.training"):
-        warn_if_bf16_is_slow(train, torch.device(device))
+        log_precision(train, torch.device(device))
     assert ("without AMX tiles" in caplog.text) is warned
+
+
+@pytest.mark.parametrize(("amx", "chosen"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_and_fp32_without(monkeypatch, caplog, amx, chosen):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    train = load_config(None, ["train.precision=auto"]).train
+    assert runs_in_bf16("auto", cpu) is amx
+    assert runs_in_bf16("bf16", cpu) and not runs_in_bf16("fp32", cpu)
+    with autocast(train, cpu):
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == (torch.bfloat16 if amx else torch.float32)
+    with caplog.at_level(logging.INFO, logger="pfedlora.algorithms.training"):
+        log_precision(train, cpu)
+    assert f"train.precision = auto: {chosen} on cpu" in caplog.text

@@ -87,6 +87,13 @@ def test_bf16_training_keeps_the_frozen_base_in_bf16(causal_llama):
     assert all(p.dtype == torch.float32 for p in client.parameters())  # the adapters train in fp32
 
 
+@pytest.mark.parametrize(("amx", "dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_keeps_the_base_in_bf16_only_where_bf16_is_fast(causal_llama, monkeypatch, amx, dtype):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    config = _config(causal_llama, "train.precision=auto", "device=cpu")
+    assert create_algorithm(config, (2, LENGTH), 3).base_dtype == dtype
+
+
 def test_clients_are_scored_on_at_most_max_eval_samples(causal_llama, tmp_path):
     from pfedlora.simulation.federation import partition_clients
 
