@@ -14,6 +14,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from pfedlora.simulation.records import ACCURACY, Headline, RoundRecord, Summary, headline_of, is_evaluated
 
@@ -76,6 +77,8 @@ def _plot(
         ax.set_xscale("log")
         if drawn_at_floor:  # the left edge, where what is at 0 is drawn
             ax.axvline(floor, color="grey", linewidth=0.8, linestyle=":")
+    if x_key == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no tick at round 3.5
     ax.set_xlabel(f"{xlabel}, log scale" if log_x else xlabel)
     ax.set_ylabel(
         "mean accuracy over clients (%)"

@@ -71,3 +71,11 @@ def test_the_legend_sits_beside_the_axes_not_over_the_curves(tmp_path, figures):
         legend = axes.get_legend().get_window_extent()
         assert legend.x0 >= axes.get_window_extent().x1  # right of the plotting area
         assert legend.x1 <= figure.bbox.x1  # and still inside the saved figure
+
+
+def test_rounds_get_whole_ticks(tmp_path, figures):
+    plots.plot_runs([("pfedlora", _records(2e6, 1e12, [0.5, 0.6, 0.7]))], tmp_path)  # rounds 1 to 3
+    per_round = figures[0].axes[0]
+    figures[0].canvas.draw()
+    ticks = [t for t in per_round.get_xticks() if per_round.get_xlim()[0] <= t <= per_round.get_xlim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
