@@ -57,7 +57,9 @@ figures() {  # every method at seed 0, then the closest at seeds 0-2 (finished r
     done
     if [ "$corpus" = kjv ]; then closest kjv "$KJV_CLOSEST"; else closest fortunes "$FORTUNES_CLOSEST"; fi \
       > /dev/null
-    cp "runs/lm-$corpus/perplexity_per_round.png" "docs/figures/lm-$corpus-seeds-perplexity-per-round.png"
+    for name in perplexity_per_round perplexity_vs_megabytes perplexity_vs_tflops; do
+      cp "runs/lm-$corpus/$name.png" "docs/figures/lm-$corpus-seeds-${name//_/-}.png"
+    done
   done
 }
 
