@@ -96,6 +96,9 @@ class Algorithm(ABC, Generic[ClientT]):
     schedule_spans_rounds: ClassVar[bool] = False
     """True where a round's training depends on ``federation.rounds`` (a schedule from first to last round),
     so a run cannot be extended to more rounds with the metrics of a longer run from the start."""
+    changes_predictions: ClassVar[bool] = True
+    """False where training never changes what a client predicts (the zero-shot base): the round loop then
+    scores each set of clients once and repeats the figures at later evaluation rounds."""
 
     options_type: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
     """The algorithm's own options: the fields of its ``[<name>]`` configuration section (none by default)."""

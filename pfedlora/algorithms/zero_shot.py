@@ -22,6 +22,7 @@ class ZeroShot(Algorithm[LanguageModelClient]):
 
     name = "zero-shot"
     tasks: ClassVar[tuple[str, ...]] = ("language-modeling",)
+    changes_predictions: ClassVar[bool] = False
 
     def create_client(self, arch: str, generator: torch.Generator) -> LanguageModelClient:
         return self.language_model(arch, generator, private=False)

@@ -301,6 +301,26 @@ def test_a_run_records_each_clients_perplexity_and_writes_the_global_adapter(cau
     assert alone["mean_perplexity_last"] < base["mean_perplexity_last"]  # its own text: training pays
 
 
+def test_the_zero_shot_base_is_scored_once_and_its_figures_repeat(causal_llama, tmp_path, monkeypatch):
+    from pfedlora.simulation.local import LocalClients
+
+    scored = []
+    evaluate_counts = LocalClients.evaluate_counts
+
+    def counting(self, *args, **kwargs):
+        scored.append(self.federation.algorithm.name)
+        return evaluate_counts(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalClients, "evaluate_counts", counting)
+    for method in ("zero-shot", "standalone"):
+        config = _config(causal_llama, f"algorithm={method}", "federation.rounds=3")
+        run_experiment(config, tmp_path / method, dataset=_dataset(config), workers=0)
+    assert scored.count("standalone") == 3 and scored.count("zero-shot") == 1  # nothing to rescore
+    records = [r for r in read_run(tmp_path / "zero-shot")[0] if "mean_perplexity" in r]
+    first = records[0]["client_perplexities"]
+    assert len(records) == 3 and all(r["client_perplexities"] == first for r in records)
+
+
 def test_classification_summaries_keep_their_keys(tiny_config, tiny_dataset):
     summary = run_experiment(tiny_config(), dataset=tiny_dataset, workers=0)
     assert "task" not in summary and not any("perplexity" in key for key in summary)
