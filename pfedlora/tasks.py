@@ -57,6 +57,14 @@ class Task:
         real tokens after the first of each sample."""
         return int(x[:, 1, 1:].sum()) if self.generative else len(x)
 
+    def shortened(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A text batch x (B, 2, L) with each sample cut to its first ``tokens`` real tokens (the rest
+        padding), the same shape (language modeling only)."""
+        if not self.generative:
+            raise ValueError(f"task {self.name!r} has no text batches to shorten")
+        kept = x[:, 1] * (x[:, 1].cumsum(dim=1) <= tokens)
+        return torch.stack([x[:, 0] * kept, kept], dim=1)
+
     def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """:meth:`loss` of ``model``'s scores of a batch; a language model that gives the logits of the real
         next tokens alone (``next_token_logits``) gives the same mean without scoring the padding."""

@@ -19,6 +19,9 @@ from pfedlora.metrics import FlopMeter
 Batch = tuple[torch.Tensor, torch.Tensor]
 logger = logging.getLogger(__name__)
 
+SHORT_STEP_TOKENS = (2, 3, 4)
+"""The lengths (real tokens per sample) of the short steps that fit a language model's FLOP parabola."""
+
 
 def autocast(train: TrainConfig, device: torch.device) -> AbstractContextManager[object]:
     """bfloat16 autocast on ``device`` where ``train.precision`` means bf16 there
@@ -98,6 +101,7 @@ def run_sgd(
     steps: int = 0,
     cost_key: Callable[[torch.Tensor], Hashable] | None = None,
     cost_items: Callable[[torch.Tensor], int] | None = None,
+    shortened: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> None:
     """``epochs`` passes of SGD (momentum, weight decay, gradient-norm clipping) on ``loss_fn``, or, when
     ``steps`` > 0, exactly ``steps`` steps (as many passes as that takes, the last one cut short).
@@ -110,7 +114,9 @@ def run_sgd(
     charged from the parabola through the counted steps of each (:meth:`~pfedlora.metrics.FlopMeter.run`), a
     counted step's forward and backward running once more under the counter before the step itself, so
     ``loss_fn`` must draw no random numbers there; or, without ``cost_items``, ``cost_key(x)`` and the batch
-    size are added to ``kind``, so that each distinct pair is counted once.
+    size are added to ``kind``, so that each distinct pair is counted once. With ``cost_items``,
+    ``shortened(x, n)`` (each sample of ``x`` cut to its first ``n`` tokens) gives the parabola's first three
+    points from short copies of a kind's first batch, where they are steps of the same kind.
     """
     if epochs == 0 or not parameters:
         return
@@ -131,6 +137,14 @@ def run_sgd(
             loss = loss_fn(x, y)
         loss.backward()
 
+    def short_steps(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, Callable[[], None]]]:
+        assert cost_items is not None and shortened is not None
+        group = None if cost_key is None else cost_key(x)
+        for tokens in SHORT_STEP_TOKENS:
+            short = shortened(x, tokens)
+            if cost_key is None or cost_key(short) == group:
+                yield cost_items(short), partial(forward_backward, short, y)
+
     def charged(x: torch.Tensor, y: torch.Tensor) -> None:
         if cost_items is not None:
             meter.run(
@@ -139,6 +153,7 @@ def run_sgd(
                 partial(step, x, y),
                 items=cost_items(x),
                 probe=partial(forward_backward, x, y),
+                fit=None if shortened is None else partial(short_steps, x, y),
             )
         else:
             meter.run(kind if cost_key is None else (kind, len(x), cost_key(x)), len(y), partial(step, x, y))
@@ -201,4 +216,5 @@ def train_on_client_data(
             steps=train.local_steps,
             cost_items=ctx.task.scored_items if ctx.task.generative else None,
             cost_key=getattr(client, "cost_group", None) if ctx.task.generative else None,
+            shortened=ctx.task.shortened if ctx.task.generative else None,
         )

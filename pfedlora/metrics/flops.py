@@ -11,7 +11,9 @@ decoder on the real tokens packed into one row (whose attention is quadratic in 
 the padded batch. For one batch shape its FLOPs are a polynomial of degree at most 2 in the real tokens, so
 steps with three distinct counts are counted, a fourth checks that the parabola through them holds exactly,
 and every later step is charged from it (:meth:`FlopMeter.run` with ``items``). Where the check fails,
-every distinct count is counted once.
+every distinct count is counted once. The three counts that give the parabola can come from copies of the
+kind's first step cut short (``fit``: each sample's first few tokens, the same kind of step): they cost a
+few tokens' work instead of three full steps, and the first full step is the check.
 
 The counter's dispatch can change the rounding of a backward pass (in bf16 by up to 3e-3 in a gradient of
 SmolLM2's), so a step whose result must not depend on whether it was counted gives a ``probe``: the same
@@ -21,7 +23,7 @@ uncounted. Then which steps a process happens to count (its first of each kind) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TypeVar
@@ -76,6 +78,8 @@ class FlopMeter:
     """Samples processed by all steps ever run (never reset)."""
     counted_steps: int = 0
     """Steps run under the FLOP counter (never reset)."""
+    counted_short: int = 0
+    """Steps cut short run under the FLOP counter to fit a parabola (``fit``; never reset)."""
 
     def run(
         self,
@@ -84,11 +88,14 @@ class FlopMeter:
         step: Callable[[], T],
         items: int | None = None,
         probe: Callable[[], object] | None = None,
+        fit: Callable[[], Iterable[tuple[int, Callable[[], object]]]] | None = None,
     ) -> T:
         """Run ``step`` (which processes ``num_samples`` samples) and charge its FLOPs. With ``items``, the
         step's FLOPs are taken to be a polynomial of degree at most 2 in ``items`` for this ``kind`` (see
         the module docstring); a kind then names one batch shape. With ``probe``, a step is never run under
-        the counter: the probe is counted in its place."""
+        the counter: the probe is counted in its place. With ``fit``, the first step of a kind first counts
+        the shorter steps of the same kind that ``fit()`` gives (their ``items`` and a forward and backward
+        that changes no result), as the parabola's first three points."""
         if items is None:
             if kind in self.per_sample:
                 result = step()
@@ -98,6 +105,8 @@ class FlopMeter:
             charge = self.per_sample[kind] * num_samples
         else:
             cost = self.polynomial.setdefault(kind, _QuadraticCost())
+            if fit is not None and not cost.counted:
+                self._fit(cost, fit())
             known = cost.known(items)
             if known is None:
                 result, flops = self._counted(step, probe)
@@ -108,6 +117,17 @@ class FlopMeter:
         self.total += charge
         self.samples += num_samples
         return result
+
+    def _fit(self, cost: _QuadraticCost, short_steps: Iterable[tuple[int, Callable[[], object]]]) -> None:
+        """Count the short steps of distinct item counts, up to the three that give the parabola."""
+        for items, short_step in short_steps:
+            if len(cost.counted) == 3:
+                return
+            if items not in cost.counted:
+                with FlopCounterMode(display=False) as counter:
+                    short_step()
+                cost.add(items, int(counter.get_total_flops()))
+                self.counted_short += 1
 
     def _counted(self, step: Callable[[], T], probe: Callable[[], object] | None = None) -> tuple[T, int]:
         """``step``'s result and its FLOPs: counted on the step itself, or on ``probe`` before the step."""

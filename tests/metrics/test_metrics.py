@@ -102,6 +102,34 @@ def test_flop_meter_counts_every_distinct_size_where_the_steps_are_not_quadratic
     assert meter.counted_steps == 5  # 5 is off the parabola through 2, 3 and 4: every new size is counted
 
 
+def test_flop_meter_fits_the_parabola_on_short_steps_and_checks_it_on_the_first_full_step():
+    head = torch.nn.Linear(10, 20, bias=False)
+
+    def step(items):  # linear and quadratic parts, as a language model's on its packed real tokens
+        row = torch.zeros(items, 8)
+        return lambda: (head(torch.zeros(items, 10)), row @ row.T)
+
+    def short():  # the first batch cut short: 2, 3, 3 again and 4 items
+        return [(n, step(n)) for n in (2, 3, 3, 4)]
+
+    meter, sizes = FlopMeter(), [20, 30, 20, 41]
+    for items in sizes:
+        meter.run("lm", 3, step(items), items=items, fit=short)
+    assert meter.total == sum(2 * items * 10 * 20 + 2 * items * 8 * items for items in sizes)
+    assert (meter.counted_short, meter.counted_steps) == (3, 1)  # 2, 3, 4 fit; 20 checks; 30, 41 charged
+
+
+def test_flop_meter_counts_every_full_size_where_the_short_steps_parabola_fails():
+    def step(n):  # cubic in n
+        return lambda: torch.zeros(n, n) @ torch.zeros(n, n)
+
+    meter, sizes = FlopMeter(), [5, 6, 5]
+    for n in sizes:
+        meter.run("cubic", 1, step(n), items=n, fit=lambda: [(k, step(k)) for k in (2, 3, 4)])
+    assert meter.total == sum(2 * n**3 for n in sizes)
+    assert (meter.counted_short, meter.counted_steps) == (3, 2)  # 5 is off the parabola: 5 and 6 counted
+
+
 def test_frozen_weights_cost_less_in_backward():
     layer = torch.nn.Linear(10, 20, bias=False)
     x = torch.zeros(4, 10, requires_grad=True)

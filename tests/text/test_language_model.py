@@ -195,7 +195,7 @@ def _without_positions(forward, **kwargs):
 class _EveryStepCounted(FlopMeter):
     """Counts every step under the FLOP counter: the reference the meter's charges must equal."""
 
-    def run(self, kind, num_samples, step, items=None, probe=None):
+    def run(self, kind, num_samples, step, items=None, probe=None, fit=None):
         result, flops = self._counted(step, probe)
         self.total += flops
         self.samples += num_samples
@@ -206,7 +206,7 @@ def test_a_language_model_is_charged_what_counting_every_step_gives_with_few_ste
     config = _config(causal_llama, "train.batch_size=2", "train.local_steps=12")
     algorithm = create_algorithm(config, (2, LENGTH), 3)
     data = whole_client_data(_dataset(config))
-    totals, counted = [], []
+    totals, counted, short = [], [], []
     for meter in (FlopMeter(), _EveryStepCounted()):
         client = algorithm.create_client("hf-r2", torch_generator(0, "c"))
         ctx = ClientContext(0, "hf-r2", 1, data, torch_generator(0, "t"), meter, LANGUAGE_MODELING)
@@ -214,8 +214,10 @@ def test_a_language_model_is_charged_what_counting_every_step_gives_with_few_ste
         algorithm.train_adapter_phase(client, ctx)
         totals.append(meter.total)
         counted.append(meter.counted_steps)
+        short.append(meter.counted_short)
     assert totals[0] == totals[1]
-    assert counted == [2 * 4, 2 * 12]  # per phase: three counts give the parabola, a fourth checks it
+    # Per phase: three copies of the first batch cut short give the parabola, the first full step checks it
+    assert counted == [2 * 1, 2 * 12] and short == [2 * 3, 0]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -268,6 +270,17 @@ def test_both_adapters_load_with_peft_onto_the_base_and_predict_as_the_client(ca
         torch.testing.assert_close(client(x), expected, rtol=1e-4, atol=1e-5)
         fresh = frozen_causal_lm(str(causal_llama))(input_ids=x[:, 0].long()).logits
         assert not torch.allclose(client(x), fresh)
+
+
+def test_a_text_batch_is_shortened_to_each_samples_first_tokens(causal_llama):
+    x = _batch(_config(causal_llama))
+    short = LANGUAGE_MODELING.shortened(x, 3)
+    assert short.shape == x.shape and short.dtype == x.dtype
+    lengths = x[:, 1].sum(dim=1)
+    assert torch.equal(short[:, 1].sum(dim=1), lengths.clamp(max=3))
+    assert torch.equal(short[:, 0, :3] * short[:, 1, :3], x[:, 0, :3] * short[:, 1, :3])
+    with pytest.raises(ValueError, match="'classification' has no text batches"):
+        TASKS["classification"].shortened(x, 3)
 
 
 def test_a_run_records_each_clients_perplexity_and_writes_the_global_adapter(causal_llama, tmp_path):
