@@ -177,7 +177,8 @@ def run_rounds(
     cumulative_bytes = records[-1]["cumulative_bytes"] if records else 0
     cumulative_flops = records[-1]["cumulative_train_flops"] if records else 0.0
     warned_empty = False
-    # An algorithm whose predictions never change is scored once per set of clients (its figures repeat).
+    # An algorithm whose predictions never change is scored once per set of clients (its figures repeat;
+    # a report with clients that gave none, on Flower, is not kept).
     scored: dict[tuple[int, ...] | None, AccuracyReport] = {}
     for server_round in range(len(records) + 1, fed_cfg.rounds + 1):
         started = time.perf_counter()
@@ -205,7 +206,7 @@ def run_rounds(
                 report = scored[key]
             else:
                 report = clients.evaluate(server_round, server.server_state if download else None, sample)
-                if not server.algorithm.changes_predictions:
+                if not server.algorithm.changes_predictions and not report.unanswered:
                     scored[key] = report
             record["mean_accuracy"] = report.mean
             record["weighted_accuracy"] = report.weighted
