@@ -604,8 +604,9 @@ def group_by_method(results: Sequence[Result]) -> list[tuple[str, list[Result]]]
 
 
 def seed_rows(results: Sequence[Result]) -> tuple[list[list[str]], list[list[float | None]]]:
-    """One row per method: each column's mean ± standard deviation across seeds (n − 1), with "(k/n)"
-    where only k of n seeds reached a value; and the numbers behind them (mean, std per column)."""
+    """One row per method: each column's mean ± standard deviation across seeds (n − 1; the value alone for a
+    method of one seed), with "(k/n)" where only k of n seeds reached a value; and the numbers behind them
+    (mean, std per column)."""
     budget, headline = _flops_budget(results), _headline(results)
     rows: list[list[str]] = []
     numbers: list[list[float | None]] = []
@@ -622,7 +623,8 @@ def seed_rows(results: Sequence[Result]) -> tuple[list[list[str]], list[list[flo
             mean = statistics.fmean(present)
             spread = statistics.stdev(present) if len(present) > 1 else 0.0
             reached = f" ({len(present)}/{len(runs)})" if len(present) < len(runs) else ""
-            cells.append(f"{mean / scale:.{digits}f} ± {spread / scale:.{digits}f}{reached}")
+            spread_text = f" ± {spread / scale:.{digits}f}" if len(runs) > 1 else ""
+            cells.append(f"{mean / scale:.{digits}f}{spread_text}{reached}")
             values += [mean, spread]
         rows.append(cells)
         numbers.append(values)
@@ -845,7 +847,10 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
     if seeded:
         rows, numbers = seed_rows(results)
         seeds = sorted({s["seed"] for _, _, s in results})
-        header += f" Mean ± standard deviation across seeds {', '.join(map(str, seeds))}."
+        if len(seeds) > 1:
+            header += f" Mean ± standard deviation across seeds {', '.join(map(str, seeds))}."
+        else:
+            header += f" Seed {seeds[0]}."
         if min(len(runs) for _, runs in groups) > 1:
             verdict = lead_verdict([method for method, _ in groups], numbers, headline)
             if paired := seed_by_seed_note(groups, numbers, headline):

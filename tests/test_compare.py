@@ -270,6 +270,7 @@ def test_with_one_seed_no_lead_is_called(tmp_path, tiny_data):
     write_comparison(run_comparison(variants, tmp_path), tmp_path)
     text = (tmp_path / "comparison.md").read_text()
     assert "no spread across seeds to call a lead by" in text and ": a lead." not in text
+    assert "Seed 0." in text and " ± " not in text  # one run is no spread: its values alone
 
 
 def test_each_variant_takes_its_own_algorithms_options():
