@@ -877,7 +877,7 @@ def write_comparison(results: Sequence[Result], out_dir: str | Path) -> list[Pat
         markdown += [
             "",
             "Last perplexity of each client on its own test text"
-            + (" (mean over seeds)" if seeded else "")
+            + (" (mean over seeds)" if max(len(runs) for _, runs in groups) > 1 else "")
             + ":",
             "",
             "| client | " + " | ".join(methods) + " |",

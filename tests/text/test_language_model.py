@@ -443,6 +443,7 @@ def test_a_comparison_of_language_models_is_judged_by_perplexity(causal_llama, t
     text = (tmp_path / "table" / "comparison.md").read_text()
     assert "Target perplexity: 20" in text and "| method | best ppl | last ppl |" in text
     assert "Last mean perplexity:" in text  # the lead is called on perplexity, lower being better
+    assert "Last perplexity of each client on its own test text (mean over seeds):" in text
     versus = re.search(
         r"pfedlora (\d+) better / (\d+) worse of 8; zero-shot (\d+) better / (\d+) worse", text
     )
