@@ -7,8 +7,9 @@
 #   bash docs/regenerate-lm.sh [target ...]
 #   # targets: kjv fortunes kjv-seeds fortunes-seeds steps longer figures (all of them by default)
 #
-# On 2 cores: about 25 minutes a corpus at seed 0 with AMX (Intel Xeon), 60 to 90 without (AMD EPYC); the
-# seeds twice that. Reruns reuse finished runs.
+# On 2 cores: about 25 minutes a corpus at seed 0 with AMX (Intel Xeon, bf16), 60 to 90 without (AMD EPYC,
+# bf16), about 45 for the fortunes in fp32 on the Xeon without AMX; the seeds twice that; `longer` about 45.
+# Reruns reuse finished runs.
 # Needs `make setup-text`. The methods that train one adapter in one phase get pFedLoRA's two phases' steps.
 # The precision is pinned per corpus, so the page's runs are the same on every machine: the KJV's bf16, the
 # fortunes' fp32 (they ran on a CPU without AMX, where fp32 is 1.8x faster; "auto" would pick that there).
