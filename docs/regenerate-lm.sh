@@ -19,7 +19,6 @@ PFEDLORA=${PFEDLORA:-.venv/bin/pfedlora}
 export HF_HUB_OFFLINE=1
 ALL=pfedlora,standalone,zero-shot,fedit,ffa-lora,fedsa-lora,hetlora,flexlora,flora
 ONE_PHASE=" standalone fedit ffa-lora fedsa-lora hetlora flexlora flora "
-BF16=(--set train.precision=bf16)
 precision() { [ "$1" = kjv ] && echo bf16 || echo fp32; }  # corpus -> its runs' train.precision
 fair() {  # methods (comma-separated): pFedLoRA's two phases' steps for each one-phase method among them
   FAIR=()
@@ -47,7 +46,8 @@ kjv() { every_method kjv; }
 fortunes() { every_method fortunes; }
 kjv-seeds() { closest kjv "$KJV_CLOSEST"; }
 steps() {  # KJV, seed 0: pFedLoRA at 12 steps per phase against training alone at 24 (the same passes)
-  "$PFEDLORA" compare -q --config examples/kjv-lm.toml -a pfedlora,standalone "${BF16[@]}" \
+  "$PFEDLORA" compare -q --config examples/kjv-lm.toml -a pfedlora,standalone \
+    --set "train.precision=$(precision kjv)" \
     --set train.local_steps=12 --set standalone:train.local_steps=24 --seeds 0 --jobs 2 --workers 1 \
     --out runs/lm-kjv-steps
 }
