@@ -14,7 +14,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
 
 from pfedlora.simulation.records import ACCURACY, Headline, RoundRecord, Summary, headline_of, is_evaluated
 
@@ -23,6 +23,14 @@ Run = tuple[str, list[RoundRecord]]
 Group = tuple[str, list[list[RoundRecord]]]
 """A label and the per-round records of each of its runs (one per seed)."""
 XKey = Literal["round", "cumulative_bytes", "cumulative_train_flops"]
+
+
+class _PlainLogFormatter(LogFormatterSciNotation):
+    """Labels the ticks matplotlib's log formatter would label, as plain numbers (20, 0.5, 2,000): on an axis
+    spanning little more than a decade, where the minor ticks carry the labels, 2×10⁰ 3×10⁰ 4×10⁰ collide."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:,.10g}" if super().__call__(x, pos) else ""
 
 
 def _curve(
@@ -75,6 +83,8 @@ def _plot(
             )
     if log_x:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_PlainLogFormatter())
+        ax.xaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
         if drawn_at_floor:  # the left edge, where what is at 0 is drawn
             ax.axvline(floor, color="grey", linewidth=0.8, linestyle=":")
     if x_key == "round":

@@ -1,3 +1,5 @@
+import itertools
+
 import matplotlib.pyplot as plt
 import pytest
 
@@ -79,3 +81,24 @@ def test_rounds_get_whole_ticks(tmp_path, figures):
     figures[0].canvas.draw()
     ticks = [t for t in per_round.get_xticks() if per_round.get_xlim()[0] <= t <= per_round.get_xlim()[1]]
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_a_log_axis_spanning_little_more_than_a_decade_has_plain_tick_labels_that_do_not_overlap(
+    tmp_path, figures
+):
+    # The language-model pages' case: 20 to 45 TFLOPs, and the zero-shot base at 0 drawn at 2.
+    runs = [
+        ("pfedlora", _records(45e6, 20.4e12, [0.5, 0.6])),
+        ("flora", _records(660e6, 22.4e12, [0.4, 0.6])),
+        ("zero-shot", _records(0, 0, [0.3, 0.3])),
+    ]
+    plots.plot_runs(runs, tmp_path)
+    figure = figures[2]
+    figure.canvas.draw()
+    axis = figure.axes[0].xaxis
+    labels = [*axis.get_ticklabels(), *axis.get_ticklabels(minor=True)]
+    shown = [label for label in labels if label.get_text()]
+    assert len(shown) >= 3
+    assert all("10^" not in label.get_text() for label in shown)  # 2, 3, 10, 20, not 2×10⁰
+    boxes = sorted((label.get_window_extent() for label in shown), key=lambda box: box.x0)
+    assert all(left.x1 <= right.x0 for left, right in itertools.pairwise(boxes))
