@@ -5,6 +5,8 @@ several seeds is one line (the mean over seeds) in a band of ± one standard dev
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -14,7 +16,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, MultipleLocator
 
 from pfedlora.simulation.records import ACCURACY, Headline, RoundRecord, Summary, headline_of, is_evaluated
 
@@ -31,6 +33,18 @@ class _PlainLogFormatter(LogFormatterSciNotation):
 
     def __call__(self, x: float, pos: int | None = None) -> str:
         return f"{x:,.10g}" if super().__call__(x, pos) else ""
+
+
+def _round_locator(evaluated_rounds: Sequence[int], most_ticks: int = 12) -> MaxNLocator | MultipleLocator:
+    """Ticks on evaluated rounds (5, 10, 15 where the runs are evaluated every 5 rounds), every 2nd, 5th,
+    10th, 20th, … of them where more than ``most_ticks`` would crowd the axis; never round 3.5."""
+    interval = math.gcd(*evaluated_rounds)
+    if not interval:
+        return MaxNLocator(integer=True)
+    factors = (m * 10**k for k in itertools.count() for m in (1, 2, 5))
+    return MultipleLocator(
+        interval * next(f for f in factors if max(evaluated_rounds) <= most_ticks * interval * f)
+    )
 
 
 def _curve(
@@ -88,7 +102,8 @@ def _plot(
         if drawn_at_floor:  # the left edge, where what is at 0 is drawn
             ax.axvline(floor, color="grey", linewidth=0.8, linestyle=":")
     if x_key == "round":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no tick at round 3.5
+        evaluated = {round(x) for curves in curves_of for xs, _ in curves for x in xs}
+        ax.xaxis.set_major_locator(_round_locator(sorted(evaluated)))
     ax.set_xlabel(f"{xlabel}, log scale" if log_x else xlabel)
     ax.set_ylabel(
         "mean accuracy over clients (%)"

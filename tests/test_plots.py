@@ -102,3 +102,22 @@ def test_a_log_axis_spanning_little_more_than_a_decade_has_plain_tick_labels_tha
     assert all("10^" not in label.get_text() for label in shown)  # 2, 3, 10, 20, not 2×10⁰
     boxes = sorted((label.get_window_extent() for label in shown), key=lambda box: box.x0)
     assert all(left.x1 <= right.x0 for left, right in itertools.pairwise(boxes))
+
+
+@pytest.mark.parametrize(
+    ("rounds", "every", "expected_step"), [(60, 5, 5), (24, 3, 3), (500, 25, 50), (12, 1, 1), (60, 1, 5)]
+)
+def test_round_ticks_fall_on_evaluated_rounds(tmp_path, figures, rounds, every, expected_step):
+    records = [
+        {"round": r, "cumulative_bytes": 1e6 * r, "cumulative_train_flops": 1e12 * r}
+        | ({"mean_accuracy": r / rounds} if r % every == 0 else {})
+        for r in range(1, rounds + 1)
+    ]
+    plots.plot_runs([("pfedlora", records)], tmp_path)
+    figures[0].canvas.draw()
+    per_round = figures[0].axes[0]
+    low, high = per_round.get_xlim()
+    ticks = [int(t) for t in per_round.get_xticks() if low <= t <= high]
+    assert ticks == list(range(ticks[0], ticks[-1] + 1, expected_step))
+    assert ticks[0] <= expected_step and ticks[-1] >= rounds - expected_step + 1
+    assert all(t % every == 0 for t in ticks)
