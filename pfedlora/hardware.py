@@ -1,6 +1,10 @@
-"""What the machine offers: the device a run's ``device`` names, and whether bfloat16 pays on it."""
+"""What the machine offers: the device a run's ``device`` names, whether bfloat16 pays on it, and PyTorch's
+intra-op threads for a block of work."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -27,3 +31,14 @@ def runs_in_bf16(precision: str, device: torch.device) -> bool:
     """Whether ``train.precision`` means bfloat16 on ``device``: "bf16" always, "auto" where
     :func:`bf16_is_fast`, "fp32" never."""
     return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``threads`` within the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,7 @@ from pfedlora.algorithms.training import log_precision
 from pfedlora.config import ExperimentConfig, config_to_toml, load_run_config, replace
 from pfedlora.data import Dataset
 from pfedlora.errors import ConfigError, DiskWriteError
+from pfedlora.hardware import intra_op_threads
 from pfedlora.metrics import FlopMeter
 from pfedlora.models.peft_lora import save_peft_state
 from pfedlora.simulation.checkpoint import (
@@ -116,17 +117,6 @@ def open_run(
     finally:
         if store_folder is not None:
             shutil.rmtree(store_folder, ignore_errors=True)
-
-
-@contextmanager
-def intra_op_threads(threads: int) -> Iterator[None]:
-    """PyTorch's intra-op thread count set to ``threads`` within the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_federation(

@@ -5,7 +5,9 @@ let the client pool train them (:class:`~pfedlora.simulation.local.LocalClients`
 nodes in :mod:`pfedlora.flower`) and take their uploads back through the channel; then screen the uploads
 and let the algorithm aggregate (:mod:`pfedlora.simulation.rounds`). Every ``eval_every`` rounds (and
 after the last), every client evaluates its personalized predictor on its own split. Costs are measured,
-not estimated: bytes from the tensors sent, FLOPs from PyTorch's counter, seconds from the clock.
+not estimated: bytes from the tensors sent, FLOPs from PyTorch's counter, seconds from the clock. The
+server's own computation (its messages, the aggregation) runs on :data:`SERVER_THREADS` intra-op threads
+whatever the runtime and the machine's cores.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Protocol
 
 from pfedlora.algorithms import AnyAlgorithm, State, Upload
 from pfedlora.config import ExperimentConfig
+from pfedlora.hardware import intra_op_threads
 from pfedlora.metrics import AccuracyReport, Channel
 from pfedlora.simulation.records import ClientCost, RoundRecord, RoundResult, privacy_budget
 from pfedlora.simulation.rounds import drops_out, server_update
@@ -27,6 +30,11 @@ from pfedlora.simulation.screening import Reply
 from pfedlora.simulation.store import SavedFiles, StateFiles
 
 logger = logging.getLogger(__name__)
+
+SERVER_THREADS = 1
+"""Intra-op threads of the server's computation. A kernel may split a reduction (a matrix product, an SVD)
+by its thread count, so the last bits of e.g. FedKD's factorised messages, and through them the run, would
+otherwise depend on the cores of the machine that runs the server: one thread, as every worker's client."""
 
 
 @dataclass(frozen=True)
@@ -115,10 +123,11 @@ def run_round(server: ServerSide, clients: ClientPool, server_round: int, channe
         config.federation.num_clients, config.federation.sample_fraction, config.seed, server_round
     )
     channel.reset()
-    messages = {
-        client_id: channel.download(client_id, broadcast(server, client_id, server_round))
-        for client_id in sampled
-    }
+    with intra_op_threads(SERVER_THREADS):
+        messages = {
+            client_id: channel.download(client_id, broadcast(server, client_id, server_round))
+            for client_id in sampled
+        }
     dropping = {client_id for client_id in sampled if drops_out(config, client_id, server_round)}
     results = clients.train(server_round, messages, dropping)
     replies: list[Reply] = []
@@ -138,9 +147,10 @@ def run_round(server: ServerSide, clients: ClientPool, server_round: int, channe
                 "train_flops": result.train_flops,
             }
         )
-    outcome = server_update(
-        algorithm, server.server_state, replies, clients.declared_examples(), server_round
-    )
+    with intra_op_threads(SERVER_THREADS):
+        outcome = server_update(
+            algorithm, server.server_state, replies, clients.declared_examples(), server_round
+        )
     server.server_state = outcome.server_state
     return {
         "round": server_round,

@@ -11,7 +11,8 @@ state dict through a pipe, milliseconds against a client's seconds of training.
 The dataset is put in shared memory once and mapped by every worker. Each worker runs ``threads``
 intra-op threads (one by default), so ``W`` workers on ``W`` cores never oversubscribe them.
 
-Every client trains from its own seeded streams, whichever process holds it, so the metrics are the same
+Every client trains from its own seeded streams, whichever process holds it, and the server computes on
+one thread in the parent (:data:`~pfedlora.simulation.loop.SERVER_THREADS`), so the metrics are the same
 for any number of workers (as long as the thread count per worker is the same). A worker that dies stops
 the run with :class:`WorkerError`; the run directory's last checkpoint is intact, and ``--resume`` continues
 from it.

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pfedlora.algorithms import ALGORITHMS
 from pfedlora.errors import PfedloraError
 from pfedlora.metrics import FlopMeter
 from pfedlora.simulation import TIMING_KEYS, build_federation, read_run, resume_run, run_experiment
 from pfedlora.simulation.local import LocalClients
-from pfedlora.simulation.loop import broadcast
+from pfedlora.simulation.loop import SERVER_THREADS, broadcast
 from pfedlora.simulation.workers import WorkerError, WorkerPool, balance, owner
 
 
@@ -32,6 +33,32 @@ def test_metrics_are_identical_for_one_two_and_three_workers(tmp_path, tiny_data
         runs[workers] = (_strip(records), {k: v for k, v in summary.items() if k not in TIMING_KEYS})
     assert runs[1] == runs[2] == runs[3]
     assert len(runs[1][0]) == config.federation.rounds and runs[1][0][-1]["train_flops"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_the_server_computes_on_one_thread_whatever_the_runtime(
+    request, monkeypatch, tmp_path, tiny_dataset, tiny_config, workers
+):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a machine with cores to spare: the server must still use one
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    algorithm = ALGORITHMS["pfedlora"]
+    seen: dict[str, set[int]] = {"broadcast": set(), "aggregate": set()}
+
+    def recording(name):
+        original = getattr(algorithm, name)
+
+        def method(self, *args, **kwargs):
+            seen[name].add(torch.get_num_threads())
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name in seen:
+        monkeypatch.setattr(algorithm, name, recording(name))
+    run_experiment(tiny_config("federation.rounds=2"), tmp_path, dataset=tiny_dataset, workers=workers)
+    assert seen == {"broadcast": {SERVER_THREADS}, "aggregate": {SERVER_THREADS}} and SERVER_THREADS == 1
+    assert torch.get_num_threads() == 2  # given back after each round
 
 
 def test_every_client_has_one_owner():
