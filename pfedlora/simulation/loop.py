@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 SERVER_THREADS = 1
 """Intra-op threads of the server's computation. A kernel may split a reduction (a matrix product, an SVD)
 by its thread count, so the last bits of e.g. FedKD's factorised messages, and through them the run, would
-otherwise depend on the cores of the machine that runs the server: one thread, as every worker's client."""
+otherwise depend on the cores of the machine that runs the server: one thread, as each worker gives its
+clients."""
 
 
 @dataclass(frozen=True)
